@@ -1,0 +1,148 @@
+"""Configuration shared by every part: deadlines, addresses, defaults, and their parsers."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Final
+from urllib.parse import urlsplit
+
+from gpupool._errors import UsageError
+
+__all__ = [
+    "CHUNK_BYTES",
+    "DEFAULT_COORDINATOR",
+    "DEFAULT_TOPIC_PREFIX",
+    "SUPPORTED_DTYPES",
+    "BrokerAddress",
+    "Timeouts",
+    "coordinator_address",
+    "parse_broker_url",
+    "parse_endpoint",
+    "parse_memory_limit",
+]
+
+DEFAULT_COORDINATOR: Final = "127.0.0.1:50051"
+DEFAULT_TOPIC_PREFIX: Final = "gpupool"
+#: Bytes per streamed chunk: grpc.aio streams ran best at 1 MiB here (DESIGN.md, measured facts).
+CHUNK_BYTES: Final = 1 << 20
+#: The dtypes a shard may have. Comparisons produce bool; the rest are what users upload.
+SUPPORTED_DTYPES: Final = ("bool", "int32", "int64", "float32", "float64")
+#: Largest gRPC message either side accepts: a chunk, a program, or an inline fetch.
+MAX_MESSAGE_BYTES: Final = 64 << 20
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Timeouts:
+    """Named deadlines, in seconds, for every network wait.
+
+    Attributes:
+        connect: opening a channel or an MQTT session.
+        rpc: one unary call (placement, a program, a free).
+        heartbeat: between telemetry reports from an agent.
+        shard: streaming one shard in or out, per MiB (plus ``rpc``).
+        command: an admin command until the agent's status reflects it.
+    """
+
+    connect: float = 10.0
+    rpc: float = 30.0
+    heartbeat: float = 3.0
+    shard: float = 1.0
+    command: float = 10.0
+
+    def for_stream(self, nbytes: int) -> float:
+        """Deadline for streaming ``nbytes``: a fixed part plus a per-MiB allowance."""
+        return self.rpc + self.shard * (nbytes / (1 << 20))
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    """Where the MQTT broker listens."""
+
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+
+    def url(self) -> str:
+        """The address as a URL (without credentials)."""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """Parse ``mqtt://[user:pass@]host[:port]`` (``mqtts://`` for TLS).
+
+    Raises:
+        UsageError: the URL is not an MQTT URL.
+    """
+    if "://" not in url:
+        url = "mqtt://" + url
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts", "tcp"):
+        raise UsageError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+    if not parts.hostname:
+        raise UsageError(f"broker URL {url!r} names no host")
+    tls = parts.scheme == "mqtts"
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError as exc:
+        raise UsageError(f"broker URL {url!r}: bad port") from exc
+    return BrokerAddress(parts.hostname, port, parts.username, parts.password, tls)
+
+
+def parse_endpoint(text: str, *, default_port: int | None = None) -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` too) into its parts.
+
+    Raises:
+        UsageError: no port where one is needed, or a port that is not a number.
+    """
+    match = re.fullmatch(r"\[(?P<v6>[^\]]+)\](?::(?P<p6>\d+))?|(?P<host>[^:\[\]]*)(?::(?P<port>[^:]*))?", text)
+    if match is None:
+        raise UsageError(f"address {text!r}: expected HOST:PORT")
+    host = match["v6"] or match["host"] or "127.0.0.1"
+    port_text = match["p6"] or match["port"]
+    if port_text is None:
+        if default_port is None:
+            raise UsageError(f"address {text!r}: expected HOST:PORT")
+        return host, default_port
+    if not port_text.isdigit() or int(port_text) > 65535:
+        raise UsageError(f"address {text!r}: port must be a number from 0 to 65535")
+    return host, int(port_text)
+
+
+def coordinator_address(explicit: str | None = None) -> str:
+    """The coordinator to talk to: ``explicit``, else ``$GPUPOOL_COORDINATOR``, else 127.0.0.1:50051."""
+    address = explicit or os.environ.get("GPUPOOL_COORDINATOR") or DEFAULT_COORDINATOR
+    host, port = parse_endpoint(address, default_port=50051)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_UNITS: Final = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
+                 "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40,
+                 "tib": 1 << 40}
+
+
+def parse_memory_limit(text: str, total: int) -> int:
+    """Turn ``80%``, ``6GiB``, ``512M`` or a plain byte count into bytes, given the memory in total.
+
+    Raises:
+        UsageError: an unreadable limit, a percentage outside (0, 100], or zero bytes.
+    """
+    value = text.strip().lower()
+    if value.endswith("%"):
+        try:
+            percent = float(value[:-1])
+        except ValueError as exc:
+            raise UsageError(f"memory limit {text!r}: not a percentage") from exc
+        if not 0 < percent <= 100:
+            raise UsageError(f"memory limit {text!r}: percentage must be in (0, 100]")
+        return int(total * percent / 100)
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-z]*)", value)
+    if match is None or match[2] not in _UNITS:
+        raise UsageError(f"memory limit {text!r}: expected a percentage like 80% or a size like 6GiB")
+    limit = int(float(match[1]) * _UNITS[match[2]])
+    if limit <= 0:
+        raise UsageError(f"memory limit {text!r} must be more than zero")
+    return limit

@@ -1,0 +1,222 @@
+"""Exceptions raised by gpupool.
+
+The hierarchy::
+
+    GpupoolError
+    ├── TransportError                  the network failed us
+    │   ├── ConnectError                  could not reach the coordinator, an agent or the broker
+    │   ├── DeadlineExceeded              a call ran past its deadline
+    │   └── StreamClosed                  a stream ended before its declared size
+    ├── ProtocolError                   a peer sent something we cannot read
+    │   ├── FrameDecodeError              a malformed payload
+    │   └── VersionMismatch               a schema version we do not speak
+    ├── SchedulingError                 the pool cannot place the work
+    │   ├── NoCapacity                    ready agents lack the memory
+    │   └── PlacementError                no ready agents, unknown agent, bad request to the coordinator
+    ├── RemoteError                     an agent refused or failed an operation
+    │   ├── RemoteKernelError             the op itself failed on the agent
+    │   ├── DeviceOutOfMemory             the worker's memory limit or the device's memory
+    │   ├── BufferNotFound                the agent does not hold the buffer (freed, or lost with a restart)
+    │   └── AgentNotAccepting             the agent is draining or has no such worker
+    ├── AuthError                       credentials refused
+    └── UsageError                      the caller misused the API (raised before anything is sent)
+        ├── UnsupportedDType              also a TypeError
+        ├── ShapeMismatch                 also a ValueError
+        └── ArrayFreed                    the array was freed or its pool closed
+
+Errors from grpc.aio and aiomqtt are translated into these in one place
+(:mod:`gpupool.protocol.errors`), chained with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AgentNotAccepting",
+    "ArrayFreed",
+    "AuthError",
+    "BufferNotFound",
+    "ConnectError",
+    "DeadlineExceeded",
+    "DeviceOutOfMemory",
+    "FrameDecodeError",
+    "GpupoolError",
+    "NoCapacity",
+    "PlacementError",
+    "ProtocolError",
+    "RemoteError",
+    "RemoteKernelError",
+    "SchedulingError",
+    "ShapeMismatch",
+    "StreamClosed",
+    "TransportError",
+    "UnsupportedDType",
+    "UsageError",
+    "VersionMismatch",
+]
+
+
+class GpupoolError(Exception):
+    """Base of every error gpupool raises on purpose."""
+
+
+class TransportError(GpupoolError):
+    """The network between two gpupool parts failed.
+
+    Args:
+        peer: the address or id of the other side.
+        detail: what failed.
+    """
+
+    def __init__(self, peer: str, detail: str) -> None:
+        self.peer = peer
+        self.detail = detail
+        super().__init__(f"{peer}: {detail}")
+
+
+class ConnectError(TransportError):
+    """Could not reach a coordinator, agent or broker."""
+
+
+class DeadlineExceeded(TransportError):
+    """A network call ran past its deadline."""
+
+
+class StreamClosed(TransportError):
+    """A stream ended before it carried what it declared."""
+
+
+class ProtocolError(GpupoolError):
+    """A peer sent a payload we cannot use."""
+
+
+class FrameDecodeError(ProtocolError):
+    """A malformed payload.
+
+    Args:
+        what: which payload (topic, message type).
+        detail: why it could not be decoded.
+    """
+
+    def __init__(self, what: str, detail: str) -> None:
+        self.what = what
+        self.detail = detail
+        super().__init__(f"cannot decode {what}: {detail}")
+
+
+class VersionMismatch(ProtocolError):
+    """A payload's schema version is one we do not speak.
+
+    Args:
+        what: which payload.
+        got: the version it carries.
+        supported: the version this build speaks.
+    """
+
+    def __init__(self, what: str, got: int, supported: int) -> None:
+        self.what = what
+        self.got = got
+        self.supported = supported
+        super().__init__(f"{what} has schema version {got}; this gpupool speaks {supported}")
+
+
+class SchedulingError(GpupoolError):
+    """The pool cannot place or run the requested work."""
+
+
+class NoCapacity(SchedulingError):
+    """The ready agents cannot hold the requested array.
+
+    Args:
+        needed: bytes requested.
+        available: bytes free over all ready workers.
+        ready_workers: how many workers were considered.
+    """
+
+    def __init__(self, needed: int, available: int, ready_workers: int) -> None:
+        self.needed = needed
+        self.available = available
+        self.ready_workers = ready_workers
+        super().__init__(
+            f"no capacity: need {needed} bytes, {available} bytes free on {ready_workers} ready worker(s)"
+        )
+
+
+class PlacementError(SchedulingError):
+    """Placement failed for a reason other than capacity (no ready agents, unknown agent)."""
+
+
+class RemoteError(GpupoolError):
+    """An agent refused or failed an operation.
+
+    Args:
+        agent_id: the agent that answered.
+        message: the agent's own words.
+        buffer_id: the buffer concerned, if any.
+        code: the gRPC status code name the agent returned.
+    """
+
+    def __init__(self, agent_id: str, message: str, *, buffer_id: str = "", code: str = "") -> None:
+        self.agent_id = agent_id
+        self.buffer_id = buffer_id
+        self.remote_message = message
+        self.code = code
+        where = f"agent {agent_id}" + (f", buffer {buffer_id}" if buffer_id else "")
+        super().__init__(f"{where}: {message}")
+
+
+class RemoteKernelError(RemoteError):
+    """The operation itself failed on the agent (bad operands, a failing kernel)."""
+
+
+class DeviceOutOfMemory(RemoteError):
+    """The worker's memory limit, or the device's memory, cannot hold the result or upload."""
+
+
+class BufferNotFound(RemoteError):
+    """The agent does not hold the buffer: it was freed, or lost when the agent restarted."""
+
+
+class AgentNotAccepting(RemoteError):
+    """The agent takes no new work (draining) or has no such worker."""
+
+
+class AuthError(GpupoolError):
+    """Credentials were refused."""
+
+
+class UsageError(GpupoolError):
+    """The caller misused the API; nothing was sent."""
+
+
+class UnsupportedDType(UsageError, TypeError):
+    """An array dtype gpupool does not carry.
+
+    Args:
+        dtype: the offending dtype, as a string.
+        supported: the dtypes gpupool carries.
+    """
+
+    def __init__(self, dtype: str, supported: tuple[str, ...]) -> None:
+        self.dtype = dtype
+        self.supported = supported
+        super().__init__(f"unsupported dtype {dtype!r}; gpupool carries {', '.join(supported)}")
+
+
+class ShapeMismatch(UsageError, ValueError):
+    """Operand shapes that do not broadcast or multiply.
+
+    Args:
+        op: the operation.
+        shapes: the operand shapes.
+        detail: what is wrong with them.
+    """
+
+    def __init__(self, op: str, shapes: tuple[tuple[int, ...], ...], detail: str = "") -> None:
+        self.op = op
+        self.shapes = shapes
+        shown = ", ".join(str(s) for s in shapes)
+        super().__init__(f"{op}: shapes {shown} do not match" + (f" ({detail})" if detail else ""))
+
+
+class ArrayFreed(UsageError):
+    """The array was freed, or its pool was closed."""

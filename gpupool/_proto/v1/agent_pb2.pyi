@@ -1,0 +1,164 @@
+from gpupool._proto.v1 import control_pb2 as _control_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ArrayMeta(_message.Message):
+    __slots__ = ("dtype", "shape")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class UploadHeader(_message.Message):
+    __slots__ = ("buffer_id", "worker", "meta", "session")
+    BUFFER_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    buffer_id: str
+    worker: int
+    meta: ArrayMeta
+    session: str
+    def __init__(self, buffer_id: _Optional[str] = ..., worker: _Optional[int] = ..., meta: _Optional[_Union[ArrayMeta, _Mapping]] = ..., session: _Optional[str] = ...) -> None: ...
+
+class UploadRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: UploadHeader
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class UploadReply(_message.Message):
+    __slots__ = ("buffer_id", "nbytes")
+    BUFFER_ID_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    buffer_id: str
+    nbytes: int
+    def __init__(self, buffer_id: _Optional[str] = ..., nbytes: _Optional[int] = ...) -> None: ...
+
+class DownloadRequest(_message.Message):
+    __slots__ = ("buffer_id", "chunk_bytes")
+    BUFFER_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    buffer_id: str
+    chunk_bytes: int
+    def __init__(self, buffer_id: _Optional[str] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class DownloadChunk(_message.Message):
+    __slots__ = ("meta", "chunk")
+    META_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    meta: ArrayMeta
+    chunk: bytes
+    def __init__(self, meta: _Optional[_Union[ArrayMeta, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class Scalar(_message.Message):
+    __slots__ = ("f", "i", "b", "dtype")
+    F_FIELD_NUMBER: _ClassVar[int]
+    I_FIELD_NUMBER: _ClassVar[int]
+    B_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    f: float
+    i: int
+    b: bool
+    dtype: str
+    def __init__(self, f: _Optional[float] = ..., i: _Optional[int] = ..., b: _Optional[bool] = ..., dtype: _Optional[str] = ...) -> None: ...
+
+class Constant(_message.Message):
+    __slots__ = ("meta", "data")
+    META_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    meta: ArrayMeta
+    data: bytes
+    def __init__(self, meta: _Optional[_Union[ArrayMeta, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class Operand(_message.Message):
+    __slots__ = ("buffer", "scalar", "constant")
+    BUFFER_FIELD_NUMBER: _ClassVar[int]
+    SCALAR_FIELD_NUMBER: _ClassVar[int]
+    CONSTANT_FIELD_NUMBER: _ClassVar[int]
+    buffer: str
+    scalar: Scalar
+    constant: Constant
+    def __init__(self, buffer: _Optional[str] = ..., scalar: _Optional[_Union[Scalar, _Mapping]] = ..., constant: _Optional[_Union[Constant, _Mapping]] = ...) -> None: ...
+
+class Op(_message.Message):
+    __slots__ = ("op", "inputs", "output", "expect", "has_axis", "axis")
+    OP_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    EXPECT_FIELD_NUMBER: _ClassVar[int]
+    HAS_AXIS_FIELD_NUMBER: _ClassVar[int]
+    AXIS_FIELD_NUMBER: _ClassVar[int]
+    op: str
+    inputs: _containers.RepeatedCompositeFieldContainer[Operand]
+    output: str
+    expect: ArrayMeta
+    has_axis: bool
+    axis: int
+    def __init__(self, op: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Operand, _Mapping]]] = ..., output: _Optional[str] = ..., expect: _Optional[_Union[ArrayMeta, _Mapping]] = ..., has_axis: _Optional[bool] = ..., axis: _Optional[int] = ...) -> None: ...
+
+class ExecuteRequest(_message.Message):
+    __slots__ = ("worker", "ops", "fetch", "free", "session")
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    OPS_FIELD_NUMBER: _ClassVar[int]
+    FETCH_FIELD_NUMBER: _ClassVar[int]
+    FREE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    worker: int
+    ops: _containers.RepeatedCompositeFieldContainer[Op]
+    fetch: _containers.RepeatedScalarFieldContainer[str]
+    free: _containers.RepeatedScalarFieldContainer[str]
+    session: str
+    def __init__(self, worker: _Optional[int] = ..., ops: _Optional[_Iterable[_Union[Op, _Mapping]]] = ..., fetch: _Optional[_Iterable[str]] = ..., free: _Optional[_Iterable[str]] = ..., session: _Optional[str] = ...) -> None: ...
+
+class Fetched(_message.Message):
+    __slots__ = ("buffer_id", "meta", "data")
+    BUFFER_ID_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    buffer_id: str
+    meta: ArrayMeta
+    data: bytes
+    def __init__(self, buffer_id: _Optional[str] = ..., meta: _Optional[_Union[ArrayMeta, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ExecuteReply(_message.Message):
+    __slots__ = ("fetched", "memory_used")
+    FETCHED_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USED_FIELD_NUMBER: _ClassVar[int]
+    fetched: _containers.RepeatedCompositeFieldContainer[Fetched]
+    memory_used: int
+    def __init__(self, fetched: _Optional[_Iterable[_Union[Fetched, _Mapping]]] = ..., memory_used: _Optional[int] = ...) -> None: ...
+
+class FreeRequest(_message.Message):
+    __slots__ = ("buffer_ids", "session")
+    BUFFER_IDS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    buffer_ids: _containers.RepeatedScalarFieldContainer[str]
+    session: str
+    def __init__(self, buffer_ids: _Optional[_Iterable[str]] = ..., session: _Optional[str] = ...) -> None: ...
+
+class FreeReply(_message.Message):
+    __slots__ = ("freed", "bytes_freed")
+    FREED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FREED_FIELD_NUMBER: _ClassVar[int]
+    freed: int
+    bytes_freed: int
+    def __init__(self, freed: _Optional[int] = ..., bytes_freed: _Optional[int] = ...) -> None: ...
+
+class HealthRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class HealthReply(_message.Message):
+    __slots__ = ("status",)
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    status: _control_pb2.AgentStatus
+    def __init__(self, status: _Optional[_Union[_control_pb2.AgentStatus, _Mapping]] = ...) -> None: ...

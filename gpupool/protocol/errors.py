@@ -1,0 +1,128 @@
+"""Translation between gpupool exceptions and gRPC status, in one place for both sides.
+
+An agent or coordinator that refuses a call aborts with a status code and the trailing metadata
+``gpupool-error`` (a kind from :data:`ErrorKind`) and ``gpupool-buffer`` (the buffer concerned).
+The client turns that back into the precise exception with :func:`translate_rpc_error`.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal, NoReturn
+
+import grpc
+
+from gpupool import _errors as e
+
+__all__ = ["ERROR_KEY", "BUFFER_KEY", "ErrorKind", "RpcRefusal", "abort", "translate_rpc_error"]
+
+ERROR_KEY: Final = "gpupool-error"
+BUFFER_KEY: Final = "gpupool-buffer"
+
+ErrorKind = Literal[
+    "bad-request",
+    "buffer-not-found",
+    "buffer-exists",
+    "out-of-memory",
+    "not-accepting",
+    "kernel-failed",
+    "no-capacity",
+    "no-agents",
+    "unknown-agent",
+    "unknown-session",
+    "version-mismatch",
+]
+
+_CODES: Final[dict[str, grpc.StatusCode]] = {
+    "bad-request": grpc.StatusCode.INVALID_ARGUMENT,
+    "buffer-not-found": grpc.StatusCode.NOT_FOUND,
+    "buffer-exists": grpc.StatusCode.ALREADY_EXISTS,
+    "out-of-memory": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "not-accepting": grpc.StatusCode.FAILED_PRECONDITION,
+    "kernel-failed": grpc.StatusCode.INVALID_ARGUMENT,
+    "no-capacity": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "no-agents": grpc.StatusCode.UNAVAILABLE,
+    "unknown-agent": grpc.StatusCode.NOT_FOUND,
+    "unknown-session": grpc.StatusCode.NOT_FOUND,
+    "version-mismatch": grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+class RpcRefusal(Exception):
+    """Raised inside a servicer to refuse a call; the server's wrapper turns it into a gRPC status.
+
+    Args:
+        kind: the precise condition.
+        message: words for the caller.
+        buffer_id: the buffer concerned, if any.
+    """
+
+    def __init__(
+        self, kind: ErrorKind, message: str, *, buffer_id: str = "", extra: dict[str, str] | None = None
+    ) -> None:
+        self.kind: ErrorKind = kind
+        self.message = message
+        self.buffer_id = buffer_id
+        self.extra = dict(extra or {})
+        super().__init__(message)
+
+    @property
+    def code(self) -> grpc.StatusCode:
+        """The gRPC status code for this refusal."""
+        return _CODES[self.kind]
+
+
+async def abort(context: grpc.aio.ServicerContext[object, object], refusal: RpcRefusal) -> NoReturn:
+    """End the call with the refusal's status and metadata."""
+    extra = tuple((f"gpupool-{key}", value) for key, value in refusal.extra.items())
+    context.set_trailing_metadata(((ERROR_KEY, refusal.kind), (BUFFER_KEY, refusal.buffer_id), *extra))
+    await context.abort(refusal.code, refusal.message)
+    raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+
+_REMOTE: Final[dict[str, type[e.RemoteError]]] = {
+    "buffer-not-found": e.BufferNotFound,
+    "out-of-memory": e.DeviceOutOfMemory,
+    "not-accepting": e.AgentNotAccepting,
+    "kernel-failed": e.RemoteKernelError,
+    "bad-request": e.RemoteKernelError,
+    "buffer-exists": e.RemoteKernelError,
+}
+
+
+def translate_rpc_error(exc: grpc.aio.AioRpcError, *, peer: str, agent_id: str = "") -> e.GpupoolError:
+    """The gpupool exception for a failed call to ``peer`` (an agent when ``agent_id`` is given).
+
+    The caller raises the result ``from exc``.
+    """
+    code = exc.code()
+    details = exc.details() or code.name
+    meta = {key: value for key, value in (exc.trailing_metadata() or ()) if isinstance(value, str)}
+    kind = meta.get(ERROR_KEY, "")
+    buffer_id = meta.get(BUFFER_KEY, "")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return e.DeadlineExceeded(peer, details)
+    if code == grpc.StatusCode.UNAVAILABLE and not kind:
+        return e.ConnectError(peer, details)
+    if code == grpc.StatusCode.UNAUTHENTICATED or code == grpc.StatusCode.PERMISSION_DENIED:
+        return e.AuthError(f"{peer}: {details}")
+    if code == grpc.StatusCode.CANCELLED and not kind:
+        return e.StreamClosed(peer, details)
+    if kind == "no-capacity":
+        try:
+            return e.NoCapacity(
+                int(meta["gpupool-needed"]), int(meta["gpupool-available"]), int(meta["gpupool-workers"])
+            )
+        except (KeyError, ValueError):
+            return e.SchedulingError(details)
+    if kind in ("no-agents", "unknown-agent", "unknown-session"):
+        return e.PlacementError(details)
+    if kind == "version-mismatch":
+        return e.ProtocolError(f"{peer}: {details}")
+    if agent_id or kind in _REMOTE:
+        cls = _REMOTE.get(kind, e.RemoteError)
+        if not kind and code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            cls = e.DeviceOutOfMemory  # e.g. a message over the size limit
+        return cls(agent_id or peer, details, buffer_id=buffer_id, code=code.name)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return e.UsageError(f"{peer}: {details}")
+    return e.TransportError(peer, f"{code.name}: {details}")

@@ -1,0 +1,1 @@
+"""Network edges: MQTT sessions, gRPC channels and servers, retry policy."""
