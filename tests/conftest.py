@@ -67,3 +67,24 @@ def broker_url(request: pytest.FixtureRequest) -> str:
 def topic_prefix() -> str:
     """A topic prefix of this test's own, so tests sharing a broker never see each other's agents."""
     return f"gpupool-test-{uuid.uuid4().hex[:10]}"
+
+
+def _cuda_available() -> bool:
+    try:
+        import cupy
+
+        return int(cupy.cuda.runtime.getDeviceCount()) > 0
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``gpu``-marked tests where CuPy cannot reach a CUDA device."""
+    if not any(item.get_closest_marker("gpu") for item in items):
+        return
+    if _cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU with CuPy")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
