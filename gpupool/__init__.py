@@ -1,0 +1,73 @@
+"""gpupool: many small GPUs on a network, programmed as one device from Python.
+
+    import numpy as np, gpupool as gp
+
+    with gp.connect() as pool:                     # $GPUPOOL_COORDINATOR, else 127.0.0.1:50051
+        x = pool.asarray(np.random.rand(4096, 512).astype(np.float32))
+        y = np.tanh(x @ np.ones((512, 64), np.float32)) * 2 + 1
+        print(float(y.sum()), x.shards)
+
+Importing gpupool loads neither CuPy nor NVML: those are the agent's, loaded lazily there.
+"""
+
+from gpupool import _functions
+from gpupool._config import Timeouts
+from gpupool._errors import (
+    AgentNotAccepting,
+    ArrayFreed,
+    AuthError,
+    BufferNotFound,
+    ConnectError,
+    DeadlineExceeded,
+    DeviceOutOfMemory,
+    FrameDecodeError,
+    GpupoolError,
+    NoCapacity,
+    PlacementError,
+    ProtocolError,
+    RemoteError,
+    RemoteKernelError,
+    SchedulingError,
+    ShapeMismatch,
+    StreamClosed,
+    TransportError,
+    UnsupportedDType,
+    UsageError,
+    VersionMismatch,
+)
+from gpupool._functions import *  # noqa: F403 - the NumPy-style functions, listed in _functions.__all__
+from gpupool._version import __version__
+from gpupool.client import AgentInfo, GpuInfo, Pool, RemoteArray, Shard, connect
+
+__all__ = [
+    "AgentInfo",
+    "AgentNotAccepting",
+    "ArrayFreed",
+    "AuthError",
+    "BufferNotFound",
+    "ConnectError",
+    "DeadlineExceeded",
+    "DeviceOutOfMemory",
+    "FrameDecodeError",
+    "GpuInfo",
+    "GpupoolError",
+    "NoCapacity",
+    "PlacementError",
+    "Pool",
+    "ProtocolError",
+    "RemoteArray",
+    "RemoteError",
+    "RemoteKernelError",
+    "SchedulingError",
+    "Shard",
+    "ShapeMismatch",
+    "StreamClosed",
+    "Timeouts",
+    "TransportError",
+    "UnsupportedDType",
+    "UsageError",
+    "VersionMismatch",
+    "__version__",
+    "connect",
+    *_functions.__all__,
+]

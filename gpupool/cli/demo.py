@@ -1,0 +1,95 @@
+"""``gpupool demo``: a pool on this machine, a sharded workload on it, checked against NumPy."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
+
+
+def _timed(label: str, timings: list[tuple[str, float, str]], fn: Callable[[], T], note: str = "") -> T:
+    start = time.perf_counter()
+    result = fn()
+    timings.append((label, time.perf_counter() - start, note))
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start a local pool, run the workload, print timings and shard placement; 0 when all checks pass."""
+    import gpupool as gp
+    from gpupool.local import LocalPool
+
+    rows, cols, out_cols = args.rows, args.cols, 64
+    timings: list[tuple[str, float, str]] = []
+    print(f"gpupool demo: starting a local pool with {args.agents} agents ...", flush=True)
+    started = time.perf_counter()
+    with LocalPool(agents=args.agents, port=0, backend=args.backend) as local:
+        print(f"  broker       {local.broker_url}")
+        print(f"  coordinator  {local.coordinator_address}")
+        print(f"  pool up in {time.perf_counter() - started:.2f} s\n", flush=True)
+        rng = np.random.default_rng(7)
+        x_host = rng.standard_normal((rows, cols), dtype=np.float32)
+        w_host = (rng.standard_normal((cols, out_cols), dtype=np.float32) / np.sqrt(cols)).astype(np.float32)
+        with gp.connect(local.coordinator_address) as pool:
+            agents = {a.id: a for a in pool.agents()}
+            for a in agents.values():
+                where = ", ".join(g.model for g in a.gpus) or "host memory"
+                print(
+                    f"  agent {a.name:<10} {a.id}  {a.backend:<5} {where}  "
+                    f"limit {a.memory_limit / 2**30:.1f} GiB  at {a.endpoint}"
+                )
+            print()
+            x = _timed("upload x", timings, lambda: pool.asarray(x_host), f"{x_host.nbytes / 2**20:.0f} MiB")
+            y = _timed("y = tanh(x @ w) * 2 + 1", timings, lambda: np.tanh(x @ w_host) * 2 + 1)
+            total = _timed("y.sum()", timings, lambda: y.sum())
+            col_mean = _timed("y.mean(axis=0)", timings, lambda: y.mean(axis=0))
+            row_max = _timed("y.max(axis=1)", timings, lambda: y.max(axis=1))
+            positive = _timed("(x > 0).sum()", timings, lambda: (x > 0).sum())
+            y_host = _timed("y.get()", timings, lambda: y.get(), f"{y.nbytes / 2**20:.0f} MiB")
+            row_max_host = row_max.get()
+            shards = x.shards
+
+        expect_y = np.tanh(x_host @ w_host) * 2 + 1
+        local_start = time.perf_counter()
+        np.tanh(x_host @ w_host) * 2 + 1
+        local_seconds = time.perf_counter() - local_start
+        checks = {
+            "y equals NumPy": np.allclose(y_host, expect_y, rtol=1e-4, atol=1e-4),
+            "sum equals NumPy": np.isclose(float(total), float(expect_y.sum(dtype=np.float64)), rtol=1e-4),
+            "mean(axis=0) equals NumPy": np.allclose(col_mean, expect_y.mean(axis=0), rtol=1e-4, atol=1e-5),
+            "max(axis=1) equals NumPy": np.allclose(row_max_host, expect_y.max(axis=1)),
+            "count(x > 0) equals NumPy": int(positive) == int((x_host > 0).sum()),
+        }
+
+    print("where each shard ran:")
+    for shard in shards:
+        agent = agents.get(shard.agent_id)
+        print(
+            f"  rows {shard.start:>7} to {shard.stop:>7}  ({shard.rows:>6} rows)  on {agent.name if agent else '?'}"
+            f" ({shard.agent_id}) worker {shard.worker}"
+        )
+    print("\ntimings:")
+    for label, seconds, note in timings:
+        print(f"  {label:<26} {seconds * 1000:9.1f} ms  {note}")
+    print(f"  {'(NumPy here, same y)':<26} {local_seconds * 1000:9.1f} ms")
+    print("\nchecks:")
+    for name, ok in checks.items():
+        print(f"  {'ok  ' if ok else 'FAIL'} {name}")
+    good = all(checks.values())
+    print(f"\ngpupool demo: {'all checks passed' if good else 'SOME CHECKS FAILED'}; the pool has stopped.")
+    return 0 if good else 1
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--agents", type=int, default=2)
+    parser.add_argument("--rows", type=int, default=50_001)
+    parser.add_argument("--cols", type=int, default=512)
+    parser.add_argument("--backend", default="auto")
+    sys.exit(run(parser.parse_args()))

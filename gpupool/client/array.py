@@ -1,0 +1,229 @@
+"""RemoteArray: a handle to an array whose row shards stay resident on the pool's agents."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from gpupool._errors import ArrayFreed, UsageError
+from gpupool.client import dispatch
+from gpupool.client.operands import ELEMENTWISE, REDUCTIONS
+from gpupool.client.pool import Piece, Pool
+from gpupool.client.types import Shard
+from gpupool.protocol.codec import check_dtype
+
+__all__ = ["RemoteArray"]
+
+
+class RemoteArray:
+    """An array in the pool: shape and dtype here, the data in row shards on the agents.
+
+    NumPy code works on it: ufuncs (``np.tanh(x)``, ``x * 2 + 1``, ``x > 0``) run where the shards live and
+    give new remote arrays; ``x @ w`` multiplies each row shard by a small ``w``; reductions combine per-shard
+    partials; ``x.get()`` or ``np.asarray(x)`` brings the data back. Its buffers are freed when it is garbage
+    collected, when :meth:`free` is called, or when the pool closes.
+
+    Made by :meth:`gpupool.Pool.asarray` and by operations on other remote arrays, not directly.
+    """
+
+    __slots__ = ("__weakref__", "_finalizer", "_freed", "_replicas", "dtype", "pieces", "pool", "shape")
+    __array_priority__ = 100.0
+    __hash__ = None  # type: ignore[assignment]  # == is elementwise, as in NumPy
+
+    def __init__(self, pool: Pool, shape: tuple[int, ...], dtype: np.dtype[Any], pieces: Sequence[Piece]) -> None:
+        self.pool = pool
+        self.shape = tuple(int(n) for n in shape)
+        self.dtype = np.dtype(dtype)
+        self.pieces = tuple(pieces)
+        self._freed = False
+        self._replicas: dict[tuple[str, int], Piece] = {}
+        self._finalizer = weakref.finalize(self, pool.release, self.pieces)
+
+    # -- description ------------------------------------------------------------------------------
+    @property
+    def ndim(self) -> int:
+        """Number of dimensions."""
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        """Number of elements."""
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the array takes in the pool (one copy)."""
+        return self.size * self.dtype.itemsize
+
+    @property
+    def shards(self) -> list[Shard]:
+        """Where each block of rows lives."""
+        return [Shard(p.agent_id, p.start, p.stop, p.worker) for p in self.pieces]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        state = " freed" if self._freed else ""
+        return f"<gpupool.RemoteArray shape={self.shape} dtype={self.dtype.name} shards={len(self.pieces)}{state}>"
+
+    def check(self) -> None:
+        """Raise :class:`ArrayFreed` if this array or its pool is gone."""
+        if self._freed:
+            raise ArrayFreed(f"{self!r} was freed")
+        self.pool.check_open()
+
+    # -- data movement ----------------------------------------------------------------------------
+    def get(self) -> np.ndarray:
+        """The whole array as a NumPy array (shards are fetched concurrently)."""
+        self.check()
+        out = np.empty(self.shape, self.dtype)
+
+        async def fetch() -> None:
+            import asyncio
+
+            await asyncio.gather(*(
+                self.pool.channel(p.agent_id, p.endpoint).download_into(p.buffer_id, out[p.start:p.stop])
+                for p in self.pieces
+            ))
+
+        self.pool.run(fetch(), timeout=self.pool.timeouts.for_stream(self.nbytes), what="download")
+        return out
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        host = self.get()
+        return host if dtype is None else host.astype(dtype, copy=False)
+
+    def free(self) -> None:
+        """Free the array's buffers now; later use raises :class:`ArrayFreed`. Idempotent."""
+        if self._freed:
+            return
+        self._freed = True
+        self._finalizer.detach()
+        pieces = list(self.pieces) + list(self._replicas.values())
+        self._replicas.clear()
+        if not self.pool._closed:
+            self.pool.run(self.pool.free_now(pieces), timeout=self.pool.timeouts.rpc, what="free")
+
+    def replicate_to(self, places: Sequence[Piece]) -> dict[tuple[str, int], str]:
+        """Whole copies of this array on the workers of ``places`` (made once, kept until freed)."""
+        self.check()
+        missing = [p for p in places if p.place not in self._replicas]
+        if missing:
+            made = dispatch.replicate(self.pool, self.get(), missing)
+            by_place = {p.place: p for p in missing}
+            for place, buffer_id in made.items():
+                self._replicas[place] = Piece(by_place[place].agent_id, place[0], place[1], 0, self.shape[0],
+                                              buffer_id)
+            self._finalizer.detach()
+            self._finalizer = weakref.finalize(self, self.pool.release,
+                                               self.pieces + tuple(self._replicas.values()))
+        return {place: piece.buffer_id for place, piece in self._replicas.items()}
+
+    def astype(self, dtype: object) -> RemoteArray:
+        """A copy converted to ``dtype``, made on the agents."""
+        target = check_dtype(dtype)
+        if target == self.dtype:
+            return self
+        return dispatch.cast(self, target)
+
+    # -- NumPy protocols --------------------------------------------------------------------------
+    def __array_ufunc__(self, ufunc: np.ufunc, method: str, *inputs: Any, **kwargs: Any) -> Any:
+        if "out" in kwargs:
+            raise UsageError(f"{ufunc.__name__}: out= is not supported on remote arrays")
+        if method != "__call__" or kwargs:
+            return NotImplemented
+        if ufunc.__name__ == "matmul":
+            if inputs[0] is self:
+                return dispatch.matmul(self, inputs[1])
+            return NotImplemented
+        if ufunc.__name__ not in ELEMENTWISE:
+            return NotImplemented
+        return dispatch.elementwise(ufunc.__name__, inputs)
+
+    def __array_function__(self, func: Any, types: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+        name = getattr(func, "__name__", "")
+        name = {"amax": "max", "amin": "min"}.get(name, name)
+        if name in REDUCTIONS and args and args[0] is self:
+            return getattr(self, name)(*args[1:], **kwargs)
+        if name == "dot" and len(args) == 2 and args[0] is self and not kwargs:
+            return dispatch.matmul(self, args[1])
+        if name == "where" and len(args) == 3 and not kwargs:
+            return dispatch.elementwise("where", args)
+        return NotImplemented
+
+    # -- reductions -------------------------------------------------------------------------------
+    def _reduce(self, op: str, axis: int | None, keepdims: bool) -> Any:
+        if keepdims:
+            raise UsageError(f"{op}: keepdims=True is not supported on remote arrays")
+        if isinstance(axis, tuple):
+            raise UsageError(f"{op}: reduce over one axis or all of them, not a tuple of axes")
+        return dispatch.reduce(self, op, axis)
+
+    def sum(self, axis: int | None = None, *, keepdims: bool = False) -> Any:
+        """Sum over all elements (a NumPy scalar), over axis 0 (a NumPy array) or another axis (remote)."""
+        return self._reduce("sum", axis, keepdims)
+
+    def mean(self, axis: int | None = None, *, keepdims: bool = False) -> Any:
+        """Arithmetic mean; placement of the result as for :meth:`sum`."""
+        return self._reduce("mean", axis, keepdims)
+
+    def max(self, axis: int | None = None, *, keepdims: bool = False) -> Any:
+        """Maximum; placement of the result as for :meth:`sum`."""
+        return self._reduce("max", axis, keepdims)
+
+    def min(self, axis: int | None = None, *, keepdims: bool = False) -> Any:
+        """Minimum; placement of the result as for :meth:`sum`."""
+        return self._reduce("min", axis, keepdims)
+
+    def prod(self, axis: int | None = None, *, keepdims: bool = False) -> Any:
+        """Product; placement of the result as for :meth:`sum`."""
+        return self._reduce("prod", axis, keepdims)
+
+    def any(self, axis: int | None = None, *, keepdims: bool = False) -> Any:
+        """Whether any element is true; placement of the result as for :meth:`sum`."""
+        return self._reduce("any", axis, keepdims)
+
+    def all(self, axis: int | None = None, *, keepdims: bool = False) -> Any:
+        """Whether every element is true; placement of the result as for :meth:`sum`."""
+        return self._reduce("all", axis, keepdims)
+
+    # -- operators --------------------------------------------------------------------------------
+    def __add__(self, other: Any) -> Any: return np.add(self, other)
+    def __radd__(self, other: Any) -> Any: return np.add(other, self)
+    def __sub__(self, other: Any) -> Any: return np.subtract(self, other)
+    def __rsub__(self, other: Any) -> Any: return np.subtract(other, self)
+    def __mul__(self, other: Any) -> Any: return np.multiply(self, other)
+    def __rmul__(self, other: Any) -> Any: return np.multiply(other, self)
+    def __truediv__(self, other: Any) -> Any: return np.divide(self, other)
+    def __rtruediv__(self, other: Any) -> Any: return np.divide(other, self)
+    def __floordiv__(self, other: Any) -> Any: return np.floor_divide(self, other)
+    def __rfloordiv__(self, other: Any) -> Any: return np.floor_divide(other, self)
+    def __mod__(self, other: Any) -> Any: return np.remainder(self, other)
+    def __rmod__(self, other: Any) -> Any: return np.remainder(other, self)
+    def __pow__(self, other: Any) -> Any: return np.power(self, other)
+    def __rpow__(self, other: Any) -> Any: return np.power(other, self)
+    def __matmul__(self, other: Any) -> Any: return dispatch.matmul(self, other)
+    def __neg__(self) -> Any: return np.negative(self)
+    def __pos__(self) -> Any: return np.positive(self)
+    def __abs__(self) -> Any: return np.absolute(self)
+    def __lt__(self, other: Any) -> Any: return np.less(self, other)
+    def __le__(self, other: Any) -> Any: return np.less_equal(self, other)
+    def __gt__(self, other: Any) -> Any: return np.greater(self, other)
+    def __ge__(self, other: Any) -> Any: return np.greater_equal(self, other)
+    def __eq__(self, other: Any) -> Any: return np.equal(self, other)  # type: ignore[override]
+    def __ne__(self, other: Any) -> Any: return np.not_equal(self, other)  # type: ignore[override]
+
+    def __bool__(self) -> bool:
+        if self.size != 1:
+            raise ValueError("the truth value of a remote array with more than one element is ambiguous; "
+                             "use .any() or .all()")
+        return bool(self.get().reshape(()))
+
+    def __float__(self) -> float:
+        if self.size != 1:
+            raise TypeError("only single-element remote arrays can be converted to Python scalars")
+        return float(self.get().reshape(()))
