@@ -12,7 +12,7 @@ import numpy as np
 
 from gpupool.client.operands import ELEMENTWISE
 
-__all__ = sorted(ELEMENTWISE | {"all", "any", "matmul", "max", "mean", "min", "prod", "sum", "where", "true_divide"})
+__all__ = sorted(ELEMENTWISE | {"abs", "all", "any", "matmul", "max", "mean", "min", "prod", "sum", "where", "true_divide"})
 
 add = np.add
 subtract = np.subtract
@@ -39,7 +39,7 @@ logical_xor = np.logical_xor
 logical_not = np.logical_not
 negative = np.negative
 positive = np.positive
-absolute = np.absolute
+absolute = abs = np.absolute  # noqa: A001 - NumPy has both names
 sign = np.sign
 exp = np.exp
 exp2 = np.exp2

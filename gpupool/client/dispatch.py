@@ -105,7 +105,7 @@ class _Operands:
         if is_scalar(value):
             operand = scalar_operand(value)
             return lambda piece: operand
-        host = np.ascontiguousarray(value)
+        host = np.asarray(value, order="C")
         if not aligned:
             if host.nbytes > INLINE_LIMIT:
                 raise UsageError(f"a broadcast operand of {host.nbytes} bytes is too large to send with each "
@@ -274,7 +274,7 @@ def matmul(x: RemoteArray, w: object) -> RemoteArray:
         replicas = w_value.replicate_to(x.pieces)  # kept with w, so the next x @ w sends nothing
         operand: Operand = lambda piece: buffer_operand(replicas[piece.place])
     else:
-        host = np.ascontiguousarray(w_value)
+        host = np.asarray(w_value, order="C")
         if host.nbytes <= INLINE_LIMIT:
             constant = constant_operand(host)
             operand = lambda piece: constant

@@ -72,7 +72,7 @@ def scalar_operand(value: object) -> agent_pb2.Operand:
 
 def constant_operand(host: np.ndarray) -> agent_pb2.Operand:
     """A small host array sent inline with the program."""
-    host = np.ascontiguousarray(host)
+    host = np.asarray(host, order="C")
     return agent_pb2.Operand(constant=agent_pb2.Constant(meta=meta_of(host.dtype, host.shape), data=host.tobytes()))
 
 

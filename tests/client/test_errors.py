@@ -52,7 +52,7 @@ def test_an_array_larger_than_the_pool_gets_no_capacity(pool: gp.Pool) -> None:
 
 
 def test_a_result_over_the_memory_limit_is_refused_and_nothing_is_lost(pool: gp.Pool) -> None:
-    rows = int(AGENT_MEMORY * 0.3) // (8 * 256)  # each agent holds ~15% of its limit
+    rows = int(AGENT_MEMORY * 0.15) // (8 * 256)  # x takes ~15% of each agent's limit
     a = np.random.default_rng(0).standard_normal((rows * 2, 256))
     x = pool.asarray(a)
     kept = [x + i for i in range(3)]  # ~60% of each agent's limit in use
