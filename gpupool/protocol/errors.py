@@ -13,10 +13,12 @@ import grpc
 
 from gpupool import _errors as e
 
-__all__ = ["ERROR_KEY", "BUFFER_KEY", "ErrorKind", "RpcRefusal", "abort", "translate_rpc_error"]
+__all__ = ["AGENT_KEY", "BUFFER_KEY", "ERROR_KEY", "ErrorKind", "RpcRefusal", "abort", "translate_rpc_error"]
 
 ERROR_KEY: Final = "gpupool-error"
 BUFFER_KEY: Final = "gpupool-buffer"
+#: Set by the coordinator when a refusal concerns one agent (``RpcRefusal(extra={"agent": id})``).
+AGENT_KEY: Final = "gpupool-agent"
 
 ErrorKind = Literal[
     "bad-request",
@@ -30,6 +32,8 @@ ErrorKind = Literal[
     "unknown-agent",
     "unknown-session",
     "version-mismatch",
+    "not-confirmed",
+    "broker-unavailable",
 ]
 
 _CODES: Final[dict[str, grpc.StatusCode]] = {
@@ -44,6 +48,10 @@ _CODES: Final[dict[str, grpc.StatusCode]] = {
     "unknown-agent": grpc.StatusCode.NOT_FOUND,
     "unknown-session": grpc.StatusCode.NOT_FOUND,
     "version-mismatch": grpc.StatusCode.FAILED_PRECONDITION,
+    # An admin command was sent but the agent's status did not show it in time.
+    "not-confirmed": grpc.StatusCode.DEADLINE_EXCEEDED,
+    # The coordinator could not reach the MQTT broker, so a command was not sent.
+    "broker-unavailable": grpc.StatusCode.UNAVAILABLE,
 }
 
 
@@ -101,7 +109,7 @@ def translate_rpc_error(exc: grpc.aio.AioRpcError, *, peer: str, agent_id: str =
     buffer_id = meta.get(BUFFER_KEY, "")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return e.DeadlineExceeded(peer, details)
-    if code == grpc.StatusCode.UNAVAILABLE and not kind:
+    if code == grpc.StatusCode.UNAVAILABLE and kind in ("", "broker-unavailable"):
         return e.ConnectError(peer, details)
     if code == grpc.StatusCode.UNAUTHENTICATED or code == grpc.StatusCode.PERMISSION_DENIED:
         return e.AuthError(f"{peer}: {details}")
@@ -118,6 +126,10 @@ def translate_rpc_error(exc: grpc.aio.AioRpcError, *, peer: str, agent_id: str =
         return e.PlacementError(details)
     if kind == "version-mismatch":
         return e.ProtocolError(f"{peer}: {details}")
+    if kind == "bad-request" and not agent_id:
+        return e.UsageError(f"{peer}: {details}")  # the coordinator refusing a malformed request
+    # The coordinator names the agent a refusal concerns (an admin command to an offline agent).
+    agent_id = agent_id or meta.get(AGENT_KEY, "")
     if agent_id or kind in _REMOTE:
         cls = _REMOTE.get(kind, e.RemoteError)
         if not kind and code == grpc.StatusCode.RESOURCE_EXHAUSTED:

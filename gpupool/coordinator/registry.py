@@ -1,0 +1,311 @@
+"""The coordinator's view of the agents: pure state, fed decoded MQTT payloads, tested without a network.
+
+:class:`Registry` applies :class:`AgentStatus` and :class:`AgentTelemetry` messages and answers with what
+happened, as past-tense events. It keeps each agent's workers and their free memory: the worker's limit
+minus what it holds, from the newest of status and telemetry, minus what the coordinator placed there
+since that report (the upload may not have reached the agent's next report yet).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from gpupool._errors import PlacementError
+from gpupool._proto.v1 import control_pb2
+from gpupool._proto.v1.control_pb2 import AgentState, AgentStatus, AgentTelemetry
+from gpupool.placement import RowShard, WorkerCapacity
+
+__all__ = [
+    "AgentEntry",
+    "AgentForgotten",
+    "AgentRegistered",
+    "AgentRestarted",
+    "AgentStateChanged",
+    "AgentWentOffline",
+    "Registry",
+    "RegistryEvent",
+    "WorkerMemory",
+    "state_name",
+]
+
+READY: AgentState = control_pb2.AGENT_STATE_READY
+OFFLINE: AgentState = control_pb2.AGENT_STATE_OFFLINE
+
+
+def state_name(state: int) -> str:
+    """``"ready"``, ``"cordoned"``, ``"draining"``, ``"offline"`` (``"unspecified"`` for 0)."""
+    try:
+        return control_pb2.AgentState.Name(state).removeprefix("AGENT_STATE_").lower()
+    except ValueError:
+        return f"state-{state}"
+
+
+@dataclass(frozen=True, slots=True)
+class AgentRegistered:
+    """The coordinator saw an agent's status for the first time."""
+
+    agent_id: str
+    name: str
+    state: int
+
+
+@dataclass(frozen=True, slots=True)
+class AgentStateChanged:
+    """An agent's status moved between READY, CORDONED and DRAINING, or came back from OFFLINE."""
+
+    agent_id: str
+    name: str
+    old: int
+    new: int
+
+
+@dataclass(frozen=True, slots=True)
+class AgentWentOffline:
+    """An agent's status turned OFFLINE: its last will, or a clean stop."""
+
+    agent_id: str
+    name: str
+    previous: int
+
+
+@dataclass(frozen=True, slots=True)
+class AgentRestarted:
+    """An agent came back with a new start time: whatever it held is gone."""
+
+    agent_id: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class AgentForgotten:
+    """An agent's retained status was cleared (an empty payload): the operator removed it."""
+
+    agent_id: str
+
+
+RegistryEvent = AgentRegistered | AgentStateChanged | AgentWentOffline | AgentRestarted | AgentForgotten
+
+
+@dataclass(slots=True)
+class WorkerMemory:
+    """One worker's memory as the coordinator reckons it.
+
+    Attributes:
+        limit: bytes the worker may hold, from the latest report.
+        used: bytes it held at that report.
+        placed: bytes the coordinator placed on it since that report.
+    """
+
+    limit: int
+    used: int
+    placed: int = 0
+
+    @property
+    def free(self) -> int:
+        """Bytes still free; negative when placements overshoot the last report."""
+        return self.limit - self.used - self.placed
+
+
+@dataclass(slots=True)
+class AgentEntry:
+    """What the registry knows of one agent. Callers read it; only the :class:`Registry` changes it.
+
+    Attributes:
+        status: the latest status (the whole message, as the agent sent it).
+        telemetry: the latest telemetry, if any arrived since the agent registered.
+        last_seen: when the latest status or telemetry arrived, on the caller's clock.
+        memory: the agent's workers by index.
+        report_time: the agent's timestamp of the memory figures in effect, in seconds (0: unknown).
+    """
+
+    status: AgentStatus
+    telemetry: AgentTelemetry | None
+    last_seen: float
+    memory: dict[int, WorkerMemory] = field(default_factory=dict)
+    report_time: float = 0.0
+
+    @property
+    def agent_id(self) -> str:
+        """The agent's id."""
+        return self.status.agent_id
+
+    @property
+    def name(self) -> str:
+        """The agent's name (its id when it gave none)."""
+        return self.status.name or self.status.agent_id
+
+    @property
+    def state(self) -> int:
+        """The agent's state (a ``control_pb2.AgentState`` value)."""
+        return int(self.status.state)
+
+
+def _seconds(stamp: Timestamp) -> float:
+    """A protobuf Timestamp in seconds (0.0 when unset)."""
+    return stamp.ToNanoseconds() / 1e9
+
+
+class Registry:
+    """The agents the coordinator knows, keyed by id. Not thread-safe: one event loop owns it."""
+
+    def __init__(self) -> None:
+        self._agents: dict[str, AgentEntry] = {}
+
+    def __len__(self) -> int:
+        return len(self._agents)
+
+    def get(self, agent_id: str) -> AgentEntry | None:
+        """The agent with exactly this id, if known."""
+        return self._agents.get(agent_id)
+
+    def agents(self) -> list[AgentEntry]:
+        """Every known agent, offline ones included, by name and then id."""
+        return sorted(self._agents.values(), key=lambda entry: (entry.name, entry.agent_id))
+
+    def apply_status(self, status: AgentStatus, *, now: float) -> list[RegistryEvent]:
+        """Take in an agent's status (retained or fresh); ``now`` is the caller's clock.
+
+        The state always follows the status; its memory figures apply only if they are not older than
+        the ones in effect (a retained status redelivered after a reconnect can be older than telemetry).
+        """
+        agent_id = status.agent_id
+        copy = AgentStatus()
+        copy.CopyFrom(status)
+        entry = self._agents.get(agent_id)
+        if entry is None:
+            entry = AgentEntry(status=copy, telemetry=None, last_seen=now)
+            self._agents[agent_id] = entry
+            self._apply_workers(entry, copy, force=True)
+            return [AgentRegistered(agent_id, entry.name, entry.state)]
+        events: list[RegistryEvent] = []
+        old_state = entry.state
+        old_started = _seconds(entry.status.started)
+        new_started = _seconds(copy.started)
+        restarted = bool(new_started and old_started and new_started != old_started)
+        entry.status = copy
+        entry.last_seen = now
+        if restarted:
+            entry.telemetry = None
+            events.append(AgentRestarted(agent_id, entry.name))
+        self._apply_workers(entry, copy, force=restarted)
+        if entry.state != old_state:
+            if entry.state == OFFLINE:
+                events.append(AgentWentOffline(agent_id, entry.name, old_state))
+            else:
+                events.append(AgentStateChanged(agent_id, entry.name, old_state, entry.state))
+        return events
+
+    def apply_telemetry(self, telemetry: AgentTelemetry, *, now: float) -> list[RegistryEvent]:
+        """Take in an agent's telemetry; that of an agent without a status yet is dropped."""
+        entry = self._agents.get(telemetry.agent_id)
+        if entry is None:
+            return []
+        copy = AgentTelemetry()
+        copy.CopyFrom(telemetry)
+        entry.telemetry = copy
+        entry.last_seen = now
+        self._apply_memory(
+            entry, ((w.index, w.memory_limit, w.memory_used) for w in copy.workers), _seconds(copy.time)
+        )
+        return []
+
+    def forget(self, agent_id: str) -> list[RegistryEvent]:
+        """Drop an agent (its retained status was cleared)."""
+        if self._agents.pop(agent_id, None) is None:
+            return []
+        return [AgentForgotten(agent_id)]
+
+    def expire_unseen(self, since: float, *, note: str) -> list[RegistryEvent]:
+        """Mark OFFLINE every agent not heard from since ``since`` (the caller's clock).
+
+        For after a broker restart: a live agent republishes its status when it reconnects, and a broker
+        that keeps retained messages sends them again, but an agent that died while the broker was down
+        has no last will left to send.
+        """
+        events: list[RegistryEvent] = []
+        for entry in self._agents.values():
+            if entry.state != OFFLINE and entry.last_seen < since:
+                previous = entry.state
+                entry.status.state = OFFLINE
+                entry.status.note = note
+                events.append(AgentWentOffline(entry.agent_id, entry.name, previous))
+        return events
+
+    def resolve(self, query: str) -> AgentEntry:
+        """The agent named by a full id, a unique id prefix, or a unique name, in that order.
+
+        Raises:
+            PlacementError: no agent, or more than one, matches; the message says which.
+        """
+        if not query:
+            raise PlacementError("no agent named: give an agent id, a unique id prefix, or a name")
+        exact = self._agents.get(query)
+        if exact is not None:
+            return exact
+        for kind, matches in (
+            ("name", [a for a in self._agents.values() if a.status.name == query]),
+            ("id prefix", [a for a in self._agents.values() if a.agent_id.startswith(query)]),
+        ):
+            if len(matches) == 1:
+                return matches[0]
+            if len(matches) > 1:
+                listed = ", ".join(sorted(f"{a.agent_id} ({a.name})" for a in matches))
+                raise PlacementError(
+                    f"{query!r} is ambiguous: {len(matches)} agents match by {kind}: {listed}"
+                )
+        raise PlacementError(
+            f"no agent {query!r}: not an id, id prefix or name of any of {len(self)} known agents"
+        )
+
+    def ready_workers(self, exclude: Iterable[str] = ()) -> list[WorkerCapacity]:
+        """The workers of READY agents, less those of agents in ``exclude``, with their free memory."""
+        skip = set(exclude)
+        return [
+            WorkerCapacity(entry.agent_id, entry.status.endpoint, index, memory.free)
+            for entry in self._agents.values()
+            if entry.state == READY and entry.agent_id not in skip and entry.status.endpoint
+            for index, memory in sorted(entry.memory.items())
+        ]
+
+    def count_by_state(self) -> dict[str, int]:
+        """How many agents are in each state, by :func:`state_name`."""
+        counts: dict[str, int] = {}
+        for entry in self._agents.values():
+            name = state_name(entry.state)
+            counts[name] = counts.get(name, 0) + 1
+        return counts
+
+    def reserve(self, shards: Sequence[RowShard], row_bytes: int) -> None:
+        """Count placed shards against their workers until those report again."""
+        for shard in shards:
+            entry = self._agents.get(shard.agent_id)
+            if entry is not None and shard.worker in entry.memory:
+                entry.memory[shard.worker].placed += shard.rows * row_bytes
+
+    def _apply_workers(self, entry: AgentEntry, status: AgentStatus, *, force: bool) -> None:
+        """Make the worker set the status's; take its memory figures if they are new enough."""
+        listed = {w.index for w in status.workers}
+        for index in list(entry.memory):
+            if index not in listed:
+                del entry.memory[index]
+        for worker in status.workers:
+            entry.memory.setdefault(worker.index, WorkerMemory(worker.memory_limit, worker.memory_used))
+        figures = ((w.index, w.memory_limit, w.memory_used) for w in status.workers)
+        self._apply_memory(entry, figures, _seconds(status.updated), force=force)
+
+    @staticmethod
+    def _apply_memory(
+        entry: AgentEntry, figures: Iterable[tuple[int, int, int]], report_time: float, *, force: bool = False
+    ) -> None:
+        """Take memory figures unless older than those in effect (an unknown time counts as new)."""
+        if not force and report_time and entry.report_time and report_time < entry.report_time:
+            return
+        for index, limit, used in figures:
+            memory = entry.memory.get(index)
+            if memory is not None:
+                memory.limit, memory.used, memory.placed = int(limit), int(used), 0
+        if report_time:
+            entry.report_time = report_time

@@ -1,0 +1,145 @@
+"""Row placement: exact splits for chosen cases, and invariants over many random ones."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from gpupool._errors import NoCapacity, PlacementError
+from gpupool.placement import RowShard, WorkerCapacity, place_rows
+
+
+def workers(*free: int) -> list[WorkerCapacity]:
+    """Workers on agents named a, b, c, ... with the given free bytes."""
+    return [WorkerCapacity(chr(ord("a") + i), f"127.0.0.1:{5000 + i}", 0, f) for i, f in enumerate(free)]
+
+
+def split(shards: list[RowShard]) -> list[tuple[str, int, int]]:
+    return [(s.agent_id, s.start, s.stop) for s in shards]
+
+
+def test_equal_workers_split_evenly_with_the_remainder_on_the_first():
+    assert split(place_rows(10, 1, workers(1000, 1000, 1000))) == [("a", 0, 4), ("b", 4, 7), ("c", 7, 10)]
+
+
+def test_split_is_proportional_to_free_memory():
+    assert split(place_rows(8, 4, workers(3000, 1000))) == [("a", 0, 6), ("b", 6, 8)]
+
+
+def test_largest_remainder_gets_the_leftover_row():
+    # Shares 3.5, 2.1 and 1.4: floors 3, 2, 1; the one leftover row goes to the largest remainder (a).
+    assert split(place_rows(7, 1, workers(500, 300, 200))) == [("a", 0, 4), ("b", 4, 6), ("c", 6, 7)]
+
+
+def test_fewer_rows_than_workers_go_one_each_to_the_most_free():
+    assert split(place_rows(2, 8, workers(100, 300, 200))) == [("b", 0, 1), ("c", 1, 2)]
+
+
+def test_zero_rows_give_one_empty_shard_on_the_most_free():
+    assert split(place_rows(0, 8, workers(100, 300, 200))) == [("b", 0, 0)]
+
+
+def test_a_full_worker_passes_its_leftover_row_on():
+    # Rows of 3 bytes; shares 1.36, 1.36 and 3.27. a and b have the largest remainders but hold one row
+    # each, so the leftover row goes to c.
+    assert split(place_rows(6, 3, workers(5, 5, 12))) == [("a", 0, 1), ("b", 1, 2), ("c", 2, 6)]
+
+
+def test_rows_clipped_by_capacity_go_to_the_roomiest_worker():
+    # Rows of 24 bytes fill every worker exactly; proportional shares overshoot the small ones, whose
+    # rows all end up on c, the only one with room.
+    shards = place_rows(10, 24, workers(40, 42, 145, 38, 32))
+    assert split(shards) == [("a", 0, 1), ("b", 1, 2), ("c", 2, 8), ("d", 8, 9), ("e", 9, 10)]
+
+
+def test_a_worker_too_small_for_one_row_gets_none():
+    assert split(place_rows(5, 4, workers(9, 3, 4, 0, 8))) == [("a", 0, 2), ("c", 2, 3), ("e", 3, 5)]
+
+
+def test_same_inputs_in_any_order_give_the_same_split():
+    pool = workers(700, 100, 300, 900, 250)
+    expected = place_rows(701, 3, pool)
+    rng = random.Random(7)
+    for _ in range(20):
+        rng.shuffle(pool)
+        assert place_rows(701, 3, pool) == expected
+
+
+def test_workers_of_one_agent_are_laid_out_by_index():
+    pool = [WorkerCapacity("x", "h:1", 1, 100), WorkerCapacity("x", "h:1", 0, 100)]
+    assert [(s.worker, s.start, s.stop) for s in place_rows(4, 1, pool)] == [(0, 0, 2), (1, 2, 4)]
+
+
+def test_negative_free_memory_counts_as_none():
+    assert split(place_rows(4, 1, workers(-50, 100))) == [("b", 0, 4)]
+
+
+def test_zero_byte_rows_fit_anywhere():
+    assert split(place_rows(6, 0, workers(0, 0))) == [("a", 0, 3), ("b", 3, 6)]
+    assert split(place_rows(6, 0, workers(100, 200))) == [("a", 0, 2), ("b", 2, 6)]
+
+
+def test_no_capacity_names_what_was_needed_and_what_was_free():
+    with pytest.raises(NoCapacity) as caught:
+        place_rows(10, 100, workers(300, 400))
+    assert (caught.value.needed, caught.value.available, caught.value.ready_workers) == (1000, 700, 2)
+    assert "need 1000 bytes" in str(caught.value)
+
+
+def test_no_capacity_when_rows_do_not_divide_into_the_free_memory():
+    # 300 bytes free in all, but neither worker holds two rows of 100.
+    with pytest.raises(NoCapacity) as caught:
+        place_rows(3, 100, workers(150, 150))
+    assert (caught.value.needed, caught.value.available) == (300, 300)
+
+
+def test_no_workers_is_a_placement_error():
+    with pytest.raises(PlacementError, match="no ready workers"):
+        place_rows(4, 4, [])
+
+
+def test_bad_requests_are_placement_errors():
+    with pytest.raises(PlacementError):
+        place_rows(-1, 4, workers(100))
+    with pytest.raises(PlacementError):
+        place_rows(1, -4, workers(100))
+    with pytest.raises(PlacementError, match="twice"):
+        place_rows(1, 4, [WorkerCapacity("a", "h:1", 0, 100), WorkerCapacity("a", "h:2", 0, 50)])
+
+
+def test_random_placements_are_contiguous_complete_and_within_capacity():
+    rng = random.Random(20261126)
+    for case in range(3000):
+        n = rng.randint(1, 8)
+        pool = [
+            WorkerCapacity(f"agent-{rng.randint(0, 3)}", "h:1", i, rng.choice([0, rng.randint(-50, 10_000)]))
+            for i in range(n)
+        ]
+        rows = rng.choice([0, 1, rng.randint(0, 20), rng.randint(0, 5000)])
+        row_bytes = rng.choice([0, 1, rng.randint(1, 64)])
+        capacity = {
+            (w.agent_id, w.worker): max(w.free_bytes, 0) // row_bytes if row_bytes else rows for w in pool
+        }
+        if sum(capacity.values()) < rows:
+            with pytest.raises(NoCapacity):
+                place_rows(rows, row_bytes, pool)
+            continue
+        shards = place_rows(rows, row_bytes, pool)
+        assert shards, case
+        assert shards[0].start == 0, case
+        assert shards[-1].stop == rows, case
+        assert all(a.stop == b.start for a, b in itertools.pairwise(shards)), case
+        assert all(s.rows > 0 for s in shards) or rows == 0, case
+        assert all(s.rows <= capacity[(s.agent_id, s.worker)] for s in shards), case
+        assert len({(s.agent_id, s.worker) for s in shards}) == len(shards), case
+        assert place_rows(rows, row_bytes, list(reversed(pool))) == shards, case
+        # Where no worker is filled to capacity, every share is its exact proportion rounded up or down.
+        usable = [w for w in pool if capacity[(w.agent_id, w.worker)] > 0]
+        total = sum(max(w.free_bytes, 0) for w in usable)
+        got = {(s.agent_id, s.worker): s.rows for s in shards}
+        if rows >= len(usable) and total > 0 and all(c < capacity[k] for k, c in got.items()):
+            for w in usable:
+                ideal = rows * max(w.free_bytes, 0) / total
+                assert abs(got.get((w.agent_id, w.worker), 0) - ideal) < 1, case
