@@ -101,6 +101,7 @@ def spawn(
             left = deadline - time.monotonic()
             if left <= 0:
                 child.kill()
+                process.stdout.close()
                 raise ConnectError(role, f"not ready within {timeout:.0f} s; it printed: {' | '.join(seen)[-800:]}")
             if not selector.select(min(left, 0.5)):
                 if process.poll() is not None:
@@ -123,6 +124,7 @@ def spawn(
                     _drain_in_background(process.stdout)
                     return child
     code = process.wait(5)
+    process.stdout.close()
     raise ConnectError(role, f"exited with code {code} before it was ready; it printed: {' | '.join(seen)[-800:]}")
 
 
@@ -136,5 +138,7 @@ def _drain_in_background(stream: IO[bytes]) -> None:
                 sys.stdout.buffer.write(line) if os.environ.get("GPUPOOL_ECHO_CHILDREN") else None
         except (OSError, ValueError):
             pass
+        finally:
+            stream.close()  # at EOF (the child exited): an unclosed pipe is a ResourceWarning
 
     threading.Thread(target=drain, name="gpupool.child-stdout", daemon=True).start()

@@ -102,6 +102,7 @@ def array_from_bytes(data: bytes | bytearray | memoryview, meta: agent_pb2.Array
 
 def iter_chunks(array: np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> Iterator[memoryview]:
     """C-order bytes of ``array`` in slices of ``chunk_bytes``, without copying a contiguous array."""
-    flat = memoryview(np.ascontiguousarray(array)).cast("B")
+    # A 1-D uint8 view, not memoryview.cast: cast refuses shapes with a zero in them, e.g. (0, 3).
+    flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
     for start in range(0, len(flat), chunk_bytes):
         yield flat[start:start + chunk_bytes]

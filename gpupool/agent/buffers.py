@@ -1,0 +1,242 @@
+"""Resident buffers: who owns them, where they live, and each worker's memory against its limit.
+
+Memory is counted in two parts per worker: bytes of resident buffers, and bytes reserved for work in
+flight (an upload being streamed, a program's outputs before it commits). A reservation also holds
+its buffer id, so two uploads of one id cannot both proceed. Limits are checked against both parts.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gpupool.protocol.errors import RpcRefusal
+
+__all__ = ["Buffer", "BufferRegistry", "Reservation", "WorkerUsage"]
+
+
+@dataclass(frozen=True, slots=True)
+class Buffer:
+    """A resident array.
+
+    Attributes:
+        buffer_id: the client's name for it, unique on this agent.
+        worker: the worker holding it.
+        array: the device array (NumPy or CuPy).
+        nbytes: its size as counted against the worker's limit.
+        session: the owner, for Free by session ("" if none was given).
+    """
+
+    buffer_id: str
+    worker: int
+    array: Any
+    nbytes: int
+    session: str
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        """The array's dtype."""
+        dtype: np.dtype[Any] = np.dtype(self.array.dtype)
+        return dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The array's shape."""
+        return tuple(int(n) for n in self.array.shape)
+
+
+@dataclass(slots=True)
+class Reservation:
+    """Memory and a buffer id held for work in flight; commit it or release it, exactly once."""
+
+    buffer_id: str
+    worker: int
+    nbytes: int
+    session: str
+    active: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerUsage:
+    """A worker's memory at one moment.
+
+    Attributes:
+        limit: bytes it may hold.
+        used: bytes of resident buffers.
+        reserved: bytes held for work in flight.
+        buffers: how many resident buffers.
+    """
+
+    limit: int
+    used: int
+    reserved: int
+    buffers: int
+
+
+class BufferRegistry:
+    """Every resident buffer of one agent, by id, with per-worker memory accounting.
+
+    Thread-safe: the event loop (uploads, frees) and the worker threads (programs) share it, and one
+    lock guards all its tables. Methods raise :class:`RpcRefusal` for the servicer to pass on.
+
+    Args:
+        limits: bytes each worker may hold, by worker index.
+    """
+
+    def __init__(self, limits: Sequence[int]) -> None:
+        self._limits = list(limits)
+        self._used = [0] * len(self._limits)
+        self._reserved = [0] * len(self._limits)
+        self._counts = [0] * len(self._limits)
+        self._buffers: dict[str, Buffer] = {}
+        self._pending: dict[str, Reservation] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def workers(self) -> int:
+        """How many workers it accounts for."""
+        return len(self._limits)
+
+    def check_worker(self, worker: int) -> None:
+        """Refuse a worker index this agent does not have.
+
+        Raises:
+            RpcRefusal: ``not-accepting``.
+        """
+        if not 0 <= worker < len(self._limits):
+            raise RpcRefusal(
+                "not-accepting", f"this agent has no worker {worker} (it has {len(self._limits)})"
+            )
+
+    def reserve(self, *, worker: int, buffer_id: str, nbytes: int, session: str) -> Reservation:
+        """Hold ``nbytes`` of ``worker``'s memory and the id ``buffer_id``.
+
+        Raises:
+            RpcRefusal: ``bad-request`` for an empty id, ``not-accepting`` for an unknown worker,
+                ``buffer-exists`` for an id held or reserved, ``out-of-memory`` past the limit.
+        """
+        if not buffer_id:
+            raise RpcRefusal("bad-request", "a buffer id is required")
+        self.check_worker(worker)
+        with self._lock:
+            if buffer_id in self._buffers or buffer_id in self._pending:
+                raise RpcRefusal("buffer-exists", f"buffer {buffer_id} already exists", buffer_id=buffer_id)
+            limit = self._limits[worker]
+            taken = self._used[worker] + self._reserved[worker]
+            if taken + nbytes > limit:
+                raise RpcRefusal(
+                    "out-of-memory",
+                    f"worker {worker} cannot hold {nbytes} more bytes: "
+                    f"{taken} of its {limit}-byte limit in use",
+                    buffer_id=buffer_id,
+                    extra={"needed": str(nbytes), "available": str(max(limit - taken, 0))},
+                )
+            reservation = Reservation(buffer_id, worker, nbytes, session)
+            self._pending[buffer_id] = reservation
+            self._reserved[worker] += nbytes
+            return reservation
+
+    def release(self, reservation: Reservation) -> None:
+        """Give back a reservation's memory and id (nothing if it was committed or released already)."""
+        with self._lock:
+            self._drop_pending(reservation)
+
+    def _drop_pending(self, reservation: Reservation) -> None:
+        if reservation.active:
+            reservation.active = False
+            self._reserved[reservation.worker] -= reservation.nbytes
+            self._pending.pop(reservation.buffer_id, None)
+
+    def commit(self, reservation: Reservation, array: Any) -> Buffer:
+        """Turn a reservation into a resident buffer holding ``array``.
+
+        Raises:
+            RuntimeError: the reservation was released or committed already (a bug).
+        """
+        return self.commit_all([(reservation, array)])[0]
+
+    def commit_all(
+        self, items: Sequence[tuple[Reservation, Any]], *, unless: threading.Event | None = None
+    ) -> list[Buffer]:
+        """Commit several reservations at once, or none of them if ``unless`` is set by then.
+
+        The check of ``unless`` and the commit happen under one lock, so a caller that sets it and
+        then releases the reservations leaves nothing behind.
+
+        Raises:
+            RuntimeError: a reservation was released or committed already (a bug).
+        """
+        with self._lock:
+            if unless is not None and unless.is_set():
+                return []
+            if not all(reservation.active for reservation, _ in items):
+                raise RuntimeError("commit of a reservation that is no longer held")
+            made = []
+            for reservation, array in items:
+                self._drop_pending(reservation)
+                buffer = Buffer(
+                    reservation.buffer_id, reservation.worker, array, int(array.nbytes), reservation.session
+                )
+                self._buffers[buffer.buffer_id] = buffer
+                self._used[buffer.worker] += buffer.nbytes
+                self._counts[buffer.worker] += 1
+                made.append(buffer)
+            return made
+
+    def get(self, buffer_id: str, *, worker: int | None = None) -> Buffer:
+        """The resident buffer ``buffer_id`` (on ``worker`` when given).
+
+        Raises:
+            RpcRefusal: ``buffer-not-found``, also for a buffer that lives on another worker.
+        """
+        with self._lock:
+            buffer = self._buffers.get(buffer_id)
+        if buffer is None:
+            raise RpcRefusal("buffer-not-found", f"no buffer {buffer_id} on this agent", buffer_id=buffer_id)
+        if worker is not None and buffer.worker != worker:
+            raise RpcRefusal(
+                "buffer-not-found",
+                f"buffer {buffer_id} lives on worker {buffer.worker}, not {worker}",
+                buffer_id=buffer_id,
+            )
+        return buffer
+
+    def contains(self, buffer_id: str) -> bool:
+        """Whether ``buffer_id`` is resident or reserved."""
+        with self._lock:
+            return buffer_id in self._buffers or buffer_id in self._pending
+
+    def free(self, buffer_ids: Iterable[str]) -> tuple[int, int]:
+        """Drop these buffers; unknown ids are skipped. Returns (buffers freed, bytes freed)."""
+        with self._lock:
+            freed = [
+                self._buffers.pop(buffer_id) for buffer_id in set(buffer_ids) if buffer_id in self._buffers
+            ]
+            return self._account_freed(freed)
+
+    def free_session(self, session: str) -> tuple[int, int]:
+        """Drop every buffer of ``session``. Returns (buffers freed, bytes freed)."""
+        with self._lock:
+            doomed = [buffer_id for buffer_id, buffer in self._buffers.items() if buffer.session == session]
+            return self._account_freed([self._buffers.pop(buffer_id) for buffer_id in doomed])
+
+    def _account_freed(self, freed: list[Buffer]) -> tuple[int, int]:
+        for buffer in freed:
+            self._used[buffer.worker] -= buffer.nbytes
+            self._counts[buffer.worker] -= 1
+        return len(freed), sum(buffer.nbytes for buffer in freed)
+
+    def usage(self, worker: int) -> WorkerUsage:
+        """The worker's memory now."""
+        with self._lock:
+            return WorkerUsage(
+                self._limits[worker], self._used[worker], self._reserved[worker], self._counts[worker]
+            )
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._buffers)

@@ -1,0 +1,50 @@
+"""The agent's configuration, as the command line or a launcher gives it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from gpupool._config import DEFAULT_TOPIC_PREFIX, BrokerAddress, Timeouts
+
+__all__ = ["DEFAULT_AGENT_PORT", "AgentConfig", "BackendChoice"]
+
+BackendChoice = Literal["auto", "cupy", "numpy"]
+
+#: The port an agent listens on when ``--listen`` names none (the coordinator's default is 50051).
+DEFAULT_AGENT_PORT = 50052
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentConfig:
+    """Everything an :class:`~gpupool.agent.runtime.Agent` needs to start.
+
+    Attributes:
+        broker: the MQTT broker to register with.
+        agent_id: this agent's id (a fresh random one unless given).
+        name: a human name; the hostname unless given.
+        listen_host: the interface the gRPC data plane binds.
+        listen_port: its port; 0 picks a free one (the ready line and the status tell which).
+        advertise: the host clients should dial; empty means the listen host, or this machine's
+            address when listening on every interface.
+        backend: ``auto`` (CuPy where CUDA works, else NumPy), ``cupy`` (fail without CUDA) or ``numpy``.
+        memory_limit: per worker, a percentage of the GPU's memory (of host RAM for a NumPy worker)
+            or a size (``80%``, ``6GiB``, ``1000000``).
+        topic_prefix: the first MQTT topic level.
+        heartbeat: seconds between telemetry reports.
+        timeouts: deadlines for network waits.
+        shutdown_grace: seconds in-flight calls get to finish on a clean stop.
+    """
+
+    broker: BrokerAddress
+    agent_id: str
+    name: str
+    listen_host: str = "0.0.0.0"
+    listen_port: int = DEFAULT_AGENT_PORT
+    advertise: str = ""
+    backend: BackendChoice = "auto"
+    memory_limit: str = "80%"
+    topic_prefix: str = DEFAULT_TOPIC_PREFIX
+    heartbeat: float = field(default_factory=lambda: Timeouts().heartbeat)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    shutdown_grace: float = 2.0

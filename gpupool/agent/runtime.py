@@ -1,0 +1,383 @@
+"""The agent as one component: workers, the gRPC data plane, the MQTT session, telemetry.
+
+Use as ``async with Agent(config) as agent: await agent.run()``; :meth:`Agent.stop` (from a signal
+handler) or cancelling :meth:`Agent.run` stops it cleanly: the retained status turns OFFLINE, in-flight
+calls get a short grace, then the workers stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from types import TracebackType
+from typing import Final, TypeVar
+
+import grpc
+
+from gpupool._config import MAX_MESSAGE_BYTES
+from gpupool._errors import GpupoolError, ProtocolError, UsageError
+from gpupool._proto.v1 import agent_pb2_grpc, control_pb2
+from gpupool._version import __version__
+from gpupool.agent.buffers import BufferRegistry
+from gpupool.agent.config import AgentConfig
+from gpupool.agent.discovery import GpuTelemetry
+from gpupool.agent.service import AgentService
+from gpupool.agent.status import Counters, Identity, build_status, build_telemetry, now
+from gpupool.agent.workers import WorkerSetup, plan_workers
+from gpupool.protocol.codec import decode_json, encode_json
+from gpupool.protocol.topics import Topics
+from gpupool.transport.mqtt import LastWill, MqttSession
+
+__all__ = ["Agent", "advertised_host", "format_endpoint"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+State = control_pb2.AgentState
+READY: Final = control_pb2.AGENT_STATE_READY
+CORDONED: Final = control_pb2.AGENT_STATE_CORDONED
+DRAINING: Final = control_pb2.AGENT_STATE_DRAINING
+OFFLINE: Final = control_pb2.AGENT_STATE_OFFLINE
+
+_COMMANDS: Final[dict[int, State]] = {
+    control_pb2.COMMAND_KIND_DRAIN: DRAINING,
+    control_pb2.COMMAND_KIND_CORDON: CORDONED,
+    control_pb2.COMMAND_KIND_UNCORDON: READY,
+}
+
+_ANY_INTERFACE: Final = frozenset({"", "0.0.0.0", "::", "[::]"})
+
+
+def format_endpoint(host: str, port: int) -> str:
+    """``host:port``, with brackets around an IPv6 host."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def advertised_host(listen_host: str, advertise: str, broker_host: str) -> str:
+    """The host clients should dial: ``advertise``, else the listen host, else this machine's address.
+
+    Listening on every interface, the address that routes to the broker is the best guess of one the
+    coordinator and clients can reach; the hostname is the last resort.
+    """
+    if advertise:
+        return advertise
+    if listen_host not in _ANY_INTERFACE:
+        return listen_host
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((broker_host, 9))  # UDP: picks a route, sends nothing
+            address = str(probe.getsockname()[0])
+            if address and not address.startswith("0."):
+                return address
+    except OSError:
+        pass
+    return socket.gethostname()
+
+
+class Agent:
+    """One gpupool agent: discovers its GPUs, registers over MQTT, serves the data plane.
+
+    Args:
+        config: what to serve and where.
+        setup: the workers, already made (tests, an embedding launcher); made from ``config`` when None.
+    """
+
+    def __init__(self, config: AgentConfig, *, setup: WorkerSetup | None = None) -> None:
+        self.config = config
+        self.agent_id = config.agent_id
+        self._setup = setup
+        self._topics = Topics(config.topic_prefix)
+        self._state: State = READY
+        self._counters = Counters()
+        self._stop = asyncio.Event()
+        self._registered = asyncio.Event()
+        self._registry: BufferRegistry | None = None
+        self._server: grpc.aio.Server | None = None
+        self._session: MqttSession | None = None
+        self._identity: Identity | None = None
+        self._gpu_telemetry: dict[int, GpuTelemetry] = {}
+        self._status_dirty = False
+        self._last_published: tuple[object, ...] = ()
+        self._shut_down = False
+        self._closed = False
+
+    # lifecycle
+
+    async def __aenter__(self) -> Agent:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Make the workers and start the gRPC server (MQTT starts with :meth:`run`).
+
+        Raises:
+            UsageError: ``--backend cupy`` without CUDA, a bad memory limit, an address we cannot bind.
+                Whatever was started by then is stopped again.
+        """
+        try:
+            await self._start()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _start(self) -> None:
+        config = self.config
+        label = f"gpupool[{self.agent_id}]"
+        if self._setup is None:
+            self._setup = await asyncio.to_thread(
+                plan_workers, config.backend, config.memory_limit, thread_label=label
+            )
+        setup = self._setup
+        if setup.note:
+            log.warning("%s", setup.note)
+        for worker in setup.workers:
+            model = f" ({worker.gpu.model})" if worker.gpu is not None else ""
+            log.info(
+                "worker %d: %s%s, memory limit %d bytes",
+                worker.index,
+                worker.backend.name,
+                model,
+                worker.memory_limit,
+            )
+        self._registry = BufferRegistry([worker.memory_limit for worker in setup.workers])
+        service = AgentService(
+            workers=setup.workers,
+            registry=self._registry,
+            counters=self._counters,
+            accepting=lambda: self._state in (READY, CORDONED),
+            status=self.status,
+            timeouts=config.timeouts,
+        )
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),  # a second agent on a taken port must fail, not share it
+            ]
+        )
+        agent_pb2_grpc.add_AgentServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+        address = format_endpoint(config.listen_host, config.listen_port)
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            port = 0
+            log.debug("bind %s: %s", address, exc)
+        if port == 0:
+            raise UsageError(f"cannot listen on {address} (in use, or not an address of this host)")
+        await server.start()
+        self._server = server
+        host = advertised_host(config.listen_host, config.advertise, config.broker.host)
+        self._identity = Identity(
+            agent_id=self.agent_id,
+            name=config.name,
+            version=__version__,
+            endpoint=format_endpoint(host, port),
+            hostname=socket.gethostname(),
+            backend=setup.backend,
+            note=setup.note,
+            started=now(),
+        )
+        offline = self.status()
+        offline.state = OFFLINE
+        self._session = MqttSession(
+            broker=config.broker,
+            client_id=f"gpupool-agent-{self.agent_id}",
+            subscriptions=[self._topics.commands(self.agent_id)],
+            on_message=self._on_message,
+            on_connect=self._on_connect,
+            will=LastWill(self._topics.status(self.agent_id), encode_json(offline)),
+            timeouts=config.timeouts,
+        )
+        log.info(
+            "agent %s (%s) serves %s with %d %s worker(s)",
+            self.agent_id,
+            config.name,
+            self.endpoint,
+            len(setup.workers),
+            setup.backend,
+        )
+
+    async def run(self) -> None:
+        """Register and serve until :meth:`stop` or cancellation; then stop cleanly.
+
+        The MQTT session reconnects by itself after a broker restart and republishes the status.
+        """
+        session = self._require(self._session)
+        label = f"gpupool[{self.agent_id}]"
+        async with asyncio.TaskGroup() as group:
+            loops = [
+                group.create_task(session.run(), name=f"{label}.mqtt"),
+                group.create_task(self._telemetry_loop(), name=f"{label}.telemetry"),
+            ]
+            try:
+                await self._stop.wait()
+            finally:
+                await self._shut_down_network()  # publishes OFFLINE while the session still runs
+                for task in loops:
+                    task.cancel()
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return (safe from a signal handler)."""
+        self._stop.set()
+
+    async def close(self) -> None:
+        """Stop serving: OFFLINE status, the gRPC server with a short grace, the workers. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        try:
+            await self._shut_down_network()
+        finally:
+            if self._setup is not None:
+                self._setup.close()
+
+    async def _shut_down_network(self) -> None:
+        if self._shut_down:
+            return
+        self._shut_down = True
+        self._state = OFFLINE
+        if self._session is not None:
+            await self._session.close(final=(self._topics.status(self.agent_id), encode_json(self.status())))
+        if self._server is not None:
+            await self._server.stop(self.config.shutdown_grace)
+
+    async def wait_registered(self) -> None:
+        """Wait (without a deadline of its own: the caller bounds it) until the status was first published."""
+        await self._registered.wait()
+
+    # what the agent is
+
+    @property
+    def endpoint(self) -> str:
+        """``host:port`` clients dial for the data plane."""
+        return self._require(self._identity).endpoint
+
+    @property
+    def backend(self) -> str:
+        """``"cupy"`` or ``"numpy"``."""
+        return self._require(self._setup).backend
+
+    @property
+    def workers(self) -> int:
+        """How many workers serve."""
+        return len(self._require(self._setup).workers)
+
+    @property
+    def state(self) -> State:
+        """READY, CORDONED, DRAINING or OFFLINE."""
+        return self._state
+
+    def status(self) -> control_pb2.AgentStatus:
+        """The status as published now."""
+        return build_status(
+            self._require(self._identity),
+            self._state,
+            self._require(self._setup).workers,
+            self._require(self._registry),
+            self._gpu_telemetry,
+        )
+
+    async def apply_command(self, kind: control_pb2.CommandKind, reason: str = "") -> None:
+        """Apply DRAIN, CORDON or UNCORDON, then republish the status.
+
+        Raises:
+            UsageError: an unknown command kind.
+        """
+        new = _COMMANDS.get(kind)
+        if new is None:
+            raise UsageError(f"unknown command kind {kind}")
+        if self._state == OFFLINE:
+            return
+        log.info(
+            "command %s%s: %s -> %s",
+            control_pb2.CommandKind.Name(kind),
+            f" ({reason})" if reason else "",
+            State.Name(self._state),
+            State.Name(new),
+        )
+        self._state = new
+        await self._publish_status()
+
+    # MQTT
+
+    async def _on_connect(self) -> None:
+        await self._publish_status()
+
+    async def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        if self._topics.parse(topic) != (self.agent_id, "commands"):
+            return  # one pure-Python broker sends retained messages nobody subscribed to
+        if retained:
+            log.warning("ignoring a retained command on %s (commands are never retained; clear it)", topic)
+            return
+        try:
+            command = decode_json(payload, control_pb2.AgentCommand, what=topic)
+            await self.apply_command(command.kind, command.reason)
+        except (ProtocolError, UsageError) as exc:
+            log.warning("ignoring a command on %s: %s", topic, exc)
+
+    async def _publish_status(self) -> None:
+        """Publish the retained status; on failure, the telemetry loop retries at its next beat."""
+        session = self._require(self._session)
+        status = self.status()
+        fingerprint = (status.state, *((w.memory_used, w.buffers) for w in status.workers))
+        try:
+            await session.publish(self._topics.status(self.agent_id), encode_json(status), retain=True)
+        except GpupoolError as exc:
+            self._status_dirty = True
+            log.warning("status not published (%s); retrying at the next heartbeat", exc)
+            return
+        self._status_dirty = False
+        self._last_published = fingerprint
+        self._registered.set()
+
+    async def _telemetry_loop(self) -> None:
+        """Every heartbeat: read the GPUs, publish telemetry, and the status if it changed."""
+        session = self._require(self._session)
+        setup = self._require(self._setup)
+        while True:
+            await asyncio.sleep(self.config.heartbeat)
+            if setup.nvml is not None:
+                try:
+                    async with asyncio.timeout(self.config.heartbeat):
+                        self._gpu_telemetry = await asyncio.to_thread(self._read_gpus, setup)
+                except TimeoutError:
+                    log.warning("NVML did not answer within %.1f s", self.config.heartbeat)
+            if not session.connected.is_set() or self._state == OFFLINE:
+                continue
+            report = build_telemetry(
+                self.agent_id,
+                setup.workers,
+                self._require(self._registry),
+                self._gpu_telemetry,
+                self._counters,
+            )
+            try:
+                await session.publish(self._topics.telemetry(self.agent_id), encode_json(report), qos=0)
+            except GpupoolError as exc:
+                log.debug("telemetry not published: %s", exc)
+                continue
+            status = self.status()
+            fingerprint = (status.state, *((w.memory_used, w.buffers) for w in status.workers))
+            if self._status_dirty or fingerprint != self._last_published:
+                await self._publish_status()
+
+    @staticmethod
+    def _read_gpus(setup: WorkerSetup) -> dict[int, GpuTelemetry]:
+        nvml = setup.nvml
+        if nvml is None:
+            return {}
+        return {w.index: nvml.telemetry(w.nvml_index) for w in setup.workers if w.nvml_index is not None}
+
+    @staticmethod
+    def _require(value: T | None) -> T:
+        if value is None:
+            raise RuntimeError("the agent is not started: use `async with Agent(...)` or await start()")
+        return value

@@ -1,0 +1,127 @@
+"""What the agent tells the pool about itself: the retained status and the periodic telemetry."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from gpupool._proto.v1 import control_pb2
+from gpupool.agent.buffers import BufferRegistry
+from gpupool.agent.discovery import GpuTelemetry
+from gpupool.agent.workers import Worker
+from gpupool.protocol.codec import SCHEMA_VERSION
+
+__all__ = ["Counters", "Identity", "build_status", "build_telemetry", "now"]
+
+
+def now() -> Timestamp:
+    """The current time as a protobuf timestamp."""
+    stamp = Timestamp()
+    stamp.GetCurrentTime()
+    return stamp
+
+
+@dataclass(slots=True)
+class Counters:
+    """Work done since start, reported in telemetry. Updated on the event loop only."""
+
+    ops_executed: int = 0
+    bytes_received: int = 0
+    bytes_sent: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Identity:
+    """The parts of the status that do not change while the agent runs.
+
+    Attributes:
+        agent_id: the agent's id.
+        name: its human name.
+        version: gpupool's version.
+        endpoint: ``host:port`` of the data plane, as clients should dial it.
+        hostname: this machine's hostname.
+        backend: ``"cupy"`` or ``"numpy"``.
+        note: why this backend (may be empty).
+        started: when the agent started.
+    """
+
+    agent_id: str
+    name: str
+    version: str
+    endpoint: str
+    hostname: str
+    backend: str
+    note: str
+    started: Timestamp
+
+
+def build_status(
+    identity: Identity,
+    state: control_pb2.AgentState,
+    workers: Sequence[Worker],
+    registry: BufferRegistry,
+    gpu_telemetry: Mapping[int, GpuTelemetry] | None = None,
+) -> control_pb2.AgentStatus:
+    """The agent's status now; ``gpu_telemetry`` (by worker index) refreshes each GPU's memory free."""
+    status = control_pb2.AgentStatus(
+        schema_version=SCHEMA_VERSION,
+        agent_id=identity.agent_id,
+        name=identity.name,
+        version=identity.version,
+        endpoint=identity.endpoint,
+        state=state,
+        backend=identity.backend,
+        hostname=identity.hostname,
+        updated=now(),
+        note=identity.note,
+        started=identity.started,
+    )
+    for worker in workers:
+        usage = registry.usage(worker.index)
+        entry = status.workers.add(
+            index=worker.index,
+            backend=worker.backend.name,
+            memory_limit=usage.limit,
+            memory_used=usage.used,
+            buffers=usage.buffers,
+        )
+        if worker.gpu is not None:
+            entry.gpu.CopyFrom(worker.gpu)
+            seen = (gpu_telemetry or {}).get(worker.index)
+            if seen is not None and seen.memory_free:
+                entry.gpu.memory_free = seen.memory_free
+    return status
+
+
+def build_telemetry(
+    agent_id: str,
+    workers: Sequence[Worker],
+    registry: BufferRegistry,
+    gpu_telemetry: Mapping[int, GpuTelemetry],
+    counters: Counters,
+) -> control_pb2.AgentTelemetry:
+    """One telemetry report; ``gpu_telemetry`` is by worker index (absent for NumPy workers)."""
+    report = control_pb2.AgentTelemetry(
+        schema_version=SCHEMA_VERSION,
+        agent_id=agent_id,
+        time=now(),
+        ops_executed=counters.ops_executed,
+        bytes_received=counters.bytes_received,
+        bytes_sent=counters.bytes_sent,
+    )
+    for worker in workers:
+        usage = registry.usage(worker.index)
+        gpu = gpu_telemetry.get(worker.index, GpuTelemetry())
+        report.workers.add(
+            index=worker.index,
+            memory_used=usage.used,
+            memory_limit=usage.limit,
+            buffers=usage.buffers,
+            gpu_memory_free=gpu.memory_free,
+            utilization_percent=gpu.utilization_percent,
+            temperature_c=gpu.temperature_c,
+            power_w=gpu.power_w,
+        )
+    return report

@@ -1,0 +1,218 @@
+"""Choosing the backend and making the workers: one per usable GPU, or one NumPy worker for the host.
+
+``auto`` takes CuPy where NVML finds GPUs, CuPy imports and a trivial CUDA op succeeds on a device;
+anything short of that gives one NumPy worker and a note saying why (in the status, and on stderr at
+start-up). ``cupy`` insists on CUDA; ``numpy`` never touches it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from gpupool._config import parse_memory_limit
+from gpupool._errors import UsageError
+from gpupool._proto.v1 import control_pb2
+from gpupool.agent.backend import ArrayBackend, NumpyBackend
+from gpupool.agent.config import BackendChoice
+from gpupool.agent.discovery import Nvml, NvmlGpu, NvmlUnavailable
+
+__all__ = ["Worker", "WorkerSetup", "host_memory", "plan_workers"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Worker:
+    """One execution unit: a backend bound to a device, and the one thread that computes on it.
+
+    A single thread per worker keeps its programs in arrival order, keeps the event loop free while
+    they run, and gives CuPy one current device per thread.
+
+    Args:
+        index: the worker number shards name (the CUDA device index for CuPy).
+        backend: the worker's compute.
+        memory_limit: bytes of buffers it may hold.
+        gpu: NVML's description of its GPU, None for a NumPy worker.
+        nvml_index: the GPU's NVML index, for telemetry (None without one).
+        thread_name: the name of its thread.
+    """
+
+    def __init__(
+        self,
+        *,
+        index: int,
+        backend: ArrayBackend,
+        memory_limit: int,
+        gpu: control_pb2.GpuInfo | None = None,
+        nvml_index: int | None = None,
+        thread_name: str = "gpupool.worker",
+    ) -> None:
+        self.index = index
+        self.backend = backend
+        self.memory_limit = memory_limit
+        self.gpu = gpu
+        self.nvml_index = nvml_index
+        self._executor = ThreadPoolExecutor(
+            1, thread_name_prefix=thread_name, initializer=backend.bind_thread
+        )
+
+    async def call(self, function: Callable[..., T], *args: Any) -> T:
+        """Run ``function(*args)`` in the worker's thread and wait for it."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    def shutdown(self) -> None:
+        """Stop the worker's thread once its queued work is done (not waiting for it)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSetup:
+    """The workers an agent serves with.
+
+    Attributes:
+        backend: ``"cupy"`` or ``"numpy"``.
+        workers: by index.
+        note: why this backend, for operators ("" when every GPU serves through CuPy).
+        nvml: the NVML session telemetry reads from, None when no worker has a GPU.
+    """
+
+    backend: str
+    workers: tuple[Worker, ...]
+    note: str
+    nvml: Nvml | None
+
+    def close(self) -> None:
+        """Stop the workers' threads and close NVML."""
+        for worker in self.workers:
+            worker.shutdown()
+        if self.nvml is not None:
+            self.nvml.close()
+
+
+def host_memory() -> int:
+    """Bytes of RAM in this host.
+
+    Raises:
+        UsageError: the OS does not say (give ``--memory-limit`` in bytes then).
+    """
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError) as exc:
+        raise UsageError("cannot tell this host's RAM; give --memory-limit as a size, e.g. 8GiB") from exc
+
+
+def plan_workers(
+    choice: BackendChoice,
+    memory_limit: str,
+    *,
+    thread_label: str = "gpupool",
+    nvml_module: Any | None = None,
+) -> WorkerSetup:
+    """Discover GPUs, choose the backend, and make the workers.
+
+    Args:
+        choice: ``auto``, ``cupy`` or ``numpy``.
+        memory_limit: per worker, a percentage or a size (see :func:`gpupool._config.parse_memory_limit`).
+        thread_label: prefix of the workers' thread names, e.g. ``gpupool[<agent-id>]``.
+        nvml_module: a stand-in for ``pynvml`` (tests).
+
+    Raises:
+        UsageError: ``cupy`` asked for where CUDA is not usable, or an unreadable memory limit.
+    """
+    nvml: Nvml | None = None
+    gpus: list[NvmlGpu] = []
+    reason = ""
+    try:
+        nvml = Nvml.open(nvml_module)
+        gpus = nvml.gpus()
+        reason = "" if gpus else "NVML sees no GPU"
+    except NvmlUnavailable as exc:
+        reason = exc.reason
+    if choice == "numpy":
+        idle = f"; {len(gpus)} GPU(s) left idle" if gpus else ""
+        return _numpy_setup(
+            memory_limit, thread_label, f"NumPy backend chosen with --backend numpy{idle}", nvml
+        )
+    if choice == "auto" and not gpus:
+        note = f"no GPU found through NVML ({reason}): serving one NumPy worker"
+        return _numpy_setup(memory_limit, thread_label, note, nvml)
+    from gpupool.agent import _cupy
+
+    try:
+        devices = _cupy.probe_cuda()
+    except _cupy.CudaUnavailable as exc:
+        if choice == "cupy":
+            if nvml is not None:
+                nvml.close()
+            raise UsageError(f"--backend cupy, but CUDA is not usable here: {exc.reason}") from exc
+        note = (
+            f"{len(gpus)} GPU(s) found through NVML, but CUDA is not usable ({exc.reason}): "
+            "serving one NumPy worker"
+        )
+        return _numpy_setup(memory_limit, thread_label, note, nvml)
+    by_bus = {gpu.bus_id: gpu for gpu in gpus if gpu.bus_id}
+    workers = []
+    for device in devices:
+        match = by_bus.get(device.bus_id)
+        if match is None and not by_bus and len(gpus) == len(devices):
+            match = gpus[device.index]  # NVML gave no bus ids; CUDA's order is the best guess
+        if match is not None:
+            gpu = control_pb2.GpuInfo()
+            gpu.CopyFrom(match.info)
+        else:
+            gpu = control_pb2.GpuInfo(
+                index=device.index,
+                model=device.model,
+                memory_total=device.memory_total,
+                compute_capability=device.compute_capability,
+            )
+        total = gpu.memory_total or device.memory_total
+        workers.append(
+            Worker(
+                index=device.index,
+                backend=_cupy.CupyBackend(device.index),
+                memory_limit=_limit(memory_limit, total, f"GPU {device.index}"),
+                gpu=gpu,
+                nvml_index=match.index if match is not None else None,
+                thread_name=f"{thread_label}.worker{device.index}",
+            )
+        )
+    note = ""
+    if gpus and len(devices) < len(gpus):
+        note = f"{len(devices)} of the {len(gpus)} GPU(s) NVML sees are usable through CUDA"
+    elif not gpus:
+        note = f"NVML is not usable ({reason}); GPU details come from CUDA"
+    if not gpus:
+        _closed(nvml)
+        nvml = None
+    return WorkerSetup("cupy", tuple(workers), note, nvml)
+
+
+def _closed(nvml: Nvml | None) -> None:
+    if nvml is not None:
+        nvml.close()
+
+
+def _limit(text: str, total: int, what: str) -> int:
+    limit = parse_memory_limit(text, total)
+    if limit <= 0:
+        raise UsageError(f"memory limit {text!r} of {what} ({total} bytes) leaves nothing to use")
+    return limit
+
+
+def _numpy_setup(memory_limit: str, thread_label: str, note: str, nvml: Nvml | None) -> WorkerSetup:
+    _closed(nvml)
+    worker = Worker(
+        index=0,
+        backend=NumpyBackend(0),
+        memory_limit=_limit(memory_limit, host_memory(), "host RAM"),
+        thread_name=f"{thread_label}.worker0",
+    )
+    return WorkerSetup("numpy", (worker,), note, None)

@@ -1,0 +1,217 @@
+"""Helpers for the agent's tests: start agents as processes, talk gRPC and MQTT to them, with deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import aiomqtt
+import grpc
+import numpy as np
+from google.protobuf.message import Message
+
+from gpupool._config import CHUNK_BYTES, MAX_MESSAGE_BYTES, parse_broker_url
+from gpupool._process import Child, spawn
+from gpupool._proto.v1 import agent_pb2, agent_pb2_grpc
+from gpupool.protocol.codec import array_from_bytes, decode_json, iter_chunks, meta_of
+from gpupool.protocol.errors import ERROR_KEY
+
+T = TypeVar("T")
+M = TypeVar("M", bound=Message)
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
+    """Run a test's async body with an overall deadline."""
+
+    async def bounded() -> T:
+        async with asyncio.timeout(timeout):
+            return await coro
+
+    return asyncio.run(bounded())
+
+
+def new_prefix() -> str:
+    """A topic prefix of one's own (what the ``topic_prefix`` fixture gives, for wider scopes)."""
+    return f"gpupool-test-{uuid.uuid4().hex[:10]}"
+
+
+def start_agent(broker_url: str, prefix: str, *extra: str, name: str = "test-agent") -> Child:
+    """An agent process serving on a free loopback port."""
+    argv = [
+        sys.executable,
+        "-m",
+        "gpupool.agent",
+        "--broker",
+        broker_url,
+        "--listen",
+        "127.0.0.1:0",
+        "--topic-prefix",
+        prefix,
+        "--name",
+        name,
+        "--heartbeat",
+        "0.5",
+        *extra,
+    ]
+    return spawn("agent", argv, timeout=60)
+
+
+@asynccontextmanager
+async def agent_stub(endpoint: str) -> AsyncIterator[agent_pb2_grpc.AgentStub]:
+    """A gRPC stub on a fresh channel, closed on exit."""
+    async with grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS) as channel:
+        yield agent_pb2_grpc.AgentStub(channel)
+
+
+def header(
+    buffer_id: str, array: np.ndarray, *, worker: int = 0, session: str = "test"
+) -> agent_pb2.UploadRequest:
+    """An upload's first message."""
+    return agent_pb2.UploadRequest(
+        header=agent_pb2.UploadHeader(
+            buffer_id=buffer_id, worker=worker, meta=meta_of(array.dtype, array.shape), session=session
+        )
+    )
+
+
+async def upload(
+    stub: agent_pb2_grpc.AgentStub,
+    buffer_id: str,
+    array: np.ndarray,
+    *,
+    worker: int = 0,
+    session: str = "test",
+    chunk_bytes: int = CHUNK_BYTES,
+) -> agent_pb2.UploadReply:
+    """Stream ``array`` to the agent as buffer ``buffer_id``."""
+
+    async def requests() -> AsyncIterator[agent_pb2.UploadRequest]:
+        yield header(buffer_id, array, worker=worker, session=session)
+        for piece in iter_chunks(array, chunk_bytes):
+            yield agent_pb2.UploadRequest(chunk=bytes(piece))
+
+    reply: agent_pb2.UploadReply = await stub.Upload(requests(), timeout=30)
+    return reply
+
+
+async def download(stub: agent_pb2_grpc.AgentStub, buffer_id: str, chunk_bytes: int = 0) -> np.ndarray:
+    """Fetch buffer ``buffer_id`` back as a NumPy array."""
+    call = stub.Download(agent_pb2.DownloadRequest(buffer_id=buffer_id, chunk_bytes=chunk_bytes), timeout=30)
+    meta = None
+    data = bytearray()
+    async for message in call:
+        if message.WhichOneof("kind") == "meta":
+            meta = message.meta
+        else:
+            data += message.chunk
+    assert meta is not None, "no meta in the download"
+    return array_from_bytes(bytes(data), meta).copy()
+
+
+async def refused(call: Awaitable[Any]) -> tuple[grpc.StatusCode, str, str]:
+    """Await a call that must fail; its (code, gpupool-error kind, details)."""
+    try:
+        await call
+    except grpc.aio.AioRpcError as exc:
+        meta = dict(exc.trailing_metadata() or ())
+        return exc.code(), str(meta.get(ERROR_KEY, "")), exc.details() or ""
+    raise AssertionError("the call succeeded; a refusal was expected")
+
+
+def buffer(buffer_id: str) -> agent_pb2.Operand:
+    """A buffer operand."""
+    return agent_pb2.Operand(buffer=buffer_id)
+
+
+def scalar(value: float | int | bool, dtype: str = "") -> agent_pb2.Operand:
+    """A scalar operand."""
+    if isinstance(value, bool):
+        item = agent_pb2.Scalar(b=value, dtype=dtype)
+    elif isinstance(value, int):
+        item = agent_pb2.Scalar(i=value, dtype=dtype)
+    else:
+        item = agent_pb2.Scalar(f=value, dtype=dtype)
+    return agent_pb2.Operand(scalar=item)
+
+
+def constant(array: np.ndarray) -> agent_pb2.Operand:
+    """An inline constant operand."""
+    return agent_pb2.Operand(
+        constant=agent_pb2.Constant(
+            meta=meta_of(array.dtype, array.shape), data=np.ascontiguousarray(array).tobytes()
+        )
+    )
+
+
+def op(
+    name: str,
+    inputs: list[agent_pb2.Operand],
+    output: str,
+    dtype: str,
+    shape: tuple[int, ...],
+    *,
+    axis: int | None = None,
+) -> agent_pb2.Op:
+    """One op of a program."""
+    return agent_pb2.Op(
+        op=name,
+        inputs=inputs,
+        output=output,
+        expect=agent_pb2.ArrayMeta(dtype=dtype, shape=list(shape)),
+        has_axis=axis is not None,
+        axis=axis or 0,
+    )
+
+
+def fetched_array(fetched: agent_pb2.Fetched) -> np.ndarray:
+    """A fetched buffer as a NumPy array."""
+    return array_from_bytes(fetched.data, fetched.meta)
+
+
+@asynccontextmanager
+async def mqtt_watch(broker_url: str, topic: str) -> AsyncIterator[aiomqtt.Client]:
+    """A fresh MQTT client subscribed to ``topic``."""
+    address = parse_broker_url(broker_url)
+    async with aiomqtt.Client(
+        address.host, address.port, identifier=f"test-{uuid.uuid4().hex[:8]}"
+    ) as client:
+        await client.subscribe(topic, qos=1)
+        yield client
+
+
+async def next_matching(
+    client: aiomqtt.Client,
+    topic: str,
+    message_type: type[M],
+    predicate: Callable[[M], bool] = lambda _: True,
+    within: float = 10.0,
+) -> M:
+    """The first message on exactly ``topic`` that decodes and satisfies ``predicate``, in ``within`` s."""
+    async with asyncio.timeout(within):
+        async for message in client.messages:
+            if message.topic.value != topic or not isinstance(message.payload, bytes | bytearray):
+                continue
+            if not message.payload:
+                continue
+            decoded = decode_json(bytes(message.payload), message_type, what=topic)
+            if predicate(decoded):
+                return decoded
+    raise AssertionError("unreachable")
+
+
+async def clear_retained(broker_url: str, topic: str) -> None:
+    """Remove a retained message, so tests leave the shared broker as they found it."""
+    address = parse_broker_url(broker_url)
+    async with aiomqtt.Client(
+        address.host, address.port, identifier=f"test-{uuid.uuid4().hex[:8]}"
+    ) as client:
+        await client.publish(topic, b"", qos=1, retain=True)
