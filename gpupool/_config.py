@@ -98,7 +98,9 @@ def parse_endpoint(text: str, *, default_port: int | None = None) -> tuple[str, 
     Raises:
         UsageError: no port where one is needed, or a port that is not a number.
     """
-    match = re.fullmatch(r"\[(?P<v6>[^\]]+)\](?::(?P<p6>\d+))?|(?P<host>[^:\[\]]*)(?::(?P<port>[^:]*))?", text)
+    match = re.fullmatch(
+        r"\[(?P<v6>[^\]]+)\](?::(?P<p6>\d+))?|(?P<host>[^:\[\]]*)(?::(?P<port>[^:]*))?", text
+    )
     if match is None:
         raise UsageError(f"address {text!r}: expected HOST:PORT")
     host = match["v6"] or match["host"] or "127.0.0.1"
@@ -119,9 +121,22 @@ def coordinator_address(explicit: str | None = None) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-_UNITS: Final = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
-                 "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40,
-                 "tib": 1 << 40}
+_UNITS: Final = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kb": 1 << 10,
+    "kib": 1 << 10,
+    "m": 1 << 20,
+    "mb": 1 << 20,
+    "mib": 1 << 20,
+    "g": 1 << 30,
+    "gb": 1 << 30,
+    "gib": 1 << 30,
+    "t": 1 << 40,
+    "tb": 1 << 40,
+    "tib": 1 << 40,
+}
 
 
 def parse_memory_limit(text: str, total: int) -> int:

@@ -12,7 +12,9 @@ import numpy as np
 
 from gpupool.client.operands import ELEMENTWISE
 
-__all__ = sorted(ELEMENTWISE | {"abs", "all", "any", "matmul", "max", "mean", "min", "prod", "sum", "where", "true_divide"})
+__all__ = sorted(
+    ELEMENTWISE | {"abs", "all", "any", "matmul", "max", "mean", "min", "prod", "sum", "where", "true_divide"}
+)
 
 add = np.add
 subtract = np.subtract
@@ -39,7 +41,7 @@ logical_xor = np.logical_xor
 logical_not = np.logical_not
 negative = np.negative
 positive = np.positive
-absolute = abs = np.absolute  # noqa: A001 - NumPy has both names
+absolute = abs = np.absolute
 sign = np.sign
 exp = np.exp
 exp2 = np.exp2
@@ -70,7 +72,7 @@ matmul = np.matmul
 where = np.where
 
 
-def sum(x: Any, axis: int | None = None) -> Any:  # noqa: A001 - NumPy's name
+def sum(x: Any, axis: int | None = None) -> Any:
     """Sum of ``x`` (remote or host) over all elements or one axis."""
     return np.sum(x, axis=axis)
 
@@ -80,12 +82,12 @@ def mean(x: Any, axis: int | None = None) -> Any:
     return np.mean(x, axis=axis)
 
 
-def max(x: Any, axis: int | None = None) -> Any:  # noqa: A001
+def max(x: Any, axis: int | None = None) -> Any:
     """Maximum of ``x`` over all elements or one axis."""
     return np.max(x, axis=axis)
 
 
-def min(x: Any, axis: int | None = None) -> Any:  # noqa: A001
+def min(x: Any, axis: int | None = None) -> Any:
     """Minimum of ``x`` over all elements or one axis."""
     return np.min(x, axis=axis)
 
@@ -95,11 +97,11 @@ def prod(x: Any, axis: int | None = None) -> Any:
     return np.prod(x, axis=axis)
 
 
-def any(x: Any, axis: int | None = None) -> Any:  # noqa: A001
+def any(x: Any, axis: int | None = None) -> Any:
     """Whether any element of ``x`` is true."""
     return np.any(x, axis=axis)
 
 
-def all(x: Any, axis: int | None = None) -> Any:  # noqa: A001
+def all(x: Any, axis: int | None = None) -> Any:
     """Whether every element of ``x`` is true."""
     return np.all(x, axis=axis)

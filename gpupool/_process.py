@@ -102,7 +102,9 @@ def spawn(
             if left <= 0:
                 child.kill()
                 process.stdout.close()
-                raise ConnectError(role, f"not ready within {timeout:.0f} s; it printed: {' | '.join(seen)[-800:]}")
+                raise ConnectError(
+                    role, f"not ready within {timeout:.0f} s; it printed: {' | '.join(seen)[-800:]}"
+                )
             if not selector.select(min(left, 0.5)):
                 if process.poll() is not None:
                     break
@@ -125,7 +127,9 @@ def spawn(
                     return child
     code = process.wait(5)
     process.stdout.close()
-    raise ConnectError(role, f"exited with code {code} before it was ready; it printed: {' | '.join(seen)[-800:]}")
+    raise ConnectError(
+        role, f"exited with code {code} before it was ready; it printed: {' | '.join(seen)[-800:]}"
+    )
 
 
 def _drain_in_background(stream: IO[bytes]) -> None:

@@ -34,7 +34,9 @@ def _reachable(url: str) -> bool:
 def system_broker_url() -> str:
     """The Mosquitto the machine runs on 127.0.0.1:1883."""
     if not _reachable(SYSTEM_BROKER):
-        pytest.fail(f"no MQTT broker at {SYSTEM_BROKER}: start mosquitto (.ci/run does) or set GPUPOOL_TEST_BROKER")
+        pytest.fail(
+            f"no MQTT broker at {SYSTEM_BROKER}: start mosquitto (.ci/run does) or set GPUPOOL_TEST_BROKER"
+        )
     return SYSTEM_BROKER
 
 
@@ -59,7 +61,9 @@ def broker_url(request: pytest.FixtureRequest) -> str:
     """Each broker kind a pool may run on, in turn."""
     if request.param == "system-mosquitto":
         return str(request.getfixturevalue("system_broker_url"))
-    child: Child = request.getfixturevalue("embedded_broker" if request.param == "embedded" else "amqtt_broker")
+    child: Child = request.getfixturevalue(
+        "embedded_broker" if request.param == "embedded" else "amqtt_broker"
+    )
     return str(child.ready["url"])
 
 

@@ -9,7 +9,7 @@ import gpupool as gp
 
 
 def test_import_loads_neither_cupy_nor_nvml() -> None:
-    code = "import gpupool, sys; assert 'cupy' not in sys.modules and 'pynvml' not in sys.modules, sorted(sys.modules)"
+    code = "import gpupool, sys; assert not {'cupy', 'pynvml'} & set(sys.modules), sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
@@ -120,7 +120,8 @@ def test_errors_form_the_documented_tree() -> None:
     assert issubclass(gp.NoCapacity, gp.SchedulingError)
     assert issubclass(gp.DeviceOutOfMemory, gp.RemoteError)
     assert issubclass(gp.BufferNotFound, gp.RemoteError)
-    assert issubclass(gp.UnsupportedDType, gp.UsageError) and issubclass(gp.UnsupportedDType, TypeError)
+    assert issubclass(gp.UnsupportedDType, gp.UsageError)
+    assert issubclass(gp.UnsupportedDType, TypeError)
     assert issubclass(gp.ShapeMismatch, ValueError)
     for name in gp.__all__:
         value = getattr(gp, name)
@@ -128,4 +129,5 @@ def test_errors_form_the_documented_tree() -> None:
             assert issubclass(value, gp.GpupoolError)
     error = gp.DeviceOutOfMemory("a1", "over the limit", buffer_id="job-1.4")
     assert (error.agent_id, error.buffer_id, error.remote_message) == ("a1", "job-1.4", "over the limit")
-    assert "a1" in str(error) and "job-1.4" in str(error)
+    assert "a1" in str(error)
+    assert "job-1.4" in str(error)

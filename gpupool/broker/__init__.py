@@ -77,13 +77,17 @@ def start_broker(
     if kind == "mosquitto" and mosquitto is None:
         raise UsageError("no mosquitto on PATH; install it or use the amqtt broker")
     if kind == "amqtt" or mosquitto is None:
-        return spawn("broker", [sys.executable, "-m", "gpupool.broker", "--host", host, "--port", str(port)],
-                     timeout=timeout)
+        return spawn(
+            "broker",
+            [sys.executable, "-m", "gpupool.broker", "--host", host, "--port", str(port)],
+            timeout=timeout,
+        )
     port = port or free_port(host)
     config = Path(tempfile.mkdtemp(prefix="gpupool-broker-")) / "mosquitto.conf"
     config.write_text(mosquitto_config(host, port))
-    process = subprocess.Popen([mosquitto, "-c", str(config)], stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [mosquitto, "-c", str(config)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+    )
     child = Child("broker", process)
     try:
         wait_for_port(host, port, timeout)
@@ -92,6 +96,12 @@ def start_broker(
         raise
     if not child.alive():
         raise ConnectError(f"{host}:{port}", f"mosquitto exited with code {process.returncode}")
-    child.ready = {"event": "ready", "role": "broker", "kind": "mosquitto", "url": f"mqtt://{host}:{port}",
-                   "host": host, "port": port}
+    child.ready = {
+        "event": "ready",
+        "role": "broker",
+        "kind": "mosquitto",
+        "url": f"mqtt://{host}:{port}",
+        "host": host,
+        "port": port,
+    }
     return child

@@ -71,8 +71,8 @@ def run(args: argparse.Namespace) -> int:
     for shard in shards:
         agent = agents.get(shard.agent_id)
         print(
-            f"  rows {shard.start:>7} to {shard.stop:>7}  ({shard.rows:>6} rows)  on {agent.name if agent else '?'}"
-            f" ({shard.agent_id}) worker {shard.worker}"
+            f"  rows {shard.start:>7} to {shard.stop:>7}  ({shard.rows:>6} rows)"
+            f"  on {agent.name if agent else '?'} ({shard.agent_id}) worker {shard.worker}"
         )
     print("\ntimings:")
     for label, seconds, note in timings:

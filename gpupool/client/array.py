@@ -33,7 +33,9 @@ class RemoteArray:
     __array_priority__ = 100.0
     __hash__ = None  # type: ignore[assignment]  # == is elementwise, as in NumPy
 
-    def __init__(self, pool: Pool, shape: tuple[int, ...], dtype: np.dtype[Any], pieces: Sequence[Piece]) -> None:
+    def __init__(
+        self, pool: Pool, shape: tuple[int, ...], dtype: np.dtype[Any], pieces: Sequence[Piece]
+    ) -> None:
         self.pool = pool
         self.shape = tuple(int(n) for n in shape)
         self.dtype = np.dtype(dtype)
@@ -68,7 +70,8 @@ class RemoteArray:
 
     def __repr__(self) -> str:
         state = " freed" if self._freed else ""
-        return f"<gpupool.RemoteArray shape={self.shape} dtype={self.dtype.name} shards={len(self.pieces)}{state}>"
+        shards = len(self.pieces)
+        return f"<gpupool.RemoteArray shape={self.shape} dtype={self.dtype.name} shards={shards}{state}>"
 
     def check(self) -> None:
         """Raise :class:`ArrayFreed` if this array or its pool is gone."""
@@ -85,10 +88,14 @@ class RemoteArray:
         async def fetch() -> None:
             import asyncio
 
-            await asyncio.gather(*(
-                self.pool.channel(p.agent_id, p.endpoint).download_into(p.buffer_id, out[p.start:p.stop])
-                for p in self.pieces
-            ))
+            await asyncio.gather(
+                *(
+                    self.pool.channel(p.agent_id, p.endpoint).download_into(
+                        p.buffer_id, out[p.start : p.stop]
+                    )
+                    for p in self.pieces
+                )
+            )
 
         self.pool.run(fetch(), timeout=self.pool.timeouts.for_stream(self.nbytes), what="download")
         return out
@@ -116,11 +123,13 @@ class RemoteArray:
             made = dispatch.replicate(self.pool, self.get(), missing)
             by_place = {p.place: p for p in missing}
             for place, buffer_id in made.items():
-                self._replicas[place] = Piece(by_place[place].agent_id, place[0], place[1], 0, self.shape[0],
-                                              buffer_id)
+                self._replicas[place] = Piece(
+                    by_place[place].agent_id, place[0], place[1], 0, self.shape[0], buffer_id
+                )
             self._finalizer.detach()
-            self._finalizer = weakref.finalize(self, self.pool.release,
-                                               self.pieces + tuple(self._replicas.values()))
+            self._finalizer = weakref.finalize(
+                self, self.pool.release, self.pieces + tuple(self._replicas.values())
+            )
         return {place: piece.buffer_id for place, piece in self._replicas.items()}
 
     def astype(self, dtype: object) -> RemoteArray:
@@ -192,35 +201,84 @@ class RemoteArray:
         return self._reduce("all", axis, keepdims)
 
     # -- operators --------------------------------------------------------------------------------
-    def __add__(self, other: Any) -> Any: return np.add(self, other)
-    def __radd__(self, other: Any) -> Any: return np.add(other, self)
-    def __sub__(self, other: Any) -> Any: return np.subtract(self, other)
-    def __rsub__(self, other: Any) -> Any: return np.subtract(other, self)
-    def __mul__(self, other: Any) -> Any: return np.multiply(self, other)
-    def __rmul__(self, other: Any) -> Any: return np.multiply(other, self)
-    def __truediv__(self, other: Any) -> Any: return np.divide(self, other)
-    def __rtruediv__(self, other: Any) -> Any: return np.divide(other, self)
-    def __floordiv__(self, other: Any) -> Any: return np.floor_divide(self, other)
-    def __rfloordiv__(self, other: Any) -> Any: return np.floor_divide(other, self)
-    def __mod__(self, other: Any) -> Any: return np.remainder(self, other)
-    def __rmod__(self, other: Any) -> Any: return np.remainder(other, self)
-    def __pow__(self, other: Any) -> Any: return np.power(self, other)
-    def __rpow__(self, other: Any) -> Any: return np.power(other, self)
-    def __matmul__(self, other: Any) -> Any: return dispatch.matmul(self, other)
-    def __neg__(self) -> Any: return np.negative(self)
-    def __pos__(self) -> Any: return np.positive(self)
-    def __abs__(self) -> Any: return np.absolute(self)
-    def __lt__(self, other: Any) -> Any: return np.less(self, other)
-    def __le__(self, other: Any) -> Any: return np.less_equal(self, other)
-    def __gt__(self, other: Any) -> Any: return np.greater(self, other)
-    def __ge__(self, other: Any) -> Any: return np.greater_equal(self, other)
-    def __eq__(self, other: Any) -> Any: return np.equal(self, other)  # type: ignore[override]
-    def __ne__(self, other: Any) -> Any: return np.not_equal(self, other)  # type: ignore[override]
+    def __add__(self, other: Any) -> Any:
+        return np.add(self, other)
+
+    def __radd__(self, other: Any) -> Any:
+        return np.add(other, self)
+
+    def __sub__(self, other: Any) -> Any:
+        return np.subtract(self, other)
+
+    def __rsub__(self, other: Any) -> Any:
+        return np.subtract(other, self)
+
+    def __mul__(self, other: Any) -> Any:
+        return np.multiply(self, other)
+
+    def __rmul__(self, other: Any) -> Any:
+        return np.multiply(other, self)
+
+    def __truediv__(self, other: Any) -> Any:
+        return np.divide(self, other)
+
+    def __rtruediv__(self, other: Any) -> Any:
+        return np.divide(other, self)
+
+    def __floordiv__(self, other: Any) -> Any:
+        return np.floor_divide(self, other)
+
+    def __rfloordiv__(self, other: Any) -> Any:
+        return np.floor_divide(other, self)
+
+    def __mod__(self, other: Any) -> Any:
+        return np.remainder(self, other)
+
+    def __rmod__(self, other: Any) -> Any:
+        return np.remainder(other, self)
+
+    def __pow__(self, other: Any) -> Any:
+        return np.power(self, other)
+
+    def __rpow__(self, other: Any) -> Any:
+        return np.power(other, self)
+
+    def __matmul__(self, other: Any) -> Any:
+        return dispatch.matmul(self, other)
+
+    def __neg__(self) -> Any:
+        return np.negative(self)
+
+    def __pos__(self) -> Any:
+        return np.positive(self)
+
+    def __abs__(self) -> Any:
+        return np.absolute(self)
+
+    def __lt__(self, other: Any) -> Any:
+        return np.less(self, other)
+
+    def __le__(self, other: Any) -> Any:
+        return np.less_equal(self, other)
+
+    def __gt__(self, other: Any) -> Any:
+        return np.greater(self, other)
+
+    def __ge__(self, other: Any) -> Any:
+        return np.greater_equal(self, other)
+
+    def __eq__(self, other: Any) -> Any:
+        return np.equal(self, other)
+
+    def __ne__(self, other: Any) -> Any:
+        return np.not_equal(self, other)
 
     def __bool__(self) -> bool:
         if self.size != 1:
-            raise ValueError("the truth value of a remote array with more than one element is ambiguous; "
-                             "use .any() or .all()")
+            raise ValueError(
+                "the truth value of a remote array with more than one element is ambiguous; "
+                "use .any() or .all()"
+            )
         return bool(self.get().reshape(()))
 
     def __float__(self) -> float:

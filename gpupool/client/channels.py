@@ -41,7 +41,7 @@ class AgentChannel:
         self.endpoint = endpoint
         self._timeouts = timeouts
         self._channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
-        self._stub = agent_pb2_grpc.AgentStub(self._channel)
+        self._stub = agent_pb2_grpc.AgentStub(self._channel)  # type: ignore[no-untyped-call]
 
     def _error(self, exc: grpc.aio.AioRpcError) -> Exception:
         return translate_rpc_error(exc, peer=self.endpoint, agent_id=self.agent_id)
@@ -74,7 +74,7 @@ class AgentChannel:
             BufferNotFound: the agent does not hold it.
             StreamClosed: the stream ended early or carried the wrong size.
         """
-        target = memoryview(out).cast("B") if out.nbytes else memoryview(b"")
+        target = out.reshape(-1).view(np.uint8).data  # cast("B") refuses shapes with a zero in them
         offset = 0
         call = self._stub.Download(
             agent_pb2.DownloadRequest(buffer_id=buffer_id, chunk_bytes=CHUNK_BYTES),
@@ -84,12 +84,16 @@ class AgentChannel:
             async for message in call:
                 if message.WhichOneof("kind") == "meta":
                     if check_dtype(message.meta.dtype) != out.dtype or shape_of(message.meta) != out.shape:
-                        raise StreamClosed(self.endpoint, f"buffer {buffer_id} is not {out.dtype}{list(out.shape)}")
+                        raise StreamClosed(
+                            self.endpoint, f"buffer {buffer_id} is not {out.dtype}{list(out.shape)}"
+                        )
                     continue
                 size = len(message.chunk)
                 if offset + size > len(target):
-                    raise StreamClosed(self.endpoint, f"buffer {buffer_id} sent more than {len(target)} bytes")
-                target[offset:offset + size] = message.chunk
+                    raise StreamClosed(
+                        self.endpoint, f"buffer {buffer_id} sent more than {len(target)} bytes"
+                    )
+                target[offset : offset + size] = message.chunk
                 offset += size
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc

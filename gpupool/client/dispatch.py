@@ -70,16 +70,34 @@ def run_programs(pool: Pool, programs: Sequence[Program], *, what: str) -> list[
 def replicate(pool: Pool, host: np.ndarray, pieces: Sequence[Piece]) -> dict[tuple[str, int], str]:
     """Upload a whole copy of ``host`` to each distinct worker of ``pieces``; returns place -> buffer id."""
     first = {piece.place: piece for piece in pieces}
-    copies = [Piece(p.agent_id, p.endpoint, p.worker, 0, host.shape[0], pool.new_buffer_id()) for p in first.values()]
-    pool.run(pool.upload_pieces(host, copies), timeout=pool.timeouts.for_stream(host.nbytes * len(copies)),
-             what="replicate")
+    copies = [
+        Piece(p.agent_id, p.endpoint, p.worker, 0, host.shape[0], pool.new_buffer_id())
+        for p in first.values()
+    ]
+    pool.run(
+        pool.upload_pieces(host, copies),
+        timeout=pool.timeouts.for_stream(host.nbytes * len(copies)),
+        what="replicate",
+    )
     return {copy.place: copy.buffer_id for copy in copies}
 
 
-def _op(name: str, inputs: Sequence[agent_pb2.Operand], output: str, dtype: np.dtype[Any],
-        shape: tuple[int, ...], axis: int | None = None) -> agent_pb2.Op:
-    return agent_pb2.Op(op=name, inputs=inputs, output=output, expect=meta_of(dtype, shape),
-                        has_axis=axis is not None, axis=axis or 0)
+def _op(
+    name: str,
+    inputs: Sequence[agent_pb2.Operand],
+    output: str,
+    dtype: np.dtype[Any],
+    shape: tuple[int, ...],
+    axis: int | None = None,
+) -> agent_pb2.Op:
+    return agent_pb2.Op(
+        op=name,
+        inputs=inputs,
+        output=output,
+        expect=meta_of(dtype, shape),
+        has_axis=axis is not None,
+        axis=axis or 0,
+    )
 
 
 def _same_layout(a: RemoteArray, b: RemoteArray) -> bool:
@@ -108,15 +126,19 @@ class _Operands:
         host = np.asarray(value, order="C")
         if not aligned:
             if host.nbytes > INLINE_LIMIT:
-                raise UsageError(f"a broadcast operand of {host.nbytes} bytes is too large to send with each "
-                                 "program; pool.asarray it with the same rows instead")
+                raise UsageError(
+                    f"a broadcast operand of {host.nbytes} bytes is too large to send with each "
+                    "program; pool.asarray it with the same rows instead"
+                )
             operand = constant_operand(host)
             return lambda piece: operand
         if host.nbytes <= INLINE_LIMIT:
-            return lambda piece: constant_operand(host[piece.start:piece.stop])
+            return lambda piece: constant_operand(host[piece.start : piece.stop])
         pool = self.lead.pool
         temps = [piece.with_buffer(pool.new_buffer_id()) for piece in self.lead.pieces]
-        pool.run(pool.upload_pieces(host, temps), timeout=pool.timeouts.for_stream(host.nbytes), what="upload")
+        pool.run(
+            pool.upload_pieces(host, temps), timeout=pool.timeouts.for_stream(host.nbytes), what="upload"
+        )
         self.temporaries.extend(temps)
         ids = {p.start: p.buffer_id for p in temps}
         return lambda piece: buffer_operand(ids[piece.start])
@@ -179,14 +201,24 @@ def elementwise(name: str, inputs: Sequence[object]) -> RemoteArray:
 
     lead = next((v for v in remotes if carries_rows(v)), None)
     if lead is None:
-        raise ShapeMismatch(name, shapes, "broadcasting would spread a remote array over rows it does not "
-                                          "hold; pool.asarray the larger operand first")
+        raise ShapeMismatch(
+            name,
+            shapes,
+            "broadcasting would spread a remote array over rows it does not "
+            "hold; pool.asarray the larger operand first",
+        )
     operands = _Operands(lead)
     builders = [operands.of(v, aligned=carries_rows(v) and rows > 1) for v in values]
     programs = []
     for piece in lead.pieces:
         out = piece.with_buffer(pool.new_buffer_id())
-        op = _op(name, [b(piece) for b in builders], out.buffer_id, dtype, (piece.stop - piece.start,) + result_shape[1:])
+        op = _op(
+            name,
+            [b(piece) for b in builders],
+            out.buffer_id,
+            dtype,
+            (piece.stop - piece.start, *result_shape[1:]),
+        )
         programs.append(Program(piece, [op], free=operands.temporaries_of(piece), creates=[out]))
     run_programs(pool, programs, what=name)
     return RemoteArray(pool, result_shape, dtype, [p.creates[0] for p in programs])
@@ -217,13 +249,27 @@ def reduce(array: RemoteArray, op: str, axis: int | None) -> Any:
     if axis is not None and axis > 0:
         from gpupool.client.array import RemoteArray
 
-        out_shape = shape[:axis] + shape[axis + 1:]
+        out_shape = shape[:axis] + shape[axis + 1 :]
         programs = []
         for piece in array.pieces:
             out = piece.with_buffer(pool.new_buffer_id())
-            rows_shape = (piece.stop - piece.start,) + out_shape[1:]
-            programs.append(Program(piece, [_op(op, [buffer_operand(piece.buffer_id)], out.buffer_id,
-                                                result_dtype, rows_shape, axis)], creates=[out]))
+            rows_shape = (piece.stop - piece.start, *out_shape[1:])
+            programs.append(
+                Program(
+                    piece,
+                    [
+                        _op(
+                            op,
+                            [buffer_operand(piece.buffer_id)],
+                            out.buffer_id,
+                            result_dtype,
+                            rows_shape,
+                            axis,
+                        )
+                    ],
+                    creates=[out],
+                )
+            )
         run_programs(pool, programs, what=op)
         return RemoteArray(pool, out_shape, result_dtype, [p.creates[0] for p in programs])
     # Partials over all elements or over rows, combined here.
@@ -236,12 +282,17 @@ def reduce(array: RemoteArray, op: str, axis: int | None) -> Any:
     programs = []
     for piece in pieces:
         tmp = pool.new_buffer_id()
-        programs.append(Program(piece, [_op(partial_op, [buffer_operand(piece.buffer_id)], tmp, partial_dtype,
-                                            partial_shape, axis)], fetch=[tmp], free=[tmp]))
+        programs.append(
+            Program(
+                piece,
+                [_op(partial_op, [buffer_operand(piece.buffer_id)], tmp, partial_dtype, partial_shape, axis)],
+                fetch=[tmp],
+                free=[tmp],
+            )
+        )
     fetched = run_programs(pool, programs, what=op)
     partials = np.stack([f[p.fetch[0]] for f, p in zip(fetched, programs, strict=True)])
-    combine = {"sum": np.sum, "mean": np.sum, "prod": np.prod, "max": np.max, "min": np.min,
-               "any": np.any, "all": np.all}[op]
+    combine: Callable[..., Any] = getattr(np, "sum" if op == "mean" else op)
     combined = combine(partials, axis=0)
     if op == "mean":
         count = int(np.prod(shape)) if axis is None else shape[0]
@@ -263,37 +314,48 @@ def matmul(x: RemoteArray, w: object) -> RemoteArray:
     if is_scalar(w):
         raise ShapeMismatch("matmul", (x.shape, ()), "matmul does not take scalars; use *")
     w_value = _normalize(w)
+    assert isinstance(w_value, RemoteArray | np.ndarray)  # scalars were turned away above
     w_shape = _shape(w_value)
     if x.ndim != 2 or len(w_shape) not in (1, 2) or x.shape[1] != w_shape[0]:
         raise ShapeMismatch("matmul", (x.shape, w_shape), "need (n, k) @ (k, m) or (n, k) @ (k,)")
-    w_dtype = getattr(w_value, "dtype")
+    w_dtype = w_value.dtype
     dtype = check_dtype(np.matmul(np.zeros((1, 1), x.dtype), np.zeros((1,) * len(w_shape), w_dtype)).dtype)
     out_tail = w_shape[1:]
     temporaries: dict[tuple[str, int], str] = {}
+    constant: agent_pb2.Operand | None = None
     if isinstance(w_value, RemoteArray):
-        replicas = w_value.replicate_to(x.pieces)  # kept with w, so the next x @ w sends nothing
-        operand: Operand = lambda piece: buffer_operand(replicas[piece.place])
+        buffers = w_value.replicate_to(x.pieces)  # kept with w, so the next x @ w sends nothing
     else:
         host = np.asarray(w_value, order="C")
         if host.nbytes <= INLINE_LIMIT:
             constant = constant_operand(host)
-            operand = lambda piece: constant
-        else:  # too large to ride along: one temporary copy per worker, freed by the program
-            temporaries = replicate(pool, host, x.pieces)
-            operand = lambda piece: buffer_operand(temporaries[piece.place])
+        else:  # too large to ride along: one temporary copy per worker, freed after the programs
+            buffers = temporaries = replicate(pool, host, x.pieces)
+
+    def operand(piece: Piece) -> agent_pb2.Operand:
+        return constant if constant is not None else buffer_operand(buffers[piece.place])
+
     programs = []
     for piece in x.pieces:
         out = piece.with_buffer(pool.new_buffer_id())
-        op = _op("matmul", [buffer_operand(piece.buffer_id), operand(piece)], out.buffer_id, dtype,
-                 (piece.stop - piece.start, *out_tail))
+        op = _op(
+            "matmul",
+            [buffer_operand(piece.buffer_id), operand(piece)],
+            out.buffer_id,
+            dtype,
+            (piece.stop - piece.start, *out_tail),
+        )
         programs.append(Program(piece, [op], creates=[out]))
     try:
         run_programs(pool, programs, what="matmul")
     finally:
         if temporaries:  # after every program: two shards on one worker share the copy
             by_place = {p.place: p for p in x.pieces}
-            pool.run(pool.free_now([by_place[place].with_buffer(b) for place, b in temporaries.items()]),
-                     timeout=pool.timeouts.rpc, what="free")
+            pool.run(
+                pool.free_now([by_place[place].with_buffer(b) for place, b in temporaries.items()]),
+                timeout=pool.timeouts.rpc,
+                what="free",
+            )
     return RemoteArray(pool, (x.shape[0], *out_tail), dtype, [p.creates[0] for p in programs])
 
 
@@ -307,7 +369,12 @@ def cast(array: RemoteArray, dtype: np.dtype[Any]) -> RemoteArray:
     for piece in array.pieces:
         out = piece.with_buffer(pool.new_buffer_id())
         shape = (piece.stop - piece.start, *array.shape[1:])
-        programs.append(Program(piece, [_op("astype", [buffer_operand(piece.buffer_id)], out.buffer_id, dtype, shape)],
-                                creates=[out]))
+        programs.append(
+            Program(
+                piece,
+                [_op("astype", [buffer_operand(piece.buffer_id)], out.buffer_id, dtype, shape)],
+                creates=[out],
+            )
+        )
     run_programs(pool, programs, what="astype")
     return RemoteArray(pool, array.shape, dtype, [p.creates[0] for p in programs])

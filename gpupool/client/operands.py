@@ -6,8 +6,8 @@ from typing import Final
 
 import numpy as np
 
-from gpupool._errors import UnsupportedDType, UsageError
 from gpupool._config import SUPPORTED_DTYPES
+from gpupool._errors import UnsupportedDType, UsageError
 from gpupool._proto.v1 import agent_pb2
 from gpupool.protocol.codec import check_dtype, meta_of
 
@@ -23,10 +23,15 @@ __all__ = [
 
 #: Ufuncs the agents execute elementwise (contracts.md); anything else is NotImplemented.
 ELEMENTWISE: Final = frozenset(
-    """add subtract multiply divide floor_divide remainder power maximum minimum fmax fmin arctan2 hypot
-    equal not_equal less less_equal greater greater_equal logical_and logical_or logical_xor
-    negative positive absolute sign exp exp2 expm1 log log2 log10 log1p sqrt square sin cos tan arcsin arccos
-    arctan sinh cosh tanh floor ceil rint trunc logical_not isnan isinf isfinite""".split()
+    (
+        *("add", "subtract", "multiply", "divide", "floor_divide", "remainder", "power"),
+        *("maximum", "minimum", "fmax", "fmin", "arctan2", "hypot"),
+        *("equal", "not_equal", "less", "less_equal", "greater", "greater_equal"),
+        *("logical_and", "logical_or", "logical_xor", "logical_not", "isnan", "isinf", "isfinite"),
+        *("negative", "positive", "absolute", "sign", "sqrt", "square", "floor", "ceil", "rint", "trunc"),
+        *("exp", "exp2", "expm1", "log", "log2", "log10", "log1p"),
+        *("sin", "cos", "tan", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh"),
+    )
 )
 REDUCTIONS: Final = frozenset({"sum", "prod", "max", "min", "mean", "any", "all"})
 #: Host arrays up to this size travel inside the program; larger ones are uploaded as buffers first.
@@ -73,7 +78,9 @@ def scalar_operand(value: object) -> agent_pb2.Operand:
 def constant_operand(host: np.ndarray) -> agent_pb2.Operand:
     """A small host array sent inline with the program."""
     host = np.asarray(host, order="C")
-    return agent_pb2.Operand(constant=agent_pb2.Constant(meta=meta_of(host.dtype, host.shape), data=host.tobytes()))
+    return agent_pb2.Operand(
+        constant=agent_pb2.Constant(meta=meta_of(host.dtype, host.shape), data=host.tobytes())
+    )
 
 
 def buffer_operand(buffer_id: str) -> agent_pb2.Operand:

@@ -80,12 +80,18 @@ class Pool:
         self._coordinator: coordinator_pb2_grpc.CoordinatorStub | None = None
         self._coordinator_channel: grpc.aio.Channel | None = None
         try:
-            reply = self.run(self._connect(client or f"{getpass.getuser()}@{socket.gethostname()}"),
-                             timeout=timeouts.connect + 1, what="connect")
+            reply = self.run(
+                self._connect(client or f"{getpass.getuser()}@{socket.gethostname()}"),
+                timeout=timeouts.connect + 1,
+                what="connect",
+            )
         except DeadlineExceeded as exc:
             self._loop.stop()
-            raise ConnectError(address, f"no coordinator answered within {timeouts.connect:.0f} s "
-                                        "(is `gpupool up` or `gpupool coordinator` running there?)") from exc
+            raise ConnectError(
+                address,
+                f"no coordinator answered within {timeouts.connect:.0f} s "
+                "(is `gpupool up` or `gpupool coordinator` running there?)",
+            ) from exc
         except BaseException:
             self._loop.stop()
             raise
@@ -95,6 +101,7 @@ class Pool:
     # -- plumbing ---------------------------------------------------------------------------------
     def run(self, awaitable: Awaitable[T], *, timeout: float, what: str) -> T:
         """Run a coroutine on the pool's loop (internal; used by remote arrays)."""
+
         async def wrapped() -> T:
             return await awaitable
 
@@ -118,15 +125,21 @@ class Pool:
 
     async def _connect(self, client: str) -> coordinator_pb2.ConnectReply:
         self._coordinator_channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
-        self._coordinator = coordinator_pb2_grpc.CoordinatorStub(self._coordinator_channel)
+        self._coordinator = coordinator_pb2_grpc.CoordinatorStub(  # type: ignore[no-untyped-call]
+            self._coordinator_channel
+        )
         request = coordinator_pb2.ConnectRequest(client=client, client_version=__version__)
-        return await self._call_coordinator("Connect", request, wait_for_ready=True)
+        reply: coordinator_pb2.ConnectReply = await self._call_coordinator(
+            "Connect", request, wait_for_ready=True
+        )
+        return reply
 
     async def _call_coordinator(self, method: str, request: Any, *, wait_for_ready: bool = False) -> Any:
         assert self._coordinator is not None
         try:
             return await getattr(self._coordinator, method)(
-                request, timeout=self.timeouts.rpc if not wait_for_ready else self.timeouts.connect,
+                request,
+                timeout=self.timeouts.rpc if not wait_for_ready else self.timeouts.connect,
                 wait_for_ready=wait_for_ready or None,
             )
         except grpc.aio.AioRpcError as exc:
@@ -137,8 +150,11 @@ class Pool:
         """The agents in the pool's registry (ready, cordoned and draining; offline ones on request)."""
         self.check_open()
         reply = self.run(
-            self._call_coordinator("ListAgents", coordinator_pb2.ListAgentsRequest(include_offline=include_offline)),
-            timeout=self.timeouts.rpc, what="list agents",
+            self._call_coordinator(
+                "ListAgents", coordinator_pb2.ListAgentsRequest(include_offline=include_offline)
+            ),
+            timeout=self.timeouts.rpc,
+            what="list agents",
         )
         return [agent_info_from_record(record) for record in reply.agents]
 
@@ -156,38 +172,52 @@ class Pool:
         self.check_open()
         if isinstance(data, RemoteArray):
             return data if dtype is None else data.astype(dtype)
-        host = np.asarray(data, dtype=dtype) if dtype is not None else np.asarray(data)
+        host = np.asarray(data, dtype=check_dtype(dtype)) if dtype is not None else np.asarray(data)
         check_dtype(host.dtype)
         if host.ndim == 0:
             raise UsageError("pool.asarray needs an array of at least one dimension (rows are sharded)")
         host = np.ascontiguousarray(host, dtype=host.dtype.newbyteorder("="))
-        pieces = self.run(self._upload(host), timeout=self.timeouts.for_stream(host.nbytes) * 2, what="upload")
+        pieces = self.run(
+            self._upload(host), timeout=self.timeouts.for_stream(host.nbytes) * 2, what="upload"
+        )
         return RemoteArray(self, host.shape, host.dtype, pieces)
 
     async def _upload(self, host: np.ndarray) -> list[Piece]:
         request = coordinator_pb2.PlaceRequest(session=self.session, meta=meta_of(host.dtype, host.shape))
         reply = await self._call_coordinator("Place", request)
-        pieces = [Piece(s.agent_id, s.endpoint, s.worker, s.start, s.stop, self.new_buffer_id())
-                  for s in sorted(reply.shards, key=lambda s: s.start)]
+        pieces = [
+            Piece(s.agent_id, s.endpoint, s.worker, s.start, s.stop, self.new_buffer_id())
+            for s in sorted(reply.shards, key=lambda s: s.start)
+        ]
         await self.upload_pieces(host, pieces)
         return pieces
 
     async def upload_pieces(self, host: np.ndarray, pieces: Sequence[Piece]) -> None:
         """Upload each piece's rows of ``host``; on any failure free what arrived and re-raise."""
         results = await asyncio.gather(
-            *(self.channel(p.agent_id, p.endpoint).upload(p.buffer_id, p.worker, host[p.start:p.stop], self.session)
-              for p in pieces),
+            *(
+                self.channel(p.agent_id, p.endpoint).upload(
+                    p.buffer_id, p.worker, host[p.start : p.stop], self.session
+                )
+                for p in pieces
+            ),
             return_exceptions=True,
         )
         await self.raise_after_cleanup(results, [[p] for p in pieces])
 
-    async def raise_after_cleanup(self, results: Sequence[object], created: Sequence[Sequence[Piece]]) -> None:
+    async def raise_after_cleanup(
+        self, results: Sequence[object], created: Sequence[Sequence[Piece]]
+    ) -> None:
         """If any result is an exception, free what the successful calls created and raise the first."""
         errors = [r for r in results if isinstance(r, BaseException)]
         if not errors:
             return
-        leftovers = [p for r, made in zip(results, created, strict=True) if not isinstance(r, BaseException)
-                     for p in made]
+        leftovers = [
+            p
+            for r, made in zip(results, created, strict=True)
+            if not isinstance(r, BaseException)
+            for p in made
+        ]
         await self.free_now(leftovers)
         raise errors[0]
 
@@ -197,7 +227,10 @@ class Pool:
         for piece in pieces:
             by_endpoint[piece.endpoint].append(piece)
         results = await asyncio.gather(
-            *(self.channel(ps[0].agent_id, ep).free([p.buffer_id for p in ps]) for ep, ps in by_endpoint.items()),
+            *(
+                self.channel(ps[0].agent_id, ep).free([p.buffer_id for p in ps])
+                for ep, ps in by_endpoint.items()
+            ),
             return_exceptions=True,
         )
         for result in results:
@@ -239,7 +272,9 @@ class Pool:
         channels = list(self._channels.values())
         await asyncio.gather(*(c.free(session=self.session) for c in channels), return_exceptions=True)
         try:
-            await self._call_coordinator("Disconnect", coordinator_pb2.DisconnectRequest(session=self.session))
+            await self._call_coordinator(
+                "Disconnect", coordinator_pb2.DisconnectRequest(session=self.session)
+            )
         except Exception as exc:
             log.warning("disconnect: %s", exc)
         await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
@@ -253,7 +288,8 @@ class Pool:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<gpupool.Pool {self.address} session={getattr(self, 'session', '?')}{' closed' if self._closed else ''}>"
+        closed = " closed" if self._closed else ""
+        return f"<gpupool.Pool {self.address} session={getattr(self, 'session', '?')}{closed}>"
 
 
 def connect(address: str | None = None, *, timeouts: Timeouts | None = None) -> Pool:
@@ -267,4 +303,3 @@ def connect(address: str | None = None, *, timeouts: Timeouts | None = None) -> 
         ConnectError, DeadlineExceeded: no coordinator answered within the connect deadline.
     """
     return Pool(coordinator_address(address), timeouts=timeouts or Timeouts())
-

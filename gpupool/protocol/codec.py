@@ -32,8 +32,8 @@ M = TypeVar("M", bound=Message)
 
 def encode_json(message: Message) -> bytes:
     """A control-plane message as compact canonical JSON, with its schema version set."""
-    if hasattr(message, "schema_version") and not getattr(message, "schema_version"):
-        setattr(message, "schema_version", SCHEMA_VERSION)
+    if hasattr(message, "schema_version") and not message.schema_version:
+        message.schema_version = SCHEMA_VERSION
     return json_format.MessageToJson(message, indent=None, preserving_proto_field_name=False).encode()
 
 
@@ -65,7 +65,7 @@ def check_dtype(dtype: object) -> np.dtype[np.generic]:
         UnsupportedDType: any other dtype (float16, complex, object, strings, ...).
     """
     try:
-        resolved = np.dtype(dtype)  # type: ignore[call-overload]
+        resolved: np.dtype[np.generic] = np.dtype(dtype)  # type: ignore[call-overload]
     except TypeError as exc:
         raise UnsupportedDType(str(dtype), SUPPORTED_DTYPES) from exc
     if resolved.name not in SUPPORTED_DTYPES or resolved.byteorder == ">":
@@ -96,7 +96,9 @@ def array_from_bytes(data: bytes | bytearray | memoryview, meta: agent_pb2.Array
         raise FrameDecodeError("array", f"negative dimension in shape {shape}")
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(data) != expected:
-        raise FrameDecodeError("array", f"{len(data)} bytes for {dtype.name}{list(shape)}, expected {expected}")
+        raise FrameDecodeError(
+            "array", f"{len(data)} bytes for {dtype.name}{list(shape)}, expected {expected}"
+        )
     return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
@@ -105,4 +107,4 @@ def iter_chunks(array: np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> Iterator[m
     # A 1-D uint8 view, not memoryview.cast: cast refuses shapes with a zero in them, e.g. (0, 3).
     flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
     for start in range(0, len(flat), chunk_bytes):
-        yield flat[start:start + chunk_bytes]
+        yield flat[start : start + chunk_bytes]

@@ -104,7 +104,11 @@ def translate_rpc_error(exc: grpc.aio.AioRpcError, *, peer: str, agent_id: str =
     """
     code = exc.code()
     details = exc.details() or code.name
-    meta = {key: value for key, value in (exc.trailing_metadata() or ()) if isinstance(value, str)}
+    meta: dict[str, str] = {}
+    for item in exc.trailing_metadata() or ():
+        pair: tuple[object, ...] = tuple(item)  # type: ignore[arg-type]  # grpc-stubs: opaque metadatum
+        if isinstance(pair[0], str) and isinstance(pair[1], str):
+            meta[pair[0]] = pair[1]
     kind = meta.get(ERROR_KEY, "")
     buffer_id = meta.get(BUFFER_KEY, "")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:

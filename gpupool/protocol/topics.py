@@ -53,7 +53,7 @@ class Topics:
         head = self.root + "/"
         if not topic.startswith(head):
             return None
-        parts = topic[len(head):].split("/")
+        parts = topic[len(head) :].split("/")
         if len(parts) != 2 or not parts[0]:
             return None
         agent_id, channel = parts

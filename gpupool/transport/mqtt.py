@@ -84,7 +84,9 @@ class MqttSession:
     def _new_client(self) -> aiomqtt.Client:
         will = None
         if self._will is not None:
-            will = aiomqtt.Will(self._will.topic, self._will.payload, qos=self._will.qos, retain=self._will.retain)
+            will = aiomqtt.Will(
+                self._will.topic, self._will.payload, qos=self._will.qos, retain=self._will.retain
+            )
         return aiomqtt.Client(
             self._broker.host,
             self._broker.port,
@@ -154,7 +156,7 @@ class MqttSession:
         except aiomqtt.MqttError as exc:
             raise ConnectError(self._broker.url(), f"publish to {topic}: {exc}") from exc
 
-    async def wait_connected(self, timeout: float | None = None) -> None:
+    async def wait_connected(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - a deadline, not a cancel scope
         """Wait until the session is connected and subscribed.
 
         Raises:

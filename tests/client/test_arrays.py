@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -36,12 +38,14 @@ def check(got: object, expected: np.ndarray | np.generic, *, summed: bool = Fals
 def test_round_trip_any_row_count(pool: gp.Pool, dtype: str, shape: tuple[int, ...]) -> None:
     host = sample(shape, dtype)
     x = pool.asarray(host)
-    assert x.shape == shape and x.dtype == np.dtype(dtype)
+    assert x.shape == shape
+    assert x.dtype == np.dtype(dtype)
     check(x.get(), host)
     check(np.asarray(x), host)
     shards = x.shards
-    assert shards[0].start == 0 and shards[-1].stop == shape[0]
-    assert all(a.stop == b.start for a, b in zip(shards, shards[1:], strict=False))
+    assert shards[0].start == 0
+    assert shards[-1].stop == shape[0]
+    assert all(a.stop == b.start for a, b in itertools.pairwise(shards))
 
 
 def test_rows_are_spread_over_both_agents(pool: gp.Pool) -> None:
