@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -29,9 +32,14 @@ def run(args: argparse.Namespace) -> int:
     timings: list[tuple[str, float, str]] = []
     print(f"gpupool demo: starting a local pool with {args.agents} agents ...", flush=True)
     started = time.perf_counter()
-    with LocalPool(agents=args.agents, port=0, backend=args.backend) as local:
+    log_path = Path(tempfile.gettempdir()) / f"gpupool-demo-{os.getpid()}.log"
+    with (
+        log_path.open("wb") as log,
+        LocalPool(agents=args.agents, port=0, backend=args.backend, stderr=log) as local,
+    ):
         print(f"  broker       {local.broker_url}")
         print(f"  coordinator  {local.coordinator_address}")
+        print(f"  logs         {log_path}")
         print(f"  pool up in {time.perf_counter() - started:.2f} s\n", flush=True)
         rng = np.random.default_rng(7)
         x_host = rng.standard_normal((rows, cols), dtype=np.float32)
