@@ -54,7 +54,8 @@ def test_a_killed_agent_is_shown_offline_through_its_last_will(broker: str, syst
 
 @pytest.mark.parametrize("broker_kind", ["mosquitto", "amqtt"])
 def test_agents_are_back_in_the_registry_after_a_broker_restart(broker_kind: str) -> None:
-    if broker_kind == "mosquitto" and not (shutil.which("mosquitto") or os.path.exists("/usr/sbin/mosquitto")):
+    has_mosquitto = shutil.which("mosquitto") or os.path.exists("/usr/sbin/mosquitto")
+    if broker_kind == "mosquitto" and not has_mosquitto:
         pytest.skip("needs mosquitto (scripts/test installs it where it can)")
     with (
         LocalPool(

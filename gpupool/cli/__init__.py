@@ -1,0 +1,1 @@
+"""The ``gpupool`` command line: ``up``, ``demo``, ``status``, ``agents``, ``drain``, ``cordon``, ``jobs``."""

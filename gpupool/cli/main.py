@@ -1,0 +1,190 @@
+"""The ``gpupool`` command: a pool on this machine, a demo, and an operator's view of a coordinator.
+
+::
+
+    gpupool up [--agents N] [--broker URL] [--port 50051]    a whole pool here, in the foreground
+    gpupool demo                                             a sharded workload checked against NumPy
+    gpupool status | agents [--json] [--all] | jobs          what the coordinator knows
+    gpupool drain | cordon | uncordon AGENT                  change an agent's state
+    gpupool coordinator --broker URL --listen ADDR           run a coordinator
+
+``--coordinator ADDR`` (default ``$GPUPOOL_COORDINATOR``, else 127.0.0.1:50051) says which
+coordinator the operator commands talk to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from gpupool._config import coordinator_address
+from gpupool._errors import ConnectError, DeadlineExceeded, GpupoolError, UsageError
+from gpupool._version import __version__
+from gpupool.cli import admin, up
+
+__all__ = ["build_parser", "main"]
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than zero: {text!r}")
+    return value
+
+
+def _connection_options(*, suppress: bool) -> argparse.ArgumentParser:
+    """``--coordinator`` and ``--timeout``, accepted before and after the subcommand."""
+    parser = argparse.ArgumentParser(add_help=False)
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument(
+        "--coordinator",
+        metavar="ADDR",
+        default=default,
+        help="the coordinator's HOST:PORT (default $GPUPOOL_COORDINATOR, else 127.0.0.1:50051)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive_float,
+        metavar="SECONDS",
+        default=argparse.SUPPRESS if suppress else 10.0,
+        help="deadline of each call to the coordinator (default 10)",
+    )
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``gpupool``."""
+    parser = argparse.ArgumentParser(
+        prog="gpupool",
+        description="GPU-over-IP pooling: many small GPUs on a network used as one device from Python.",
+        parents=[_connection_options(suppress=False)],
+    )
+    parser.add_argument("-V", "--version", action="version", version=f"gpupool {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    connection = _connection_options(suppress=True)
+
+    sub = commands.add_parser("up", help="run a whole pool on this machine, in the foreground")
+    up.add_arguments(sub)
+    sub.set_defaults(handler=up.run)
+
+    sub = commands.add_parser(
+        "demo", help="start a local pool, run a sharded workload, check it against NumPy"
+    )
+    sub.add_argument("--agents", type=int, default=2, metavar="N", help="agents to start (default 2)")
+    sub.add_argument("--rows", type=int, default=50_001, help="rows of the input matrix (default 50001)")
+    sub.add_argument("--cols", type=int, default=512, help="columns of the input matrix (default 512)")
+    sub.add_argument("--backend", choices=["auto", "cupy", "numpy"], default="auto", help="agents' backend")
+    sub.set_defaults(handler=_run_demo)
+
+    sub = commands.add_parser("status", parents=[connection], help="a summary of the pool")
+    sub.add_argument("--json", action="store_true", help="print JSON")
+    sub.set_defaults(handler=_operator(admin.run_status))
+
+    sub = commands.add_parser("agents", parents=[connection], help="the agents the coordinator knows")
+    sub.add_argument("--json", action="store_true", help="print the records as protobuf JSON")
+    sub.add_argument("--all", action="store_true", help="include offline agents")
+    sub.add_argument(
+        "--watch",
+        type=_positive_float,
+        nargs="?",
+        const=2.0,
+        metavar="SECONDS",
+        help="print again every SECONDS (default 2) until Ctrl-C",
+    )
+    sub.set_defaults(handler=_operator(admin.run_agents))
+
+    helps = {
+        "drain": "take no new work on an agent, serve what it holds",
+        "cordon": "take no new shards on an agent, keep serving",
+        "uncordon": "make a cordoned or draining agent ready again",
+    }
+    for action, text in helps.items():
+        sub = commands.add_parser(action, parents=[connection], help=text)
+        sub.add_argument("agent", metavar="AGENT", help="an agent id, a unique prefix of one, or a name")
+        sub.add_argument("--reason", default="", help="why, for the record")
+        sub.set_defaults(handler=_operator(admin.run_admin))
+
+    sub = commands.add_parser("jobs", parents=[connection], help="client sessions the coordinator knows")
+    sub.add_argument("--json", action="store_true", help="print JSON")
+    sub.set_defaults(handler=_operator(admin.run_jobs))
+
+    commands.add_parser(
+        "coordinator",
+        add_help=False,
+        help="run a coordinator (gpupool coordinator --help for its options)",
+    )
+    return parser
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from gpupool.cli import demo  # imports the client library; only the demo needs it
+
+    return demo.run(args)
+
+
+def _operator(handler: Handler) -> Handler:
+    """Wrap an operator command: errors become one line on stderr and exit code 1."""
+
+    def run(args: argparse.Namespace) -> int:
+        address = args.coordinator
+        try:
+            return handler(args)
+        except ConnectError:
+            print(
+                f"gpupool: cannot reach the coordinator at {address} (is `gpupool up` running?)",
+                file=sys.stderr,
+            )
+        except DeadlineExceeded as exc:
+            if exc.detail.lower() == "deadline exceeded":  # our own deadline, not the coordinator's words
+                print(
+                    f"gpupool: the coordinator at {address} did not answer in time (--timeout)",
+                    file=sys.stderr,
+                )
+            else:
+                print(f"gpupool: {exc.detail} (coordinator {address})", file=sys.stderr)
+        except GpupoolError as exc:
+            print(f"gpupool: {exc}", file=sys.stderr)
+        return 1
+
+    return run
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``gpupool``; returns the exit code."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(arguments)
+    if args.command == "coordinator":
+        from gpupool.coordinator.main import main as coordinator_main
+
+        return coordinator_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        args.coordinator = coordinator_address(args.coordinator)
+    except UsageError as exc:
+        parser.error(str(exc))
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`gpupool agents | head`): stop quietly, as other tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
