@@ -57,7 +57,8 @@ class LocalPool:
         port: the coordinator's gRPC port on 127.0.0.1; 0 picks a free one.
         topic_prefix: the MQTT topic prefix; None reads ``$GPUPOOL_TOPIC_PREFIX``, else "gpupool".
         backend: each agent's ``--backend``.
-        memory_limit: each agent's ``--memory-limit`` ("80%", "512MiB"), or None for the agent's default.
+        memory_limit: each agent's ``--memory-limit`` ("80%", "512MiB"); None shares 80% among the agents,
+            since agents on one machine share its memory (or its GPUs).
         agent_args: extra command-line arguments for every agent.
         coordinator_args: extra command-line arguments for the coordinator.
         env: extra environment variables for every child.
@@ -102,7 +103,7 @@ class LocalPool:
         self._port = port
         self.topic_prefix = topic_prefix or os.environ.get("GPUPOOL_TOPIC_PREFIX") or DEFAULT_TOPIC_PREFIX
         self.backend: Backend = backend
-        self._memory_limit = memory_limit
+        self._memory_limit = memory_limit or f"{80 / max(1, agents):g}%"
         self._agent_args = tuple(agent_args)
         self._coordinator_args = tuple(coordinator_args)
         self._env = dict(env or {})

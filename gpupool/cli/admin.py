@@ -227,7 +227,13 @@ def run_agents(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         while True:
             records = client.list_agents(include_offline=args.all)
             if args.json:
-                text = json.dumps([json_format.MessageToDict(r) for r in records], indent=2)
+                text = json.dumps(
+                    [
+                        json_format.MessageToDict(r, always_print_fields_with_no_presence=True)
+                        for r in records
+                    ],
+                    indent=2,
+                )
             elif records:
                 text = agents_table(records)
             else:
@@ -332,7 +338,13 @@ def run_jobs(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     with _client(args) as client:
         jobs = client.list_jobs()
     if args.json:
-        print(json.dumps([json_format.MessageToDict(j) for j in jobs], indent=2), file=out)
+        print(
+            json.dumps(
+                [json_format.MessageToDict(j, always_print_fields_with_no_presence=True) for j in jobs],
+                indent=2,
+            ),
+            file=out,
+        )
     elif jobs:
         print(jobs_table(jobs), file=out)
     else:

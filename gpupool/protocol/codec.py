@@ -34,7 +34,10 @@ def encode_json(message: Message) -> bytes:
     """A control-plane message as compact canonical JSON, with its schema version set."""
     if hasattr(message, "schema_version") and not message.schema_version:
         message.schema_version = SCHEMA_VERSION
-    return json_format.MessageToJson(message, indent=None, preserving_proto_field_name=False).encode()
+    # Zero fields are printed too: an operator reading `mosquitto_sub` should see "memoryUsed": "0".
+    return json_format.MessageToJson(
+        message, indent=None, preserving_proto_field_name=False, always_print_fields_with_no_presence=True
+    ).encode()
 
 
 def decode_json(payload: bytes | bytearray | str, message_type: type[M], *, what: str) -> M:
