@@ -3,6 +3,7 @@
 #
 #   GPUPOOL_VENV  where the venv lives (default .venv in the repository root)
 #   PYTHON        the interpreter to make it with (default: the newest python3.1x >= 3.11 on PATH)
+#   GPUPOOL_EXTRAS  the extras to install (default dev; scripts/bench asks for dev,bench)
 #
 # A stamp file inside the venv records pyproject.toml's hash, so the install is skipped when nothing changed.
 
@@ -43,12 +44,12 @@ gpupool_ensure_venv() {
       fi
     fi
   fi
-  local stamp="$gpupool_venv/.gpupool-dev-installed" want
-  want=$(cd "$gpupool_root" && cat pyproject.toml | sha256sum | cut -d' ' -f1)
+  local stamp="$gpupool_venv/.gpupool-dev-installed" want extras=${GPUPOOL_EXTRAS:-dev}
+  want="$(cd "$gpupool_root" && cat pyproject.toml | sha256sum | cut -d' ' -f1) $extras"
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] ||
      ! "$gpupool_venv/bin/python" -c 'import gpupool._version, pytest, grpc_tools' >/dev/null 2>&1; then
-    echo "gpupool: installing gpupool[dev] into $gpupool_venv" >&2
-    "$gpupool_venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$gpupool_root[dev]"
+    echo "gpupool: installing gpupool[$extras] into $gpupool_venv" >&2
+    "$gpupool_venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$gpupool_root[$extras]"
     echo "$want" > "$stamp"
   fi
   export VIRTUAL_ENV=$gpupool_venv
