@@ -37,7 +37,7 @@ from gpupool._errors import (
 )
 from gpupool._functions import *  # noqa: F403 - the NumPy-style functions, listed in _functions.__all__
 from gpupool._version import __version__
-from gpupool.client import AgentInfo, GpuInfo, Pool, RemoteArray, Shard, connect
+from gpupool.client import AgentInfo, GpuInfo, Pool, RemoteArray, Shard, connect, persist
 
 __all__ = [
     "AgentInfo",
@@ -69,5 +69,6 @@ __all__ = [
     "VersionMismatch",
     "__version__",
     "connect",
+    "persist",
     *_functions.__all__,
 ]

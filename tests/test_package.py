@@ -44,6 +44,7 @@ def test_public_names_are_pinned() -> None:
         "VersionMismatch",
         "__version__",
         "connect",
+        "persist",
     }
     functions = {
         "abs",

@@ -10,11 +10,13 @@ failing program leaves nothing behind.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import Any, Final
 
 from gpupool._proto.v1 import agent_pb2
 from gpupool.agent.backend import ArrayBackend
 from gpupool.agent.buffers import BufferRegistry, Reservation
+from gpupool.agent.fusion import plan_runs, run_fused
 from gpupool.agent.ops import Expected, apply_op, arity, constant_array, expected_result, scalar_value
 from gpupool.protocol.codec import meta_of
 from gpupool.protocol.errors import RpcRefusal
@@ -50,27 +52,60 @@ def run_program(
     cancelled = cancelled or threading.Event()
     reservations: list[Reservation] = []
     local: dict[str, Any] = {}
+    ops = request.ops
+    dropped = set(request.free)
+    runs = plan_runs(ops, expected, dropped, set(request.fetch)) if backend.name == "numpy" else {}
     try:
         try:
-            for op in request.ops:
+            index = 0
+            while index < len(ops):
                 if cancelled.is_set():
                     raise ProgramCancelled()
-                expect = expected[op.output]
-                reservations.append(
-                    registry.reserve(
-                        worker=worker, buffer_id=op.output, nbytes=expect.nbytes, session=request.session
+                run = runs.get(index)
+                covered = ops[index : run.end] if run is not None else ops[index : index + 1]
+                for op in covered:  # memory is counted as if unfused: a conservative bound
+                    reservations.append(
+                        registry.reserve(
+                            worker=worker,
+                            buffer_id=op.output,
+                            nbytes=expected[op.output].nbytes,
+                            session=request.session,
+                        )
                     )
-                )
+                if run is not None:
+                    end = run.end
+
+                    def resolve(item: agent_pb2.Operand) -> Any:
+                        return _operand(item, worker, local, backend, registry)
+
+                    def needed_whole(buffer_id: str, end: int = end) -> bool:
+                        return _needed_whole(buffer_id, ops, end, dropped, request.fetch)
+
+                    local.update(
+                        run_fused(
+                            backend.xp,
+                            ops,
+                            run,
+                            expected,
+                            resolve=resolve,
+                            needed_whole=needed_whole,
+                            kernel_errors=backend.kernel_errors,
+                        )
+                    )
+                    index = end
+                    continue
+                op = ops[index]
                 operands = [_operand(item, worker, local, backend, registry) for item in op.inputs]
                 local[op.output] = apply_op(
                     backend.xp,
                     op.op,
                     operands,
-                    expect,
+                    expected[op.output],
                     axis=op.axis if op.has_axis else None,
                     kernel_errors=backend.kernel_errors,
                 )
                 del operands
+                index += 1
             backend.synchronize()
             fetched = [_fetch(buffer_id, worker, local, backend, registry) for buffer_id in request.fetch]
         except backend.out_of_memory_errors as exc:
@@ -79,7 +114,6 @@ def run_program(
             ) from exc
         except backend.kernel_errors as exc:
             raise RpcRefusal("kernel-failed", f"worker {worker}: {type(exc).__name__}: {exc}") from exc
-        dropped = set(request.free)
         keep = [
             (reservation, local[reservation.buffer_id])
             for reservation in reservations
@@ -149,3 +183,12 @@ def _fetch(
     return agent_pb2.Fetched(
         buffer_id=buffer_id, meta=meta_of(host.dtype, tuple(host.shape)), data=host.tobytes()
     )
+
+
+def _needed_whole(
+    buffer_id: str, ops: Sequence[agent_pb2.Op], end: int, dropped: set[str], fetch: Sequence[str]
+) -> bool:
+    """Whether a fused run's output must exist in full: kept, fetched, or read by a later op."""
+    if buffer_id not in dropped or buffer_id in fetch:
+        return True
+    return any(item.buffer == buffer_id for op in ops[end:] for item in op.inputs)

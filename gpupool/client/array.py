@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -9,13 +10,13 @@ from typing import Any
 import numpy as np
 
 from gpupool._errors import ArrayFreed, UsageError
-from gpupool.client import dispatch
+from gpupool.client import dispatch, graph
 from gpupool.client.operands import ELEMENTWISE, REDUCTIONS
 from gpupool.client.pool import Piece, Pool
 from gpupool.client.types import Shard
 from gpupool.protocol.codec import check_dtype
 
-__all__ = ["RemoteArray"]
+__all__ = ["RemoteArray", "persist"]
 
 
 class RemoteArray:
@@ -29,20 +30,39 @@ class RemoteArray:
     Made by :meth:`gpupool.Pool.asarray` and by operations on other remote arrays, not directly.
     """
 
-    __slots__ = ("__weakref__", "_finalizer", "_freed", "_replicas", "dtype", "pieces", "pool", "shape")
+    __slots__ = (
+        "__weakref__",
+        "_finalizer",
+        "_freed",
+        "_pieces",
+        "_replicas",
+        "dtype",
+        "node",
+        "pool",
+        "shape",
+    )
     __array_priority__ = 100.0
     __hash__ = None  # type: ignore[assignment]  # == is elementwise, as in NumPy
 
     def __init__(
-        self, pool: Pool, shape: tuple[int, ...], dtype: np.dtype[Any], pieces: Sequence[Piece]
+        self,
+        pool: Pool,
+        shape: tuple[int, ...],
+        dtype: np.dtype[Any],
+        layout: Sequence[Piece],
+        *,
+        node: graph.Node | None = None,
     ) -> None:
         self.pool = pool
         self.shape = tuple(int(n) for n in shape)
         self.dtype = np.dtype(dtype)
-        self.pieces = tuple(pieces)
+        self.node = node
+        self._pieces = tuple(layout)
         self._freed = False
         self._replicas: dict[tuple[str, int], Piece] = {}
-        self._finalizer = weakref.finalize(self, pool.release, self.pieces)
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+        if node is None:
+            self._finalizer = weakref.finalize(self, pool.release, self._pieces)
 
     # -- description ------------------------------------------------------------------------------
     @property
@@ -62,15 +82,36 @@ class RemoteArray:
 
     @property
     def shards(self) -> list[Shard]:
-        """Where each block of rows lives."""
-        return [Shard(p.agent_id, p.start, p.stop, p.worker) for p in self.pieces]
+        """Where each block of rows lives (or will live, for a pending array)."""
+        return [Shard(p.agent_id, p.start, p.stop, p.worker) for p in self._pieces]
+
+    @property
+    def layout(self) -> tuple[Piece, ...]:
+        """The shards' places and rows; their buffer ids are empty while the array is pending."""
+        return self._pieces
+
+    @property
+    def pieces(self) -> tuple[Piece, ...]:
+        """The resident shards, computing the array first if it is pending."""
+        self.persist()
+        return self._pieces
+
+    @property
+    def pending(self) -> bool:
+        """Whether the array is still to be computed (see :meth:`persist`)."""
+        return self.node is not None
+
+    @property
+    def depth(self) -> int:
+        """How many deferred ops stand between this array and resident data."""
+        return self.node.depth if self.node is not None else 0
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def __repr__(self) -> str:
-        state = " freed" if self._freed else ""
-        shards = len(self.pieces)
+        state = " freed" if self._freed else " pending" if self.node is not None else ""
+        shards = len(self._pieces)
         return f"<gpupool.RemoteArray shape={self.shape} dtype={self.dtype.name} shards={shards}{state}>"
 
     def check(self) -> None:
@@ -79,21 +120,37 @@ class RemoteArray:
             raise ArrayFreed(f"{self!r} was freed")
         self.pool.check_open()
 
-    # -- data movement ----------------------------------------------------------------------------
+    # -- computing and data movement --------------------------------------------------------------
+    def persist(self) -> RemoteArray:
+        """Compute the array if it is pending and keep it resident on the agents; returns ``self``.
+
+        Elementwise ops, matmuls and per-row reductions are deferred and run, fused into one program per
+        shard, when a result is needed: ``get()``, a reduction over rows, or this. Errors from the agents
+        (out of memory, a failing kernel) surface here. :func:`gpupool.persist` does many arrays at once.
+        """
+        self.check()
+        if self.node is not None:
+            graph.materialize(self.pool, [self])
+        return self
+
+    def commit(self, pieces: Sequence[Piece]) -> None:
+        """Make a pending array resident in ``pieces`` (called by :func:`graph.materialize`)."""
+        self._pieces = tuple(pieces)
+        self.node = None
+        self._finalizer = weakref.finalize(self, self.pool.release, self._pieces)
+
     def get(self) -> np.ndarray:
         """The whole array as a NumPy array (shards are fetched concurrently)."""
-        self.check()
+        pieces = self.pieces
         out = np.empty(self.shape, self.dtype)
 
         async def fetch() -> None:
-            import asyncio
-
             await asyncio.gather(
                 *(
                     self.pool.channel(p.agent_id, p.endpoint).download_into(
                         p.buffer_id, out[p.start : p.stop]
                     )
-                    for p in self.pieces
+                    for p in pieces
                 )
             )
 
@@ -109,10 +166,13 @@ class RemoteArray:
         if self._freed:
             return
         self._freed = True
-        self._finalizer.detach()
-        pieces = list(self.pieces) + list(self._replicas.values())
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        pieces = [] if self.node is not None else list(self._pieces)
+        pieces += list(self._replicas.values())
+        self.node = None
         self._replicas.clear()
-        if not self.pool._closed:
+        if pieces and not self.pool.closed:
             self.pool.run(self.pool.free_now(pieces), timeout=self.pool.timeouts.rpc, what="free")
 
     def replicate_to(self, places: Sequence[Piece]) -> dict[tuple[str, int], str]:
@@ -126,9 +186,10 @@ class RemoteArray:
                 self._replicas[place] = Piece(
                     by_place[place].agent_id, place[0], place[1], 0, self.shape[0], buffer_id
                 )
-            self._finalizer.detach()
+            if self._finalizer is not None:
+                self._finalizer.detach()
             self._finalizer = weakref.finalize(
-                self, self.pool.release, self.pieces + tuple(self._replicas.values())
+                self, self.pool.release, self._pieces + tuple(self._replicas.values())
             )
         return {place: piece.buffer_id for place, piece in self._replicas.items()}
 
@@ -285,3 +346,19 @@ class RemoteArray:
         if self.size != 1:
             raise TypeError("only single-element remote arrays can be converted to Python scalars")
         return float(self.get().reshape(()))
+
+
+def persist(*arrays: RemoteArray) -> tuple[RemoteArray, ...]:
+    """Compute pending arrays together: one round of programs per pool, one program per shard, so many
+    small independent ops cost one round trip; returns the arrays.
+
+    Raises:
+        RemoteError: an agent refused a program; none of the arrays is changed.
+    """
+    by_pool: dict[int, list[RemoteArray]] = {}
+    for array in arrays:
+        array.check()
+        by_pool.setdefault(id(array.pool), []).append(array)
+    for members in by_pool.values():
+        graph.materialize(members[0].pool, members)
+    return arrays

@@ -1,70 +1,37 @@
-"""How array operations become programs on the agents that hold the shards.
+"""How array operations become deferred nodes, and reductions become programs.
 
-Every operation here follows one pattern: pick the *lead* operand (the remote array whose rows the
-result's rows follow), build one program per lead shard, run those concurrently, and wrap the outputs
-as a new remote array with the lead's row layout. Reductions across rows fetch small partials and
-combine them on the client. A program that fails anywhere frees every output the others made.
+Every operation follows one pattern: pick the *lead* operand (the remote array whose rows the result's
+rows follow), turn the other operands into per-shard operands, and return a pending remote array with the
+lead's row layout (see :mod:`gpupool.client.graph`). Reductions over all elements or over rows build one
+program per shard that computes the pending graph and a partial, fetch the partials and combine them here.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from gpupool._errors import ShapeMismatch, UsageError
 from gpupool._proto.v1 import agent_pb2
-from gpupool.client.operands import (
-    INLINE_LIMIT,
-    buffer_operand,
-    constant_operand,
-    is_scalar,
-    scalar_operand,
+from gpupool.client.graph import (
+    MAX_DEPTH,
+    Node,
+    PieceOperand,
+    ProgramBuilder,
+    layout_key,
+    make_op,
+    run_programs,
 )
+from gpupool.client.operands import INLINE_LIMIT, buffer_operand, constant_operand, is_scalar, scalar_operand
 from gpupool.client.pool import Piece, Pool
-from gpupool.protocol.codec import check_dtype, meta_of
+from gpupool.protocol.codec import check_dtype
 
 if TYPE_CHECKING:
     from gpupool.client.array import RemoteArray
 
-__all__ = ["cast", "elementwise", "matmul", "reduce", "replicate", "run_programs"]
-
-Operand = Callable[[Piece], agent_pb2.Operand]
-
-
-@dataclass(slots=True)
-class Program:
-    """The ops for one lead shard, and what they create, fetch and free."""
-
-    place: Piece
-    ops: list[agent_pb2.Op] = field(default_factory=list)
-    fetch: list[str] = field(default_factory=list)
-    free: list[str] = field(default_factory=list)
-    creates: list[Piece] = field(default_factory=list)
-
-
-def run_programs(pool: Pool, programs: Sequence[Program], *, what: str) -> list[dict[str, np.ndarray]]:
-    """Run programs concurrently; returns each one's fetched arrays.
-
-    Raises:
-        The first failure, after freeing what the successful programs created.
-    """
-
-    async def go() -> list[dict[str, np.ndarray]]:
-        calls = [
-            pool.channel(p.place.agent_id, p.place.endpoint).execute(
-                p.place.worker, p.ops, session=pool.session, fetch=p.fetch, free=p.free
-            )
-            for p in programs
-        ]
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        await pool.raise_after_cleanup(results, [p.creates for p in programs])
-        return [r for r in results if isinstance(r, dict)]
-
-    return pool.run(go(), timeout=pool.timeouts.rpc, what=what)
+__all__ = ["cast", "elementwise", "matmul", "reduce", "replicate"]
 
 
 def replicate(pool: Pool, host: np.ndarray, pieces: Sequence[Piece]) -> dict[tuple[str, int], str]:
@@ -82,70 +49,21 @@ def replicate(pool: Pool, host: np.ndarray, pieces: Sequence[Piece]) -> dict[tup
     return {copy.place: copy.buffer_id for copy in copies}
 
 
-def _op(
-    name: str,
-    inputs: Sequence[agent_pb2.Operand],
-    output: str,
-    dtype: np.dtype[Any],
-    shape: tuple[int, ...],
-    axis: int | None = None,
-) -> agent_pb2.Op:
-    return agent_pb2.Op(
-        op=name,
-        inputs=inputs,
-        output=output,
-        expect=meta_of(dtype, shape),
-        has_axis=axis is not None,
-        axis=axis or 0,
-    )
+def _pending(
+    pool: Pool, shape: tuple[int, ...], dtype: np.dtype[Any], lead: RemoteArray, node: Node
+) -> RemoteArray:
+    from gpupool.client.array import RemoteArray
+
+    result = RemoteArray(pool, shape, dtype, lead.layout, node=node)
+    if node.depth >= MAX_DEPTH:
+        result.persist()
+    return result
 
 
-def _same_layout(a: RemoteArray, b: RemoteArray) -> bool:
-    return [(p.place, p.start, p.stop) for p in a.pieces] == [(p.place, p.start, p.stop) for p in b.pieces]
+def _depth(args: Sequence[object]) -> int:
+    from gpupool.client.array import RemoteArray
 
-
-class _Operands:
-    """Per-shard operands for one operation, and the temporary buffers they needed."""
-
-    def __init__(self, lead: RemoteArray) -> None:
-        self.lead = lead
-        self.temporaries: list[Piece] = []
-
-    def of(self, value: object, *, aligned: bool) -> Operand:
-        """An operand builder for ``value``: a remote array, a host array or a scalar."""
-        from gpupool.client.array import RemoteArray
-
-        if isinstance(value, RemoteArray):
-            if aligned and _same_layout(value, self.lead):
-                ids = {p.start: p.buffer_id for p in value.pieces}
-                return lambda piece: buffer_operand(ids[piece.start])
-            value = value.get()  # another layout, or a broadcast operand: bring it over once
-        if is_scalar(value):
-            operand = scalar_operand(value)
-            return lambda piece: operand
-        host = np.asarray(value, order="C")
-        if not aligned:
-            if host.nbytes > INLINE_LIMIT:
-                raise UsageError(
-                    f"a broadcast operand of {host.nbytes} bytes is too large to send with each "
-                    "program; pool.asarray it with the same rows instead"
-                )
-            operand = constant_operand(host)
-            return lambda piece: operand
-        if host.nbytes <= INLINE_LIMIT:
-            return lambda piece: constant_operand(host[piece.start : piece.stop])
-        pool = self.lead.pool
-        temps = [piece.with_buffer(pool.new_buffer_id()) for piece in self.lead.pieces]
-        pool.run(
-            pool.upload_pieces(host, temps), timeout=pool.timeouts.for_stream(host.nbytes), what="upload"
-        )
-        self.temporaries.extend(temps)
-        ids = {p.start: p.buffer_id for p in temps}
-        return lambda piece: buffer_operand(ids[piece.start])
-
-    def temporaries_of(self, piece: Piece) -> list[str]:
-        """Temporary buffer ids on ``piece``'s rows, freed by its program."""
-        return [t.buffer_id for t in self.temporaries if t.start == piece.start and t.place == piece.place]
+    return 1 + max((a.depth for a in args if isinstance(a, RemoteArray)), default=0)
 
 
 def _normalize(value: object) -> object:
@@ -171,13 +89,39 @@ def _probe(value: object) -> object:
     return np.zeros((), dtype) if dtype is not None and not isinstance(value, np.generic) else value
 
 
+def _argument(lead: RemoteArray, value: object, *, aligned: bool) -> RemoteArray | PieceOperand:
+    """``value`` as an argument of a node led by ``lead``: a remote array with its layout, or an operand."""
+    from gpupool.client.array import RemoteArray
+
+    if isinstance(value, RemoteArray):
+        if aligned and layout_key(value.layout) == layout_key(lead.layout):
+            return value
+        value = value.get()  # another layout, or a broadcast operand: bring it over once
+    if is_scalar(value):
+        scalar = scalar_operand(value)
+        return lambda piece: scalar
+    host = np.asarray(value, order="C")
+    if not aligned:
+        if host.nbytes > INLINE_LIMIT:
+            raise UsageError(
+                f"a broadcast operand of {host.nbytes} bytes is too large to send with each "
+                "program; pool.asarray it with the same rows instead"
+            )
+        constant = constant_operand(host)
+        return lambda piece: constant
+    if host.nbytes <= INLINE_LIMIT:
+        return lambda piece: constant_operand(host[piece.start : piece.stop])
+    return lead.pool.asarray_like(host, lead)  # large and row-aligned: upload it with the lead's layout
+
+
 def elementwise(name: str, inputs: Sequence[object]) -> RemoteArray:
     """Apply the NumPy ufunc or function ``name`` elementwise, with NumPy broadcasting and promotion.
+
+    The result is pending: it runs, fused with what follows, when a result is needed.
 
     Raises:
         ShapeMismatch: the operands do not broadcast, or broadcasting would move the sharded axis.
         UnsupportedDType: an operand or the result has a dtype gpupool does not carry.
-        RemoteKernelError: an agent's kernel failed (e.g. integers to negative powers).
     """
     from gpupool.client.array import RemoteArray
 
@@ -204,24 +148,11 @@ def elementwise(name: str, inputs: Sequence[object]) -> RemoteArray:
         raise ShapeMismatch(
             name,
             shapes,
-            "broadcasting would spread a remote array over rows it does not "
-            "hold; pool.asarray the larger operand first",
+            "broadcasting would spread a remote array over rows it does not hold; pool.asarray the larger "
+            "operand first",
         )
-    operands = _Operands(lead)
-    builders = [operands.of(v, aligned=carries_rows(v) and rows > 1) for v in values]
-    programs = []
-    for piece in lead.pieces:
-        out = piece.with_buffer(pool.new_buffer_id())
-        op = _op(
-            name,
-            [b(piece) for b in builders],
-            out.buffer_id,
-            dtype,
-            (piece.stop - piece.start, *result_shape[1:]),
-        )
-        programs.append(Program(piece, [op], free=operands.temporaries_of(piece), creates=[out]))
-    run_programs(pool, programs, what=name)
-    return RemoteArray(pool, result_shape, dtype, [p.creates[0] for p in programs])
+    args = tuple(_argument(lead, v, aligned=carries_rows(v) and rows > 1) for v in values)
+    return _pending(pool, result_shape, dtype, lead, Node(name, args, depth=_depth(args)))
 
 
 def _reduced_dtype(op: str, dtype: np.dtype[Any]) -> np.dtype[Any]:
@@ -231,13 +162,14 @@ def _reduced_dtype(op: str, dtype: np.dtype[Any]) -> np.dtype[Any]:
 def reduce(array: RemoteArray, op: str, axis: int | None) -> Any:
     """``array.<op>(axis=axis)`` for sum, prod, max, min, mean, any and all.
 
-    Over all elements or over axis 0 (the sharded one), each shard reduces to a partial that the client
-    combines: the result is a NumPy scalar or array. Over another axis the result stays remote, sharded
-    like ``array``.
+    Over all elements or over axis 0 (the sharded one), each shard computes what is pending and reduces it
+    to a partial in the same program; the client combines the partials: the result is a NumPy scalar or
+    array. Over another axis the result is a pending remote array, sharded like ``array``.
 
     Raises:
         numpy.exceptions.AxisError: an axis ``array`` does not have.
         ValueError: max or min of an empty array (as NumPy).
+        RemoteError: an agent refused the program.
     """
     array.check()
     pool, shape = array.pool, array.shape
@@ -247,51 +179,28 @@ def reduce(array: RemoteArray, op: str, axis: int | None) -> Any:
             raise np.exceptions.AxisError(axis, len(shape))
         axis %= len(shape)
     if axis is not None and axis > 0:
-        from gpupool.client.array import RemoteArray
-
         out_shape = shape[:axis] + shape[axis + 1 :]
-        programs = []
-        for piece in array.pieces:
-            out = piece.with_buffer(pool.new_buffer_id())
-            rows_shape = (piece.stop - piece.start, *out_shape[1:])
-            programs.append(
-                Program(
-                    piece,
-                    [
-                        _op(
-                            op,
-                            [buffer_operand(piece.buffer_id)],
-                            out.buffer_id,
-                            result_dtype,
-                            rows_shape,
-                            axis,
-                        )
-                    ],
-                    creates=[out],
-                )
-            )
-        run_programs(pool, programs, what=op)
-        return RemoteArray(pool, out_shape, result_dtype, [p.creates[0] for p in programs])
-    # Partials over all elements or over rows, combined here.
+        node = Node(op, (array,), axis=axis, depth=_depth([array]))
+        return _pending(pool, out_shape, result_dtype, array, node)
     partial_op = "sum" if op == "mean" else op
     partial_dtype = np.dtype(np.float64) if op == "mean" else result_dtype  # means add up in float64
-    pieces = [p for p in array.pieces if p.stop > p.start]
-    if not pieces:
+    nonempty = [(i, p) for i, p in enumerate(array.layout) if p.stop > p.start]
+    if not nonempty:
         return getattr(np, op)(np.empty(shape, array.dtype), axis=axis)  # NumPy's own answer or error
     partial_shape = () if axis is None else shape[1:]
     programs = []
-    for piece in pieces:
-        tmp = pool.new_buffer_id()
-        programs.append(
-            Program(
-                piece,
-                [_op(partial_op, [buffer_operand(piece.buffer_id)], tmp, partial_dtype, partial_shape, axis)],
-                fetch=[tmp],
-                free=[tmp],
-            )
+    for index, piece in nonempty:
+        builder = ProgramBuilder(pool, index, piece)
+        source = builder.emit(array)
+        partial = pool.new_buffer_id()
+        builder.program.ops.append(
+            make_op(partial_op, [buffer_operand(source)], partial, partial_dtype, partial_shape, axis)
         )
+        builder.program.fetch.append(partial)
+        builder.program.free.append(partial)
+        programs.append(builder.program)
     fetched = run_programs(pool, programs, what=op)
-    partials = np.stack([f[p.fetch[0]] for f, p in zip(fetched, programs, strict=True)])
+    partials = np.stack([f[p.fetch[-1]] for f, p in zip(fetched, programs, strict=True)])
     combine: Callable[..., Any] = getattr(np, "sum" if op == "mean" else op)
     combined = combine(partials, axis=0)
     if op == "mean":
@@ -318,63 +227,26 @@ def matmul(x: RemoteArray, w: object) -> RemoteArray:
     w_shape = _shape(w_value)
     if x.ndim != 2 or len(w_shape) not in (1, 2) or x.shape[1] != w_shape[0]:
         raise ShapeMismatch("matmul", (x.shape, w_shape), "need (n, k) @ (k, m) or (n, k) @ (k,)")
-    w_dtype = w_value.dtype
-    dtype = check_dtype(np.matmul(np.zeros((1, 1), x.dtype), np.zeros((1,) * len(w_shape), w_dtype)).dtype)
-    out_tail = w_shape[1:]
-    temporaries: dict[tuple[str, int], str] = {}
-    constant: agent_pb2.Operand | None = None
-    if isinstance(w_value, RemoteArray):
-        buffers = w_value.replicate_to(x.pieces)  # kept with w, so the next x @ w sends nothing
+    dtype = check_dtype(
+        np.matmul(np.zeros((1, 1), x.dtype), np.zeros((1,) * len(w_shape), w_value.dtype)).dtype
+    )
+    argument: PieceOperand
+    if isinstance(w_value, np.ndarray) and w_value.nbytes <= INLINE_LIMIT:
+        constant = constant_operand(np.asarray(w_value, order="C"))
+        argument = lambda piece: constant  # noqa: E731 - a per-shard operand, as the graph expects
     else:
-        host = np.asarray(w_value, order="C")
-        if host.nbytes <= INLINE_LIMIT:
-            constant = constant_operand(host)
-        else:  # too large to ride along: one temporary copy per worker, freed after the programs
-            buffers = temporaries = replicate(pool, host, x.pieces)
+        # Copies on each worker, made once and kept with w (a large host w gets a remote twin for this).
+        remote_w = w_value if isinstance(w_value, RemoteArray) else pool.asarray(w_value)
+        buffers = remote_w.replicate_to(x.layout)
 
-    def operand(piece: Piece) -> agent_pb2.Operand:
-        return constant if constant is not None else buffer_operand(buffers[piece.place])
+        def argument(piece: Piece, remote_w: RemoteArray = remote_w) -> agent_pb2.Operand:
+            return buffer_operand(buffers[piece.place])
 
-    programs = []
-    for piece in x.pieces:
-        out = piece.with_buffer(pool.new_buffer_id())
-        op = _op(
-            "matmul",
-            [buffer_operand(piece.buffer_id), operand(piece)],
-            out.buffer_id,
-            dtype,
-            (piece.stop - piece.start, *out_tail),
-        )
-        programs.append(Program(piece, [op], creates=[out]))
-    try:
-        run_programs(pool, programs, what="matmul")
-    finally:
-        if temporaries:  # after every program: two shards on one worker share the copy
-            by_place = {p.place: p for p in x.pieces}
-            pool.run(
-                pool.free_now([by_place[place].with_buffer(b) for place, b in temporaries.items()]),
-                timeout=pool.timeouts.rpc,
-                what="free",
-            )
-    return RemoteArray(pool, (x.shape[0], *out_tail), dtype, [p.creates[0] for p in programs])
+    node = Node("matmul", (x, argument), depth=_depth([x]))
+    return _pending(pool, (x.shape[0], *w_shape[1:]), dtype, x, node)
 
 
 def cast(array: RemoteArray, dtype: np.dtype[Any]) -> RemoteArray:
-    """``array.astype(dtype)``, converted where the shards live."""
-    from gpupool.client.array import RemoteArray
-
+    """``array.astype(dtype)``, converted where the shards live (pending, like any elementwise op)."""
     array.check()
-    pool = array.pool
-    programs = []
-    for piece in array.pieces:
-        out = piece.with_buffer(pool.new_buffer_id())
-        shape = (piece.stop - piece.start, *array.shape[1:])
-        programs.append(
-            Program(
-                piece,
-                [_op("astype", [buffer_operand(piece.buffer_id)], out.buffer_id, dtype, shape)],
-                creates=[out],
-            )
-        )
-    run_programs(pool, programs, what="astype")
-    return RemoteArray(pool, array.shape, dtype, [p.creates[0] for p in programs])
+    return _pending(array.pool, array.shape, dtype, array, Node("astype", (array,), depth=_depth([array])))

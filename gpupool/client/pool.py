@@ -118,6 +118,11 @@ class Pool:
         """A buffer id unique to this session."""
         return new_buffer_id(self.session, next(self._serial))
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
     def check_open(self) -> None:
         """Raise :class:`ArrayFreed` once the pool is closed."""
         if self._closed:
@@ -179,6 +184,19 @@ class Pool:
         host = np.ascontiguousarray(host, dtype=host.dtype.newbyteorder("="))
         pieces = self.run(
             self._upload(host), timeout=self.timeouts.for_stream(host.nbytes) * 2, what="upload"
+        )
+        return RemoteArray(self, host.shape, host.dtype, pieces)
+
+    def asarray_like(self, host: np.ndarray, like: RemoteArray) -> RemoteArray:
+        """Upload ``host`` with the same rows on the same workers as ``like`` (so they meet in programs)."""
+        from gpupool.client.array import RemoteArray
+
+        self.check_open()
+        host = np.ascontiguousarray(host)
+        check_dtype(host.dtype)
+        pieces = [p.with_buffer(self.new_buffer_id()) for p in like.layout]
+        self.run(
+            self.upload_pieces(host, pieces), timeout=self.timeouts.for_stream(host.nbytes) * 2, what="upload"
         )
         return RemoteArray(self, host.shape, host.dtype, pieces)
 

@@ -55,11 +55,11 @@ def test_a_result_over_the_memory_limit_is_refused_and_nothing_is_lost(pool: gp.
     rows = int(AGENT_MEMORY * 0.15) // (8 * 256)  # x takes ~15% of each agent's limit
     a = np.random.default_rng(0).standard_normal((rows * 2, 256))
     x = pool.asarray(a)
-    kept = [x + i for i in range(3)]  # ~60% of each agent's limit in use
+    kept = list(gp.persist(*(x + i for i in range(3))))  # ~60% of each agent's limit in use
 
     def fill_up() -> None:
         for _ in range(6):
-            kept.append(x * 2)
+            kept.append((x * 2).persist())
 
     with pytest.raises(gp.DeviceOutOfMemory) as info:
         fill_up()
@@ -102,7 +102,7 @@ def test_a_call_for_a_buffer_the_agent_freed_raises_buffer_not_found(pool: gp.Po
     other = pool.asarray(a * 7)
     pool.run(pool.free_now(x.pieces), timeout=10, what="free")  # gone on the agents, not on the handle
     with pytest.raises(gp.BufferNotFound) as info:
-        x * 2
+        (x * 2).persist()
     assert info.value.buffer_id in {p.buffer_id for p in x.pieces}
     with pytest.raises(gp.BufferNotFound):
         x.get()

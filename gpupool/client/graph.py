@@ -1,0 +1,180 @@
+"""Deferred work: elementwise ops, matmuls and per-row reductions are recorded, then run as one program
+per shard when a result is needed.
+
+A pending :class:`~gpupool.client.array.RemoteArray` holds a :class:`Node` (an op and its arguments) and
+its row layout, but no buffers. :func:`materialize` turns any number of pending arrays into resident ones:
+for each shard it walks the graph, emits every op once, keeps the targets' outputs and frees the
+intermediates at the end of the same program, so a chain such as ``((x * 2 + 1) ** 2).sum()`` is a
+single round trip per shard that the agent can fuse. Intermediates the caller still holds are not kept:
+they are computed again if they are used later (as in Dask).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
+
+import numpy as np
+
+from gpupool._proto.v1 import agent_pb2
+from gpupool.client.operands import buffer_operand
+from gpupool.client.pool import Piece, Pool
+from gpupool.protocol.codec import meta_of
+
+if TYPE_CHECKING:
+    from gpupool.client.array import RemoteArray
+
+__all__ = ["MAX_DEPTH", "Node", "Program", "ProgramBuilder", "layout_key", "materialize", "run_programs"]
+
+#: Longer chains are materialized as they grow, so programs and client-side recursion stay bounded.
+MAX_DEPTH: Final = 48
+
+PieceOperand: TypeAlias = Callable[[Piece], agent_pb2.Operand]
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """A deferred op: its arguments are remote arrays with the result's row layout, or per-shard operands
+    (scalars, inline constants, replicated buffers)."""
+
+    op: str
+    args: tuple[RemoteArray | PieceOperand, ...]
+    axis: int | None = None
+    depth: int = 1
+
+
+@dataclass(slots=True)
+class Program:
+    """The ops for one shard, and what they create, fetch and free."""
+
+    place: Piece
+    ops: list[agent_pb2.Op] = field(default_factory=list)
+    fetch: list[str] = field(default_factory=list)
+    free: list[str] = field(default_factory=list)
+    creates: list[Piece] = field(default_factory=list)
+
+
+def layout_key(pieces: Sequence[Piece]) -> tuple[tuple[tuple[str, int], int, int], ...]:
+    """What two arrays must share for their shards to meet in one program."""
+    return tuple((p.place, p.start, p.stop) for p in pieces)
+
+
+def make_op(
+    name: str,
+    inputs: Sequence[agent_pb2.Operand],
+    output: str,
+    dtype: np.dtype[Any],
+    shape: tuple[int, ...],
+    axis: int | None = None,
+) -> agent_pb2.Op:
+    """One Op message."""
+    return agent_pb2.Op(
+        op=name,
+        inputs=inputs,
+        output=output,
+        expect=meta_of(dtype, shape),
+        has_axis=axis is not None,
+        axis=axis or 0,
+    )
+
+
+class ProgramBuilder:
+    """Emits the ops that compute pending arrays on one shard (index ``index`` of their common layout)."""
+
+    def __init__(self, pool: Pool, index: int, piece: Piece) -> None:
+        self.pool = pool
+        self.index = index
+        self.piece = piece
+        self.program = Program(piece)
+        self._emitted: dict[int, str] = {}
+
+    def emit(self, array: RemoteArray, *, keep: bool = False) -> str:
+        """The buffer id holding ``array``'s rows on this shard, emitting ops as needed.
+
+        With ``keep``, the output survives the program (it becomes the array's buffer); otherwise it is freed
+        at the program's end.
+        """
+        node = array.node
+        if node is None:
+            array.check()
+            return array.layout[self.index].buffer_id
+        key = id(array)
+        if key in self._emitted:
+            out = self._emitted[key]
+            if keep and out in self.program.free:  # wanted after all: promote the temporary
+                self.program.free.remove(out)
+                self.program.creates.append(self.piece.with_buffer(out))
+            return out
+        inputs = [
+            buffer_operand(self.emit(arg)) if not callable(arg) else arg(self.piece) for arg in node.args
+        ]
+        out = self.pool.new_buffer_id()
+        rows = self.piece.stop - self.piece.start
+        self.program.ops.append(
+            make_op(node.op, inputs, out, array.dtype, (rows, *array.shape[1:]), node.axis)
+        )
+        if keep:
+            self.program.creates.append(self.piece.with_buffer(out))
+        else:
+            self.program.free.append(out)
+        self._emitted[key] = out
+        return out
+
+
+def run_programs(pool: Pool, programs: Sequence[Program], *, what: str) -> list[dict[str, np.ndarray]]:
+    """Run programs concurrently; returns each one's fetched arrays.
+
+    Raises:
+        The first failure, after freeing what the successful programs created.
+    """
+
+    async def go() -> list[dict[str, np.ndarray]]:
+        calls = [
+            pool.channel(p.place.agent_id, p.place.endpoint).execute(
+                p.place.worker, p.ops, session=pool.session, fetch=p.fetch, free=p.free
+            )
+            for p in programs
+            if p.ops or p.fetch or p.free
+        ]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        busy = [p for p in programs if p.ops or p.fetch or p.free]
+        await pool.raise_after_cleanup(results, [p.creates for p in busy])
+        by_program = iter(r for r in results if isinstance(r, dict))
+        return [next(by_program) if (p.ops or p.fetch or p.free) else {} for p in programs]
+
+    return pool.run(go(), timeout=pool.timeouts.rpc, what=what)
+
+
+def materialize(pool: Pool, arrays: Sequence[RemoteArray]) -> None:
+    """Compute every pending array in ``arrays`` and keep the results resident, in one round of programs
+    (one per shard and layout, all concurrent).
+
+    Raises:
+        RemoteError: an agent refused a program; no array is changed and nothing created is kept.
+    """
+    targets: list[RemoteArray] = []
+    for array in arrays:
+        if array.node is not None and all(array is not t for t in targets):
+            targets.append(array)
+    if not targets:
+        return
+    groups: dict[tuple[Any, ...], list[RemoteArray]] = {}
+    for array in targets:
+        groups.setdefault(layout_key(array.layout), []).append(array)
+    programs: list[Program] = []
+    outputs: list[tuple[RemoteArray, list[Piece]]] = []
+    for members in groups.values():
+        layout = members[0].layout
+        kept: dict[int, list[Piece]] = {id(a): [] for a in members}
+        for index, piece in enumerate(layout):
+            builder = ProgramBuilder(pool, index, piece)
+            for array in members:
+                out = builder.emit(array, keep=True)
+                kept[id(array)].append(piece.with_buffer(out))
+            programs.append(builder.program)
+        outputs.extend((a, kept[id(a)]) for a in members)
+    run_programs(pool, programs, what="compute")
+    for array, pieces in outputs:
+        array.commit(pieces)

@@ -1,0 +1,95 @@
+"""Deferred execution: ops are recorded, then run as one program per shard when a result is needed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gpupool as gp
+
+
+def used(pool: gp.Pool) -> int:
+    return sum(a.memory_used for a in pool.agents())
+
+
+def test_ops_are_pending_until_a_result_is_needed(pool: gp.Pool) -> None:
+    a = np.arange(4000, dtype=np.float64).reshape(1000, 4)
+    x = pool.asarray(a)
+    y = np.tanh(x * 2 + 1) - x
+    assert y.pending
+    assert y.depth == 4
+    assert [s.rows for s in y.shards] == [s.rows for s in x.shards]  # the layout is known before computing
+    assert y.persist() is y
+    assert not y.pending
+    np.testing.assert_allclose(y.get(), np.tanh(a * 2 + 1) - a)
+
+
+def test_a_chain_and_its_reduction_are_one_round_trip_that_keeps_nothing(pool: gp.Pool) -> None:
+    a = np.random.default_rng(3).standard_normal((20_000, 16)).astype(np.float32)
+    x = pool.asarray(a)
+    before = used(pool)
+    total = ((x * 2 + 1) ** 2).sum()
+    np.testing.assert_allclose(total, ((a * 2 + 1) ** 2).sum(dtype=np.float64), rtol=1e-4)
+    assert used(pool) == before  # the intermediates were freed inside the program
+
+
+def test_many_independent_ops_persist_together(pool: gp.Pool) -> None:
+    a = np.arange(1000, dtype=np.int64)
+    x = pool.asarray(a)
+    results = gp.persist(*(x + i for i in range(200)))
+    assert not any(r.pending for r in results)
+    for i in (0, 57, 199):
+        np.testing.assert_array_equal(results[i].get(), a + i)
+
+
+def test_shared_intermediates_are_computed_once_per_program_and_kept_when_asked(pool: gp.Pool) -> None:
+    a = np.linspace(-1, 1, 3000).reshape(1000, 3)
+    x = pool.asarray(a)
+    y = x * 3
+    z = y + 1
+    w = y * y
+    gp.persist(z, y, w)  # z depends on y, which is also a target: y's output is kept, not freed
+    assert not y.pending
+    np.testing.assert_allclose(y.get(), a * 3)
+    np.testing.assert_allclose(z.get(), a * 3 + 1)
+    np.testing.assert_allclose(w.get(), (a * 3) ** 2)
+
+
+def test_an_intermediate_is_recomputed_when_used_later(pool: gp.Pool) -> None:
+    a = np.arange(300, dtype=np.float32).reshape(100, 3)
+    x = pool.asarray(a)
+    y = x + 1
+    z = (y * 2).persist()
+    assert y.pending
+    np.testing.assert_array_equal(y.get(), a + 1)
+    np.testing.assert_array_equal(z.get(), (a + 1) * 2)
+
+
+def test_long_chains_are_materialized_as_they_grow(pool: gp.Pool) -> None:
+    a = np.zeros((500, 2), np.int64)
+    x = pool.asarray(a)
+    for _ in range(150):
+        x = x + 1
+    assert x.depth < 150
+    np.testing.assert_array_equal(x.get(), a + 150)
+
+
+def test_matmul_and_row_reductions_are_deferred_too(pool: gp.Pool) -> None:
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((800, 32))
+    w = rng.standard_normal((32, 8))
+    x = pool.asarray(a)
+    y = np.tanh(x @ w) * 2 + 1
+    row_max = y.max(axis=1)
+    assert y.pending
+    assert row_max.pending
+    np.testing.assert_allclose(row_max.get(), (np.tanh(a @ w) * 2 + 1).max(axis=1))
+    np.testing.assert_allclose(y.mean(axis=0), (np.tanh(a @ w) * 2 + 1).mean(axis=0))
+
+
+def test_freeing_an_input_of_a_pending_array_is_caught(pool: gp.Pool) -> None:
+    x = pool.asarray(np.ones((10, 2)))
+    y = x + 1
+    x.free()
+    with pytest.raises(gp.ArrayFreed):
+        y.get()
