@@ -110,8 +110,17 @@ def render(results: list[Result]) -> str:
         ratio = f"{r.ratio:.2f}x" if r.ratio is not None else ""
         target = f">= {r.target:g}x" if r.target is not None else ""
         met = {True: "met", False: "MISSED", None: ""}[r.met]
-        rows.append([r.section, r.name + (f" [{r.note}]" if r.note else ""), _fmt(r.value, r.unit), base, ratio,
-                     target, met])
+        rows.append(
+            [
+                r.section,
+                r.name + (f" [{r.note}]" if r.note else ""),
+                _fmt(r.value, r.unit),
+                base,
+                ratio,
+                target,
+                met,
+            ]
+        )
     widths = [max(len(str(row[i])) for row in [headers, *rows]) for i in range(len(headers))]
     lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(headers, widths, strict=True)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
@@ -122,8 +131,12 @@ def render(results: list[Result]) -> str:
 
 def machine() -> dict[str, Any]:
     """What ran the benchmark."""
-    info: dict[str, Any] = {"cpus": os.cpu_count(), "python": platform.python_version(),
-                            "platform": platform.platform(), "processor": platform.processor()}
+    info: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+    }
     try:
         with open("/proc/cpuinfo") as f:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
@@ -134,6 +147,12 @@ def machine() -> dict[str, Any]:
         import numpy
 
         info["numpy"] = numpy.__version__
+        from threadpoolctl import threadpool_info
+
+        info["blas"] = [
+            {k: i.get(k) for k in ("internal_api", "architecture", "num_threads", "version")}
+            for i in threadpool_info()
+        ]
     except ImportError:
         pass
     return info
@@ -141,7 +160,11 @@ def machine() -> dict[str, Any]:
 
 def write_json(path: str, results: list[Result], extra: dict[str, Any] | None = None) -> None:
     """Write the results, the machine and ``extra`` as JSON."""
-    payload = {"machine": machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "results": [r.as_dict() for r in results], **(extra or {})}
+    payload = {
+        "machine": machine(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "results": [r.as_dict() for r in results],
+        **(extra or {}),
+    }
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)

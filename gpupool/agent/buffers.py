@@ -205,6 +205,12 @@ class BufferRegistry:
             )
         return buffer
 
+    def nbytes_of(self, buffer_id: str) -> int:
+        """The size of a resident buffer, 0 for an id it does not hold (no refusal: a cheap look-up)."""
+        with self._lock:
+            buffer = self._buffers.get(buffer_id)
+        return buffer.nbytes if buffer is not None else 0
+
     def contains(self, buffer_id: str) -> bool:
         """Whether ``buffer_id`` is resident or reserved."""
         with self._lock:

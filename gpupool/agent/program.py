@@ -10,7 +10,7 @@ failing program leaves nothing behind.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from gpupool._proto.v1 import agent_pb2
@@ -21,10 +21,35 @@ from gpupool.agent.ops import Expected, apply_op, arity, constant_array, expecte
 from gpupool.protocol.codec import meta_of
 from gpupool.protocol.errors import RpcRefusal
 
-__all__ = ["FETCH_LIMIT", "ProgramCancelled", "run_program"]
+__all__ = ["FETCH_LIMIT", "SMALL_ELEMENTS", "ProgramCancelled", "is_small", "run_program"]
 
 #: Most bytes an Execute returns inline (docs/contracts.md); larger results are downloaded.
 FETCH_LIMIT: Final = 16 << 20
+
+
+#: A program whose results hold at most this many elements in all runs without a thread hop (NumPy).
+SMALL_ELEMENTS: Final = 1 << 14
+
+
+def is_small(request: agent_pb2.ExecuteRequest, resident_nbytes: Callable[[str], int]) -> bool:
+    """Whether ``request`` is cheap enough to run on the agent's event loop (see ``Worker.call``): no
+    matmul, and its results and the resident buffers it reads hold few elements in all."""
+    produced: set[str] = set()
+    budget = SMALL_ELEMENTS * 8  # bytes, counting float64
+    for op in request.ops:
+        if op.op == "matmul":
+            return False
+        for item in op.inputs:
+            if item.WhichOneof("kind") == "buffer" and item.buffer not in produced:
+                budget -= resident_nbytes(item.buffer)
+        count = 8
+        for n in op.expect.shape:
+            count *= n
+        budget -= count
+        if budget < 0:
+            return False
+        produced.add(op.output)
+    return True
 
 
 class ProgramCancelled(Exception):

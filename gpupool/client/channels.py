@@ -6,16 +6,19 @@ gpupool exceptions here and nowhere else in the client.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Sequence
 
 import grpc
 import numpy as np
 
 from gpupool._config import CHUNK_BYTES, MAX_MESSAGE_BYTES, Timeouts
-from gpupool._errors import StreamClosed
+from gpupool._errors import FrameDecodeError, StreamClosed
 from gpupool._proto.v1 import agent_pb2, agent_pb2_grpc
 from gpupool.protocol.codec import array_from_bytes, check_dtype, iter_chunks, meta_of, shape_of
 from gpupool.protocol.errors import translate_rpc_error
+from gpupool.protocol.rawstream import DOWNLOAD_RAW, UPLOAD_RAW, decode_message
 
 __all__ = ["CHANNEL_OPTIONS", "AgentChannel"]
 
@@ -25,6 +28,8 @@ CHANNEL_OPTIONS = (
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
 )
+
+log = logging.getLogger(__name__)
 
 
 class AgentChannel:
@@ -42,6 +47,10 @@ class AgentChannel:
         self._timeouts = timeouts
         self._channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
         self._stub = agent_pb2_grpc.AgentStub(self._channel)  # type: ignore[no-untyped-call]
+        # The raw byte streams (gpupool.protocol.rawstream): no serializers, bytes in and out.
+        self._upload_raw = self._channel.stream_unary(UPLOAD_RAW, None, None)
+        self._download_raw = self._channel.unary_stream(DOWNLOAD_RAW, None, None)
+        self._raw = True  # False once the agent answered UNIMPLEMENTED (it predates them)
 
     def _error(self, exc: grpc.aio.AioRpcError) -> Exception:
         return translate_rpc_error(exc, peer=self.endpoint, agent_id=self.agent_id)
@@ -56,6 +65,14 @@ class AgentChannel:
         header = agent_pb2.UploadHeader(
             buffer_id=buffer_id, worker=worker, meta=meta_of(host.dtype, host.shape), session=session
         )
+        timeout = self._timeouts.for_stream(host.nbytes)
+        if self._raw:
+            try:
+                await self._upload_raw(_raw_upload(header, host), timeout=timeout)
+                return
+            except grpc.aio.AioRpcError as exc:
+                if not self._lacks_raw(exc):
+                    raise self._error(exc) from exc
 
         async def requests() -> AsyncIterator[agent_pb2.UploadRequest]:
             yield agent_pb2.UploadRequest(header=header)
@@ -63,7 +80,7 @@ class AgentChannel:
                 yield agent_pb2.UploadRequest(chunk=bytes(chunk))
 
         try:
-            await self._stub.Upload(requests(), timeout=self._timeouts.for_stream(host.nbytes))
+            await self._stub.Upload(requests(), timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
 
@@ -74,31 +91,65 @@ class AgentChannel:
             BufferNotFound: the agent does not hold it.
             StreamClosed: the stream ended early or carried the wrong size.
         """
-        target = out.reshape(-1).view(np.uint8).data  # cast("B") refuses shapes with a zero in them
-        offset = 0
-        call = self._stub.Download(
-            agent_pb2.DownloadRequest(buffer_id=buffer_id, chunk_bytes=CHUNK_BYTES),
-            timeout=self._timeouts.for_stream(out.nbytes),
-        )
+        request = agent_pb2.DownloadRequest(buffer_id=buffer_id, chunk_bytes=CHUNK_BYTES)
+        timeout = self._timeouts.for_stream(out.nbytes)
+        if self._raw:
+            try:
+                call = self._download_raw(request.SerializeToString(), timeout=timeout)
+                await self._fill(buffer_id, out, self._raw_messages(call))
+                return
+            except grpc.aio.AioRpcError as exc:
+                if not self._lacks_raw(exc):
+                    raise self._error(exc) from exc
         try:
-            async for message in call:
-                if message.WhichOneof("kind") == "meta":
-                    if check_dtype(message.meta.dtype) != out.dtype or shape_of(message.meta) != out.shape:
-                        raise StreamClosed(
-                            self.endpoint, f"buffer {buffer_id} is not {out.dtype}{list(out.shape)}"
-                        )
-                    continue
-                size = len(message.chunk)
-                if offset + size > len(target):
-                    raise StreamClosed(
-                        self.endpoint, f"buffer {buffer_id} sent more than {len(target)} bytes"
-                    )
-                target[offset : offset + size] = message.chunk
-                offset += size
+            await self._fill(buffer_id, out, _framed_messages(self._stub.Download(request, timeout=timeout)))
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
-        if offset != len(target):
-            raise StreamClosed(self.endpoint, f"buffer {buffer_id}: got {offset} of {len(target)} bytes")
+
+    def _lacks_raw(self, exc: grpc.aio.AioRpcError) -> bool:
+        """Whether the agent predates the raw methods (then use the protobuf ones from now on)."""
+        if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+            return False
+        log.info("agent %s at %s has no raw byte streams; using protobuf ones", self.agent_id, self.endpoint)
+        self._raw = False
+        return True
+
+    async def _raw_messages(self, call: AsyncIterable[bytes]) -> AsyncGenerator[agent_pb2.ArrayMeta | bytes]:
+        """A ``DownloadRaw`` stream: its meta parsed, then the chunks as they come."""
+        first = True
+        async for message in call:
+            if first:
+                first = False
+                try:
+                    yield decode_message(message, agent_pb2.ArrayMeta, what="a download's meta")
+                except FrameDecodeError as exc:
+                    raise StreamClosed(self.endpoint, str(exc)) from exc
+            else:
+                yield message
+
+    async def _fill(
+        self, buffer_id: str, out: np.ndarray, messages: AsyncGenerator[agent_pb2.ArrayMeta | bytes]
+    ) -> None:
+        """Check the stream's meta against ``out``, then copy each chunk into place."""
+        target = out.reshape(-1).view(np.uint8).data  # cast("B") refuses shapes with a zero in them
+        expected = len(target)
+        offset = 0
+        async with contextlib.aclosing(messages):
+            meta = await anext(messages, None)
+            if not isinstance(meta, agent_pb2.ArrayMeta):
+                raise StreamClosed(self.endpoint, f"buffer {buffer_id}: no meta opened the stream")
+            if check_dtype(meta.dtype) != out.dtype or shape_of(meta) != out.shape:
+                raise StreamClosed(self.endpoint, f"buffer {buffer_id} is not {out.dtype}{list(out.shape)}")
+            async for chunk in messages:
+                if not isinstance(chunk, bytes):
+                    raise StreamClosed(self.endpoint, f"buffer {buffer_id}: a second meta in its stream")
+                end = offset + len(chunk)
+                if end > expected:
+                    raise StreamClosed(self.endpoint, f"buffer {buffer_id} sent more than {expected} bytes")
+                target[offset:end] = chunk
+                offset = end
+        if offset != expected:
+            raise StreamClosed(self.endpoint, f"buffer {buffer_id}: got {offset} of {expected} bytes")
 
     async def execute(
         self,
@@ -135,3 +186,18 @@ class AgentChannel:
     async def close(self) -> None:
         """Close the channel."""
         await self._channel.close(grace=None)
+
+
+async def _raw_upload(header: agent_pb2.UploadHeader, host: np.ndarray) -> AsyncIterator[bytes]:
+    """An ``UploadRaw`` stream: the serialized header, then a copy of each chunk (gRPC sends bytes only)."""
+    yield header.SerializeToString()
+    for chunk in iter_chunks(host):
+        yield bytes(chunk)
+
+
+async def _framed_messages(
+    call: AsyncIterable[agent_pb2.DownloadChunk],
+) -> AsyncGenerator[agent_pb2.ArrayMeta | bytes]:
+    """A protobuf ``Download`` stream as the raw one reads: the meta, then chunks."""
+    async for message in call:
+        yield message.meta if message.WhichOneof("kind") == "meta" else message.chunk

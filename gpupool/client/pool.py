@@ -19,18 +19,21 @@ import numpy as np
 from gpupool._config import Timeouts, coordinator_address
 from gpupool._errors import ArrayFreed, ConnectError, DeadlineExceeded, UsageError
 from gpupool._ids import new_buffer_id
-from gpupool._proto.v1 import coordinator_pb2, coordinator_pb2_grpc
+from gpupool._proto.v1 import agent_pb2, agent_pb2_grpc, coordinator_pb2, coordinator_pb2_grpc
 from gpupool._version import __version__
 from gpupool.client._loop import LoopThread
 from gpupool.client.channels import CHANNEL_OPTIONS, AgentChannel
 from gpupool.client.types import AgentInfo, agent_info_from_record
-from gpupool.protocol.codec import check_dtype, meta_of
+from gpupool.protocol.codec import array_from_bytes, check_dtype, meta_of
 from gpupool.protocol.errors import translate_rpc_error
 
 if TYPE_CHECKING:
     from gpupool.client.array import RemoteArray
 
-__all__ = ["Piece", "Pool", "connect"]
+__all__ = ["FREE_DELAY", "Piece", "Pool", "connect"]
+
+#: Seconds a garbage-collected array's buffers wait for a program to carry their free (else a Free call).
+FREE_DELAY = 0.05
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -76,6 +79,9 @@ class Pool:
         self._serial = itertools.count(1)
         self._pending_free: dict[str, list[str]] = defaultdict(list)
         self._free_lock = threading.Lock()
+        self._agent_of: dict[str, str] = {}
+        self._sync_stubs: dict[str, agent_pb2_grpc.AgentStub] = {}
+        self._sync_channels: list[grpc.Channel] = []
         self._closed = False
         self._coordinator: coordinator_pb2_grpc.CoordinatorStub | None = None
         self._coordinator_channel: grpc.aio.Channel | None = None
@@ -113,6 +119,28 @@ class Pool:
         if channel is None:
             channel = self._channels[endpoint] = AgentChannel(agent_id, endpoint, self.timeouts)
         return channel
+
+    def execute_now(
+        self, place: Piece, ops: Sequence[agent_pb2.Op], *, fetch: Sequence[str], free: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        """Run one program from the calling thread, over a synchronous channel (see :meth:`channel`)."""
+        self.check_open()
+        stub = self._sync_stubs.get(place.endpoint)
+        if stub is None:
+            with self._free_lock:
+                if place.endpoint not in self._sync_stubs:
+                    channel = grpc.insecure_channel(place.endpoint, options=CHANNEL_OPTIONS)
+                    self._sync_channels.append(channel)
+                    self._sync_stubs[place.endpoint] = agent_pb2_grpc.AgentStub(channel)  # type: ignore[no-untyped-call]
+                stub = self._sync_stubs[place.endpoint]
+        request = agent_pb2.ExecuteRequest(
+            worker=place.worker, ops=ops, fetch=fetch, free=free, session=self.session
+        )
+        try:
+            reply = stub.Execute(request, timeout=self.timeouts.rpc)
+        except grpc.RpcError as exc:
+            raise translate_rpc_error(exc, peer=place.endpoint, agent_id=place.agent_id) from exc  # type: ignore[arg-type]
+        return {item.buffer_id: array_from_bytes(item.data, item.meta) for item in reply.fetched}
 
     def new_buffer_id(self) -> str:
         """A buffer id unique to this session."""
@@ -256,23 +284,33 @@ class Pool:
                 log.warning("freeing buffers failed: %s", result)
 
     def release(self, pieces: Iterable[Piece]) -> None:
-        """Free buffers soon, from any thread, without waiting (used when an array is garbage-collected)."""
+        """Free buffers soon, from any thread, without waiting (used when an array is garbage-collected).
+
+        The ids ride along with the next program sent to their agent; what no program picks up within
+        :data:`FREE_DELAY` seconds goes in one Free call per agent.
+        """
         if self._closed:
             return
         with self._free_lock:
             first = not self._pending_free
             for piece in pieces:
-                self._pending_free[piece.endpoint + "\0" + piece.agent_id].append(piece.buffer_id)
+                self._pending_free[piece.endpoint].append(piece.buffer_id)
+                self._agent_of[piece.endpoint] = piece.agent_id
         if first:
-            self._loop.call_soon(self._flush_frees)
+            self._loop.call_soon(lambda: self._loop.loop.call_later(FREE_DELAY, self._flush_frees))
+
+    def take_pending_frees(self, endpoint: str) -> list[str]:
+        """The buffer ids waiting to be freed on ``endpoint``, for a program to free on its way."""
+        with self._free_lock:
+            return self._pending_free.pop(endpoint, [])
 
     def _flush_frees(self) -> None:
         with self._free_lock:
             pending, self._pending_free = self._pending_free, defaultdict(list)
-        for key, ids in pending.items():
-            endpoint, agent_id = key.split("\0")
-            task = asyncio.ensure_future(self.channel(agent_id, endpoint).free(ids))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        for endpoint, ids in pending.items():
+            if ids:
+                task = asyncio.ensure_future(self.channel(self._agent_of[endpoint], endpoint).free(ids))
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def close(self) -> None:
         """Free every buffer this session made, end the session, and stop the loop. Idempotent."""
@@ -285,8 +323,11 @@ class Pool:
             log.warning("closing the pool: %s", exc)
         finally:
             self._loop.stop()
+            for channel in self._sync_channels:
+                channel.close()
 
     async def _close(self) -> None:
+        self._flush_frees()
         channels = list(self._channels.values())
         await asyncio.gather(*(c.free(session=self.session) for c in channels), return_exceptions=True)
         try:
