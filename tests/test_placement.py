@@ -8,7 +8,7 @@ import random
 import pytest
 
 from gpupool._errors import NoCapacity, PlacementError
-from gpupool.placement import RowShard, WorkerCapacity, place_rows
+from gpupool.placement import RowShard, WorkerCapacity, place_rows, split_rows
 
 
 def workers(*free: int) -> list[WorkerCapacity]:
@@ -143,3 +143,31 @@ def test_random_placements_are_contiguous_complete_and_within_capacity():
             for w in usable:
                 ideal = rows * max(w.free_bytes, 0) / total
                 assert abs(got.get((w.agent_id, w.worker), 0) - ideal) < 1, case
+
+
+def test_split_rows_is_place_rows_on_workers_in_layout_order():
+    rng = random.Random(1126)
+    for case in range(2000):
+        pool = sorted({(f"agent-{rng.randint(0, 9)}", rng.randint(0, 2)) for _ in range(rng.randint(1, 12))})
+        workers = [WorkerCapacity(a, "h:1", w, rng.choice([0, -5, rng.randint(0, 5000)])) for a, w in pool]
+        rows = rng.choice([0, 1, rng.randint(0, 20), rng.randint(0, 3000)])
+        row_bytes = rng.choice([0, 1, rng.randint(1, 16)])
+        free = [w.free_bytes for w in workers]
+        try:
+            shards = place_rows(rows, row_bytes, workers)
+        except NoCapacity:
+            with pytest.raises(NoCapacity):
+                split_rows(rows, row_bytes, free)
+            continue
+        position = {(w.agent_id, w.worker): i for i, w in enumerate(workers)}
+        expected = [(position[(s.agent_id, s.worker)], s.start, s.stop) for s in shards]
+        assert split_rows(rows, row_bytes, free) == expected, case
+
+
+def test_split_rows_refuses_what_place_rows_refuses():
+    with pytest.raises(PlacementError, match="no ready workers"):
+        split_rows(4, 4, [])
+    with pytest.raises(PlacementError):
+        split_rows(-1, 4, [100])
+    with pytest.raises(NoCapacity):
+        split_rows(3, 100, [150, 150])

@@ -4,12 +4,17 @@
 happened, as past-tense events. It keeps each agent's workers and their free memory: the worker's limit
 minus what it holds, from the newest of status and telemetry, minus what the coordinator placed there
 since that report (the upload may not have reached the agent's next report yet).
+
+It is built for pools of a thousand agents and more: applying a message costs the same however many
+agents there are, and what every Place or ListAgents call reads (the ready workers in layout order,
+the agents in listing order) is kept between calls and rebuilt only after a status changes it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -25,6 +30,7 @@ __all__ = [
     "AgentRestarted",
     "AgentStateChanged",
     "AgentWentOffline",
+    "ReadyWorkers",
     "Registry",
     "RegistryEvent",
     "WorkerMemory",
@@ -143,6 +149,40 @@ class AgentEntry:
         return int(self.status.state)
 
 
+@dataclass(frozen=True, slots=True)
+class ReadyWorkers:
+    """The workers that may take new rows, at one moment, in layout order: by agent id, then index.
+
+    Parallel sequences, one item per worker, as :func:`gpupool.placement.split_rows` takes them. Hand
+    its split to :meth:`Registry.reserve_split` before the next ``await``, while the figures hold.
+
+    Attributes:
+        agent_ids: each worker's agent.
+        endpoints: each worker's agent's data-plane address.
+        workers: each worker's index on its agent.
+        free: each worker's free bytes, as :attr:`WorkerMemory.free` reckoned them.
+        memory: the registry's own records of the workers, for :meth:`Registry.reserve_split` only.
+    """
+
+    agent_ids: Sequence[str]
+    endpoints: Sequence[str]
+    workers: Sequence[int]
+    free: Sequence[int]
+    memory: Sequence[WorkerMemory] = field(repr=False)
+
+    def __len__(self) -> int:
+        return len(self.free)
+
+
+def _placement_key(entry: AgentEntry) -> tuple[int, str, tuple[int, ...]]:
+    """What decides whether and where an agent's workers take rows (not their free memory)."""
+    return (entry.state, entry.status.endpoint, tuple(entry.memory))
+
+
+def _listing_key(entry: AgentEntry) -> tuple[str, str]:
+    return (entry.name, entry.agent_id)
+
+
 def _seconds(stamp: Timestamp) -> float:
     """A protobuf Timestamp in seconds (0.0 when unset)."""
     return stamp.ToNanoseconds() / 1e9
@@ -153,6 +193,9 @@ class Registry:
 
     def __init__(self) -> None:
         self._agents: dict[str, AgentEntry] = {}
+        # Kept between calls, dropped when a status changes what they hold (None: rebuild when asked).
+        self._listing: list[AgentEntry] | None = None
+        self._ready: ReadyWorkers | None = None
 
     def __len__(self) -> int:
         return len(self._agents)
@@ -163,7 +206,9 @@ class Registry:
 
     def agents(self) -> list[AgentEntry]:
         """Every known agent, offline ones included, by name and then id."""
-        return sorted(self._agents.values(), key=lambda entry: (entry.name, entry.agent_id))
+        if self._listing is None:
+            self._listing = sorted(self._agents.values(), key=_listing_key)
+        return list(self._listing)
 
     def apply_status(self, status: AgentStatus, *, now: float) -> list[RegistryEvent]:
         """Take in an agent's status (retained or fresh); ``now`` is the caller's clock.
@@ -179,9 +224,12 @@ class Registry:
             entry = AgentEntry(status=copy, telemetry=None, last_seen=now)
             self._agents[agent_id] = entry
             self._apply_workers(entry, copy, force=True)
+            self._listing = self._ready = None
             return [AgentRegistered(agent_id, entry.name, entry.state)]
         events: list[RegistryEvent] = []
         old_state = entry.state
+        old_name = entry.name
+        old_placement = _placement_key(entry)
         old_started = _seconds(entry.status.started)
         new_started = _seconds(copy.started)
         restarted = bool(new_started and old_started and new_started != old_started)
@@ -191,6 +239,10 @@ class Registry:
             entry.telemetry = None
             events.append(AgentRestarted(agent_id, entry.name))
         self._apply_workers(entry, copy, force=restarted)
+        if entry.name != old_name:
+            self._listing = None
+        if _placement_key(entry) != old_placement:
+            self._ready = None
         if entry.state != old_state:
             if entry.state == OFFLINE:
                 events.append(AgentWentOffline(agent_id, entry.name, old_state))
@@ -216,6 +268,7 @@ class Registry:
         """Drop an agent (its retained status was cleared)."""
         if self._agents.pop(agent_id, None) is None:
             return []
+        self._listing = self._ready = None
         return [AgentForgotten(agent_id)]
 
     def expire_unseen(self, since: float, *, note: str) -> list[RegistryEvent]:
@@ -232,6 +285,8 @@ class Registry:
                 entry.status.state = OFFLINE
                 entry.status.note = note
                 events.append(AgentWentOffline(entry.agent_id, entry.name, previous))
+        if events:
+            self._ready = None
         return events
 
     def resolve(self, query: str) -> AgentEntry:
@@ -260,14 +315,33 @@ class Registry:
             f"no agent {query!r}: not an id, id prefix or name of any of {len(self)} known agents"
         )
 
+    def ready(self, exclude: Iterable[str] = ()) -> ReadyWorkers:
+        """The workers of READY agents with an endpoint, less those of agents in ``exclude``."""
+        ready = self._ready
+        if ready is None:
+            slots = [
+                (entry.agent_id, entry.status.endpoint, index, memory)
+                for entry in sorted(self._agents.values(), key=attrgetter("agent_id"))
+                if entry.state == READY and entry.status.endpoint
+                for index, memory in sorted(entry.memory.items())
+            ]
+            ready = self._ready = _ready_workers(slots)
+        if exclude:
+            skip = set(exclude)
+            if not skip.isdisjoint(ready.agent_ids):
+                kept = zip(ready.agent_ids, ready.endpoints, ready.workers, ready.memory, strict=True)
+                ready = _ready_workers([slot for slot in kept if slot[0] not in skip])
+        # Free memory changes with every report and placement: read it afresh each time.
+        return ReadyWorkers(
+            ready.agent_ids, ready.endpoints, ready.workers, [m.free for m in ready.memory], ready.memory
+        )
+
     def ready_workers(self, exclude: Iterable[str] = ()) -> list[WorkerCapacity]:
         """The workers of READY agents, less those of agents in ``exclude``, with their free memory."""
-        skip = set(exclude)
+        ready = self.ready(exclude)
         return [
-            WorkerCapacity(entry.agent_id, entry.status.endpoint, index, memory.free)
-            for entry in self._agents.values()
-            if entry.state == READY and entry.agent_id not in skip and entry.status.endpoint
-            for index, memory in sorted(entry.memory.items())
+            WorkerCapacity(*worker)
+            for worker in zip(ready.agent_ids, ready.endpoints, ready.workers, ready.free, strict=True)
         ]
 
     def count_by_state(self) -> dict[str, int]:
@@ -284,6 +358,13 @@ class Registry:
             entry = self._agents.get(shard.agent_id)
             if entry is not None and shard.worker in entry.memory:
                 entry.memory[shard.worker].placed += shard.rows * row_bytes
+
+    @staticmethod
+    def reserve_split(ready: ReadyWorkers, split: Iterable[tuple[int, int, int]], row_bytes: int) -> None:
+        """:meth:`reserve` for a :func:`~gpupool.placement.split_rows` split of ``ready``'s workers."""
+        memory = ready.memory
+        for position, start, stop in split:
+            memory[position].placed += (stop - start) * row_bytes
 
     def _apply_workers(self, entry: AgentEntry, status: AgentStatus, *, force: bool) -> None:
         """Make the worker set the status's; take its memory figures if they are new enough."""
@@ -309,3 +390,14 @@ class Registry:
                 memory.limit, memory.used, memory.placed = int(limit), int(used), 0
         if report_time:
             entry.report_time = report_time
+
+
+def _ready_workers(slots: Sequence[tuple[str, str, int, WorkerMemory]]) -> ReadyWorkers:
+    """``(agent id, endpoint, worker index, memory)`` slots as parallel tuples, ``free`` left empty."""
+    return ReadyWorkers(
+        agent_ids=tuple(slot[0] for slot in slots),
+        endpoints=tuple(slot[1] for slot in slots),
+        workers=tuple(slot[2] for slot in slots),
+        free=(),
+        memory=tuple(slot[3] for slot in slots),
+    )

@@ -25,17 +25,9 @@ from gpupool._config import MAX_MESSAGE_BYTES, BrokerAddress, Timeouts, parse_en
 from gpupool._errors import ConnectError, ProtocolError
 from gpupool._proto.v1.control_pb2 import AgentStatus, AgentTelemetry
 from gpupool.coordinator.commands import AgentCommander
+from gpupool.coordinator.eventlog import EventLog
 from gpupool.coordinator.jobs import Jobs
-from gpupool.coordinator.registry import (
-    AgentForgotten,
-    AgentRegistered,
-    AgentRestarted,
-    AgentStateChanged,
-    AgentWentOffline,
-    Registry,
-    RegistryEvent,
-    state_name,
-)
+from gpupool.coordinator.registry import Registry, RegistryEvent
 from gpupool.coordinator.service import AdminService, CoordinatorService, add_services
 from gpupool.protocol.codec import decode_json
 from gpupool.protocol.topics import Topics
@@ -75,6 +67,7 @@ class Coordinator:
         self._timeouts = timeouts
         self.registry = Registry()
         self.jobs = Jobs()
+        self._events = EventLog(describe=self._describe_registry)
         self._session = MqttSession(
             broker=broker,
             client_id=f"gpupool-coordinator-{secrets.token_hex(4)}",
@@ -158,6 +151,7 @@ class Coordinator:
         """Stop serving: end :meth:`run`, and stop the gRPC server within a short grace period."""
         self._stop.set()
         await self._session.close()
+        self._events.flush()
         server, self._server = self._server, None
         if server is not None:
             try:
@@ -185,8 +179,13 @@ class Coordinator:
         await asyncio.sleep(grace)
         note = f"coordinator: not heard from within {grace:g} s of reconnecting to the broker"
         for event in self.registry.expire_unseen(since, note=note):
-            _log_event(event)
+            self._events.record(event)
         self._commander.status_applied()
+
+    def _describe_registry(self) -> str:
+        counts = self.registry.count_by_state()
+        states = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+        return f"{len(self.registry)} agents known" + (f": {states}" if states else "")
 
     async def _publish(self, topic: str, payload: bytes) -> None:
         await self._session.publish(topic, payload, qos=1, retain=False)
@@ -207,7 +206,7 @@ class Coordinator:
             log.exception("skipped a message on %s that could not be applied", topic)
             return
         for event in events:
-            _log_event(event)
+            self._events.record(event)
         if channel == "status":
             self._commander.status_applied()
 
@@ -232,17 +231,3 @@ class Coordinator:
                 )
             return self.registry.apply_telemetry(telemetry, now=now)
         return []  # commands: ours, echoed by a broker that ignores subscriptions
-
-
-def _log_event(event: RegistryEvent) -> None:
-    match event:
-        case AgentRegistered(agent_id, name, state):
-            log.info("agent %s (%s) registered, %s", agent_id, name, state_name(state))
-        case AgentStateChanged(agent_id, name, old, new):
-            log.info("agent %s (%s) %s -> %s", agent_id, name, state_name(old), state_name(new))
-        case AgentWentOffline(agent_id, name, previous):
-            log.warning("agent %s (%s) went offline (was %s)", agent_id, name, state_name(previous))
-        case AgentRestarted(agent_id, name):
-            log.warning("agent %s (%s) restarted: the shards it held are gone", agent_id, name)
-        case AgentForgotten(agent_id):
-            log.info("agent %s forgotten: its retained status was cleared", agent_id)

@@ -29,7 +29,6 @@ from gpupool._proto.v1.control_pb2 import CommandKind
 from gpupool._proto.v1.coordinator_pb2 import (
     AdminReply,
     AdminRequest,
-    AgentRecord,
     ConnectReply,
     ConnectRequest,
     DisconnectReply,
@@ -41,13 +40,12 @@ from gpupool._proto.v1.coordinator_pb2 import (
     ListJobsRequest,
     PlaceReply,
     PlaceRequest,
-    ShardPlacement,
 )
 from gpupool._version import __version__
 from gpupool.coordinator.commands import AgentCommander
 from gpupool.coordinator.jobs import Jobs
 from gpupool.coordinator.registry import Registry, state_name
-from gpupool.placement import place_rows
+from gpupool.placement import split_rows
 from gpupool.protocol.codec import check_dtype, shape_of
 from gpupool.protocol.errors import RpcRefusal, abort
 
@@ -117,14 +115,16 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     async def ListAgents(self, request: ListAgentsRequest, context: Context) -> ListAgentsReply:
         """The known agents, offline ones only if asked for."""
         now = time.monotonic()
-        records = [
-            AgentRecord(
-                status=entry.status, telemetry=entry.telemetry, seconds_since_seen=now - entry.last_seen
-            )
-            for entry in self._registry.agents()
-            if request.include_offline or entry.state != control_pb2.AGENT_STATE_OFFLINE
-        ]
-        return ListAgentsReply(agents=records)
+        reply = ListAgentsReply()
+        # add() and CopyFrom: a third of the time of building AgentRecords and copying them in.
+        add = reply.agents.add
+        for entry in self._registry.agents():
+            if request.include_offline or entry.state != control_pb2.AGENT_STATE_OFFLINE:
+                record = add(seconds_since_seen=now - entry.last_seen)
+                record.status.CopyFrom(entry.status)
+                if entry.telemetry is not None:
+                    record.telemetry.CopyFrom(entry.telemetry)
+        return reply
 
     @_refusing
     async def Place(self, request: PlaceRequest, context: Context) -> PlaceReply:
@@ -144,11 +144,13 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             raise RpcRefusal("bad-request", f"negative dimension in shape {list(shape)}")
         rows = shape[0] if shape else 1  # a 0-d array is one row of one element
         row_bytes = dtype.itemsize * math.prod(shape[1:])
-        workers = self._registry.ready_workers(exclude=request.exclude_agents)
-        if not workers:
+        # Over every ready worker of the pool on each call: the work per worker is kept to a few list
+        # operations (split_rows on the registry's ready list, kept between calls).
+        ready = self._registry.ready(exclude=request.exclude_agents)
+        if not ready:
             raise RpcRefusal("no-agents", self._why_no_agents(len(request.exclude_agents)))
         try:
-            shards = place_rows(rows, row_bytes, workers)
+            split = split_rows(rows, row_bytes, ready.free)
         except NoCapacity as exc:
             extra = {
                 "needed": str(exc.needed),
@@ -158,16 +160,19 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             raise RpcRefusal("no-capacity", str(exc), extra=extra) from exc
         except PlacementError as exc:
             raise RpcRefusal("bad-request", str(exc)) from exc
-        self._registry.reserve(shards, row_bytes)
+        self._registry.reserve_split(ready, split, row_bytes)
         self._jobs.record_placement(request.session, rows * row_bytes)
-        return PlaceReply(
-            shards=[
-                ShardPlacement(
-                    agent_id=s.agent_id, endpoint=s.endpoint, worker=s.worker, start=s.start, stop=s.stop
-                )
-                for s in shards
-            ]
-        )
+        reply = PlaceReply()
+        add = reply.shards.add
+        agent_ids, endpoints, workers = ready.agent_ids, ready.endpoints, ready.workers
+        for position, start, stop in split:
+            shard = add()  # then plain assignments: the quickest way to fill a repeated field here
+            shard.agent_id = agent_ids[position]
+            shard.endpoint = endpoints[position]
+            shard.worker = workers[position]
+            shard.start = start
+            shard.stop = stop
+        return reply
 
     @_refusing
     async def ListJobs(self, request: ListJobsRequest, context: Context) -> ListJobsReply:

@@ -242,3 +242,48 @@ def test_agents_not_heard_from_since_a_time_are_marked_offline():
     assert registry.apply_status(status("old", name="old"), now=6.0) == [
         AgentStateChanged("old", "old", OFFLINE, READY)
     ]
+
+
+def test_ready_workers_are_laid_out_by_agent_id_and_follow_every_change():
+    registry = Registry()
+    for agent in ("c", "a", "b"):
+        registry.apply_status(status(agent, used=(0, 100)), now=0)
+    assert [(w.agent_id, w.worker) for w in registry.ready_workers()] == [
+        ("a", 0), ("a", 1), ("b", 0), ("b", 1), ("c", 0), ("c", 1)
+    ]  # fmt: skip
+    registry.apply_status(status("b", state=CORDONED, used=(0, 100)), now=1)
+    assert [w.agent_id for w in registry.ready_workers()] == ["a", "a", "c", "c"]
+    registry.apply_status(status("c", used=(0,), updated=101.0), now=2)  # one worker fewer
+    assert [(w.agent_id, w.worker) for w in registry.ready_workers()] == [("a", 0), ("a", 1), ("c", 0)]
+    registry.forget("a")
+    registry.apply_status(status("d", used=(50,)), now=3)
+    assert registry.ready_workers(exclude=["c"]) == [WorkerCapacity("d", "10.0.0.1:5001", 0, 950)]
+    registry.apply_telemetry(telemetry("d", used=(300,), time=200.0), now=4)  # free memory is live
+    assert free(registry) == {("c", 0): 1000, ("d", 0): 700}
+    assert registry.expire_unseen(3.5, note="silent") == [
+        AgentWentOffline("c", "rig", READY),
+        AgentWentOffline("b", "rig", CORDONED),
+    ]
+    assert [w.agent_id for w in registry.ready_workers()] == ["d"]
+
+
+def test_a_split_of_the_ready_workers_is_reserved_on_them():
+    registry = Registry()
+    registry.apply_status(status("a", used=(0, 0)), now=0)
+    registry.apply_status(status("b", used=(500,)), now=0)
+    ready = registry.ready()
+    assert (ready.agent_ids, ready.workers, ready.free) == (("a", "a", "b"), (0, 1, 0), [1000, 1000, 500])
+    registry.reserve_split(ready, [(0, 0, 3), (2, 3, 4)], row_bytes=100)
+    assert free(registry) == {("a", 0): 700, ("a", 1): 1000, ("b", 0): 400}
+
+
+def test_the_listing_follows_names_and_arrivals():
+    registry = Registry()
+    registry.apply_status(status("1", name="mike"), now=0)
+    registry.apply_status(status("2", name="alpha"), now=0)
+    assert [a.agent_id for a in registry.agents()] == ["2", "1"]
+    registry.apply_status(status("1", name="able"), now=1)
+    registry.apply_status(status("3", name="zulu"), now=1)
+    assert [a.agent_id for a in registry.agents()] == ["1", "2", "3"]
+    registry.forget("2")
+    assert [a.agent_id for a in registry.agents()] == ["1", "3"]
