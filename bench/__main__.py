@@ -19,20 +19,26 @@ SECTIONS = ("transfer", "overhead", "workloads", "fleet", "gpu")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="scripts/bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON here too")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
     parser.add_argument("--skip", nargs="+", choices=SECTIONS, default=[], help="leave these sections out")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per median (default 5)")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run, not quotable figures")
-    parser.add_argument("--broker", metavar="URL", help="an MQTT broker for the fleet section (default: its own)")
+    parser.add_argument(
+        "--broker", metavar="URL", help="an MQTT broker for the fleet section (default: its own)"
+    )
     args = parser.parse_args()
     ctx = Context(repeats=args.repeats, quick=args.quick, broker_url=args.broker)
     wanted = [s for s in (args.only or SECTIONS) if s not in args.skip]
     info = machine()
-    print(f"gpupool bench on {info.get('cpu_model', '?')} x{info['cpus']}, Python {info['python']}"
-          f"{' (quick: figures not quotable)' if args.quick else ''}", flush=True)
+    print(
+        f"gpupool bench on {info.get('cpu_model', '?')} x{info['cpus']}, Python {info['python']}"
+        f"{' (quick: figures not quotable)' if args.quick else ''}",
+        flush=True,
+    )
     results: list[Result] = []
     failures: dict[str, str] = {}
     durations: dict[str, float] = {}
@@ -53,8 +59,10 @@ def main() -> int:
         print(f"({name}: {durations[name]:.1f} s)", flush=True)
     print("\n== all results\n" + render(results))
     missed = [r for r in results if r.met is False]
-    print(f"\n{len(results)} figures, {sum(r.met is True for r in results)} targets met, {len(missed)} missed"
-          + (f"; sections failed: {', '.join(failures)}" if failures else ""))
+    print(
+        f"\n{len(results)} figures, {sum(r.met is True for r in results)} targets met, {len(missed)} missed"
+        + (f"; sections failed: {', '.join(failures)}" if failures else "")
+    )
     if args.json:
         write_json(args.json, results, {"failures": failures, "durations": durations, "quick": args.quick})
         print(f"wrote {args.json}")

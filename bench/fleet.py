@@ -148,6 +148,7 @@ def measure(
             broker_url = str(broker.ready["url"])
         stderr = stack.enter_context(open(logs / "coordinator.log", "wb"))
         argv = ["--broker", broker_url, "--listen", "127.0.0.1:0", "--topic-prefix", figures.prefix]
+        argv += ["--min-shard-bytes", "0"]  # one shard on every worker, however small: the cost measured
         coordinator = spawn(
             "coordinator", [sys.executable, "-m", "gpupool.coordinator", *argv], stderr=stderr
         )

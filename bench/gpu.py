@@ -64,7 +64,6 @@ def run(ctx: Context) -> list[Result]:
         cp.cuda.Device().synchronize()
         local_up.append(upload_bytes / (time.perf_counter() - start) / 1e9)
         del on_device
-    del xa, wa
     cp.get_default_memory_pool().free_all_blocks()
     model = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
 
@@ -95,8 +94,22 @@ def run(ctx: Context) -> list[Result]:
     local_tflops = flops / statistics.median(local_times) / 1e12
     pool_tflops = flops / statistics.median(pool_times) / 1e12
     return [
-        Result("gpu", f"{chain} chained {n}^2 f32 matmuls, resident", pool_tflops, "TFLOP/s",
-               baseline_name="local CuPy, same GPU", baseline=local_tflops, target=0.9, note=model),
-        Result("gpu", f"upload {upload_bytes >> 20} MiB", statistics.median(pool_up), "GB/s",
-               baseline_name="local cupy.asarray (pageable)", baseline=statistics.median(local_up)),
+        Result(
+            "gpu",
+            f"{chain} chained {n}^2 f32 matmuls, resident",
+            pool_tflops,
+            "TFLOP/s",
+            baseline_name="local CuPy, same GPU",
+            baseline=local_tflops,
+            target=0.9,
+            note=model,
+        ),
+        Result(
+            "gpu",
+            f"upload {upload_bytes >> 20} MiB",
+            statistics.median(pool_up),
+            "GB/s",
+            baseline_name="local cupy.asarray (pageable)",
+            baseline=statistics.median(local_up),
+        ),
     ]

@@ -13,7 +13,11 @@ from dataclasses import dataclass
 
 from gpupool._errors import NoCapacity, PlacementError
 
-__all__ = ["RowShard", "WorkerCapacity", "place_rows", "split_rows"]
+__all__ = ["MIN_SHARD_BYTES", "RowShard", "WorkerCapacity", "place_rows", "split_rows"]
+
+#: The coordinator's default smallest shard worth its own worker: below it, one more round trip per op
+#: costs more than the parallel work saves (a 1,000-element array goes to one worker, not two).
+MIN_SHARD_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +61,9 @@ class RowShard:
         return self.stop - self.start
 
 
-def place_rows(rows: int, row_bytes: int, workers: Sequence[WorkerCapacity]) -> list[RowShard]:
+def place_rows(
+    rows: int, row_bytes: int, workers: Sequence[WorkerCapacity], *, min_shard_bytes: int = 0
+) -> list[RowShard]:
     """Split ``rows`` rows of ``row_bytes`` bytes each over ``workers``, in proportion to free memory.
 
     The shards are contiguous, cover ``[0, rows)`` and are laid out in (agent id, worker) order; the
@@ -65,7 +71,8 @@ def place_rows(rows: int, row_bytes: int, workers: Sequence[WorkerCapacity]) -> 
     put more rows on a worker than its free memory holds. With fewer rows than workers, the workers
     with the most free memory get one row each; zero rows give one empty shard on the worker with the
     most free memory. Workers that get no rows are left out. Ties in free memory or in remainder go
-    to the worker laid out first.
+    to the worker laid out first. With ``min_shard_bytes``, an array uses only as many workers (those with
+    the most free memory, enough to hold it) as it has ``min_shard_bytes`` to give each.
 
     Raises:
         PlacementError: no workers, a worker listed twice, or a negative row count or row size (the
@@ -81,7 +88,7 @@ def place_rows(rows: int, row_bytes: int, workers: Sequence[WorkerCapacity]) -> 
     laid_out = [workers[i] for i in sorted(range(len(workers)), key=keys.__getitem__)]
     if len({(w.agent_id, w.worker) for w in laid_out}) < len(laid_out):
         raise PlacementError("the same worker is listed twice")
-    split = split_rows(rows, row_bytes, [w.free_bytes for w in laid_out])
+    split = split_rows(rows, row_bytes, [w.free_bytes for w in laid_out], min_shard_bytes=min_shard_bytes)
     shards = []
     for position, start, stop in split:
         worker = laid_out[position]
@@ -89,7 +96,9 @@ def place_rows(rows: int, row_bytes: int, workers: Sequence[WorkerCapacity]) -> 
     return shards
 
 
-def split_rows(rows: int, row_bytes: int, free: Sequence[int]) -> list[tuple[int, int, int]]:
+def split_rows(
+    rows: int, row_bytes: int, free: Sequence[int], *, min_shard_bytes: int = 0
+) -> list[tuple[int, int, int]]:
     """:func:`place_rows` for workers already in layout order, given only their free bytes.
 
     Returns ``(position, start, stop)`` for each worker that gets a shard, by position, so the caller
@@ -113,6 +122,8 @@ def split_rows(rows: int, row_bytes: int, free: Sequence[int]) -> list[tuple[int
     if rows == 0:
         return [(max(range(len(room)), key=room.__getitem__), 0, 0)]  # max() keeps the first of equals
     usable = [i for i, c in enumerate(capacity) if c > 0]
+    if min_shard_bytes > 0 and row_bytes > 0:
+        usable = _fewest(usable, rows, max(1, rows * row_bytes // min_shard_bytes), room, capacity)
     if rows < len(usable):
         counts = [0] * len(room)
         for i in sorted(usable, key=room.__getitem__, reverse=True)[:rows]:
@@ -126,6 +137,19 @@ def split_rows(rows: int, row_bytes: int, free: Sequence[int]) -> list[tuple[int
             split.append((i, start, start + count))
             start += count
     return split
+
+
+def _fewest(usable: list[int], rows: int, wanted: int, room: list[int], capacity: list[int]) -> list[int]:
+    """At least ``wanted`` of ``usable`` (most free memory first), more while they cannot hold ``rows``;
+    returned in position order."""
+    if wanted >= len(usable):
+        return usable
+    chosen = sorted(usable, key=room.__getitem__, reverse=True)
+    count, held = 0, 0
+    while count < len(chosen) and (count < wanted or held < rows):
+        held += capacity[chosen[count]]
+        count += 1
+    return sorted(chosen[:count])
 
 
 def _proportional(rows: int, usable: list[int], room: list[int], capacity: list[int]) -> list[int]:

@@ -37,6 +37,7 @@ def test_a_killed_agent_is_shown_offline_through_its_last_will(broker: str, syst
             port=0,
             backend="numpy",
             topic_prefix=f"gpupool-test-{uuid.uuid4().hex[:10]}",
+            coordinator_args=["--min-shard-bytes", "0"],
         ) as local,
         gp.connect(local.coordinator_address) as pool,
     ):
@@ -64,6 +65,7 @@ def test_agents_are_back_in_the_registry_after_a_broker_restart(broker_kind: str
             backend="numpy",
             broker_kind=broker_kind,
             topic_prefix=f"gpupool-test-{uuid.uuid4().hex[:10]}",
+            coordinator_args=["--min-shard-bytes", "0"],
         ) as local,
         gp.connect(local.coordinator_address) as pool,
     ):

@@ -171,3 +171,19 @@ def test_split_rows_refuses_what_place_rows_refuses():
         split_rows(-1, 4, [100])
     with pytest.raises(NoCapacity):
         split_rows(3, 100, [150, 150])
+
+
+def test_small_arrays_use_few_workers_with_a_minimum_shard_size() -> None:
+    mib = 1 << 20
+    # 4 KB: one worker (the one with most room), not two
+    assert split_rows(1000, 4, [100 * mib, 200 * mib], min_shard_bytes=mib) == [(1, 0, 1000)]
+    # 256 MiB over two workers: both, as without the minimum
+    assert split_rows(64 << 20, 4, [mib << 10] * 2, min_shard_bytes=mib) == split_rows(
+        64 << 20, 4, [mib << 10] * 2
+    )
+    # 3 MiB over 8 workers: three shards
+    assert len(split_rows(3 * mib // 8, 8, [mib << 10] * 8, min_shard_bytes=mib)) == 3
+    # more workers than the minimum asks for when the roomiest cannot hold it
+    assert [p for p, _, _ in split_rows(1000, 4, [2000, 2500, 100], min_shard_bytes=mib)] == [0, 1]
+    # zero turns the policy off
+    assert len(split_rows(1000, 4, [mib, mib], min_shard_bytes=0)) == 2

@@ -18,6 +18,7 @@ from gpupool._config import DEFAULT_TOPIC_PREFIX, BrokerAddress, Timeouts, parse
 from gpupool._errors import ConnectError, GpupoolError, UsageError
 from gpupool._process import announce_ready
 from gpupool.coordinator.runtime import Coordinator
+from gpupool.placement import MIN_SHARD_BYTES
 from gpupool.protocol.topics import Topics
 
 __all__ = ["build_parser", "main"]
@@ -46,6 +47,12 @@ def build_parser(prog: str = "gpupool coordinator") -> argparse.ArgumentParser:
         help="first MQTT topic level (default: $GPUPOOL_TOPIC_PREFIX or %(default)s)",
     )
     parser.add_argument(
+        "--min-shard-bytes",
+        type=int,
+        default=MIN_SHARD_BYTES,
+        help="the smallest shard worth a worker of its own; smaller arrays use fewer workers (default 1 MiB)",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -66,11 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         broker = parse_broker_url(args.broker)
         parse_endpoint(args.listen)
+        if args.min_shard_bytes < 0:
+            raise UsageError("--min-shard-bytes must be zero or more")
     except UsageError as exc:
         print(f"{parser.prog}: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(_serve(broker, args.listen, Topics(args.topic_prefix)))
+        asyncio.run(
+            _serve(broker, args.listen, Topics(args.topic_prefix), min_shard_bytes=args.min_shard_bytes)
+        )
     except GpupoolError as exc:
         log.error("%s", exc)
         return 1
@@ -84,9 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def _serve(broker: BrokerAddress, listen: str, topics: Topics, timeouts: Timeouts = Timeouts()) -> None:
+async def _serve(
+    broker: BrokerAddress,
+    listen: str,
+    topics: Topics,
+    timeouts: Timeouts = Timeouts(),
+    min_shard_bytes: int = MIN_SHARD_BYTES,
+) -> None:
     """Serve until a signal asks to stop."""
-    coordinator = Coordinator(broker=broker, listen=listen, topics=topics, timeouts=timeouts)
+    coordinator = Coordinator(
+        broker=broker, listen=listen, topics=topics, timeouts=timeouts, min_shard_bytes=min_shard_bytes
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -29,6 +29,7 @@ from gpupool.coordinator.eventlog import EventLog
 from gpupool.coordinator.jobs import Jobs
 from gpupool.coordinator.registry import Registry, RegistryEvent
 from gpupool.coordinator.service import AdminService, CoordinatorService, add_services
+from gpupool.placement import MIN_SHARD_BYTES
 from gpupool.protocol.codec import decode_json
 from gpupool.protocol.topics import Topics
 from gpupool.transport.mqtt import MqttSession
@@ -60,7 +61,9 @@ class Coordinator:
         listen: str = "127.0.0.1:50051",
         topics: Topics = Topics(),
         timeouts: Timeouts = Timeouts(),
+        min_shard_bytes: int = MIN_SHARD_BYTES,
     ) -> None:
+        self._min_shard_bytes = min_shard_bytes
         self._broker = broker
         self._listen = listen
         self._topics = topics
@@ -103,7 +106,7 @@ class Coordinator:
         )
         add_services(
             server,
-            CoordinatorService(registry=self.registry, jobs=self.jobs),
+            CoordinatorService(registry=self.registry, jobs=self.jobs, min_shard_bytes=self._min_shard_bytes),
             AdminService(registry=self.registry, commander=self._commander),
         )
         shown_host = f"[{host}]" if ":" in host else host

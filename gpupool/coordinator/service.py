@@ -45,7 +45,7 @@ from gpupool._version import __version__
 from gpupool.coordinator.commands import AgentCommander
 from gpupool.coordinator.jobs import Jobs
 from gpupool.coordinator.registry import Registry, state_name
-from gpupool.placement import split_rows
+from gpupool.placement import MIN_SHARD_BYTES, split_rows
 from gpupool.protocol.codec import check_dtype, shape_of
 from gpupool.protocol.errors import RpcRefusal, abort
 
@@ -87,11 +87,13 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     Args:
         registry: the agents the coordinator knows.
         jobs: the client sessions.
+        min_shard_bytes: the smallest shard worth a worker of its own (see :func:`split_rows`).
     """
 
-    def __init__(self, *, registry: Registry, jobs: Jobs) -> None:
+    def __init__(self, *, registry: Registry, jobs: Jobs, min_shard_bytes: int = MIN_SHARD_BYTES) -> None:
         self._registry = registry
         self._jobs = jobs
+        self._min_shard_bytes = min_shard_bytes
 
     @_refusing
     async def Connect(self, request: ConnectRequest, context: Context) -> ConnectReply:
@@ -150,7 +152,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         if not ready:
             raise RpcRefusal("no-agents", self._why_no_agents(len(request.exclude_agents)))
         try:
-            split = split_rows(rows, row_bytes, ready.free)
+            split = split_rows(rows, row_bytes, ready.free, min_shard_bytes=self._min_shard_bytes)
         except NoCapacity as exc:
             extra = {
                 "needed": str(exc.needed),

@@ -24,6 +24,8 @@ def local_pool(system_broker_url: str) -> Iterator[LocalPool]:
         topic_prefix=f"gpupool-test-{uuid.uuid4().hex[:10]}",
         backend="numpy",
         memory_limit=str(AGENT_MEMORY),
+        # Every array spread over both agents, however small: the tests exercise multi-shard layouts.
+        coordinator_args=["--min-shard-bytes", "0"],
     ) as local:
         yield local
 

@@ -29,6 +29,8 @@ def start_coordinator() -> Iterator[StartCoordinator]:
             "127.0.0.1:0",
             "--topic-prefix",
             prefix,
+            "--min-shard-bytes",  # the tests' arrays are small: split them anyway, to test the splits
+            "0",
         ]
         child = spawn("coordinator", argv, timeout=30)
         children.append(child)
