@@ -134,6 +134,7 @@ class CupyBackend:
 
     def __init__(self, device_index: int) -> None:
         self._cupy = _import_cupy()
+        self._cupyx = importlib.import_module("cupyx")
         self._device_index = device_index
         oom = _lookup("cupy.cuda.memory.OutOfMemoryError")
         self._oom: tuple[type[BaseException], ...] = (*((oom,) if oom else ()), MemoryError)
@@ -181,6 +182,24 @@ class CupyBackend:
     def to_host(self, array: Any) -> np.ndarray:
         """Copy a device array to a C-contiguous host array."""
         return np.asarray(self._cupy.asnumpy(array), order="C")  # keeps 0-d arrays 0-d
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
+        """``cupy.empty`` on this device."""
+        return self._cupy.empty(shape, dtype)
+
+    def staging_buffer(self, nbytes: int) -> np.ndarray:
+        """Page-locked host memory from CuPy's pinned pool (plain memory if none can be had)."""
+        try:
+            staging: np.ndarray = self._cupyx.empty_pinned((nbytes,), np.uint8)
+        except Exception as exc:  # CUDA's page-locked allocations can fail where plain ones succeed
+            log.warning("no page-locked staging memory (%s); uploads copy from plain memory", exc)
+            return np.empty(nbytes, np.uint8)
+        return staging
+
+    def copy_in(self, array: Any, offset: int, block: np.ndarray) -> None:
+        """Copy ``block`` to the device on the current stream and wait, so ``block`` is free again."""
+        array.reshape(-1).view(self._cupy.uint8)[offset : offset + block.nbytes].set(block)
+        self._cupy.cuda.get_current_stream().synchronize()
 
     def synchronize(self) -> None:
         """Wait for the device's queued work."""

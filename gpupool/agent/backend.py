@@ -18,9 +18,10 @@ class ArrayBackend(Protocol):
     """One worker's compute: an array namespace bound to one device.
 
     Contract: :meth:`bind_thread` runs once in the worker's own thread before anything else there;
-    :meth:`to_device`, :meth:`to_host` and :meth:`synchronize` and every use of :attr:`xp` happen in
-    that thread only (CuPy keeps the current device per thread), except where :attr:`host_resident`
-    says device arrays are plain host arrays, when any thread may read them.
+    :meth:`to_device`, :meth:`to_host`, :meth:`empty`, :meth:`staging_buffer`, :meth:`copy_in` and
+    :meth:`synchronize` and every use of :attr:`xp` happen in that thread only (CuPy keeps the current
+    device per thread), except where :attr:`host_resident` says device arrays are plain host arrays, when
+    any thread may read them.
     """
 
     @property
@@ -63,6 +64,21 @@ class ArrayBackend(Protocol):
 
     def to_host(self, array: Any) -> np.ndarray:
         """A C-contiguous host copy (or view, for host-resident arrays) of a device array."""
+        ...
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
+        """A new C-contiguous device array; its contents are undefined until :meth:`copy_in` fills it."""
+        ...
+
+    def staging_buffer(self, nbytes: int) -> np.ndarray:
+        """A 1-D uint8 host buffer that :meth:`copy_in` copies from fast (page-locked memory for CUDA)."""
+        ...
+
+    def copy_in(self, array: Any, offset: int, block: np.ndarray) -> None:
+        """Copy the bytes of ``block`` into ``array``'s C-order bytes from byte ``offset`` on.
+
+        ``array`` came from :meth:`empty`; ``block`` is 1-D uint8 and may be reused once this returns.
+        """
         ...
 
     def synchronize(self) -> None:
@@ -124,6 +140,18 @@ class NumpyBackend:
     def to_host(self, array: Any) -> np.ndarray:
         """The array itself, made C-contiguous if it is not."""
         return np.asarray(array, order="C")  # ascontiguousarray would make 0-d arrays 1-d
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
+        """``numpy.empty``."""
+        return np.empty(shape, dtype)
+
+    def staging_buffer(self, nbytes: int) -> np.ndarray:
+        """Plain host memory."""
+        return np.empty(nbytes, np.uint8)
+
+    def copy_in(self, array: Any, offset: int, block: np.ndarray) -> None:
+        """A memory copy into the array's bytes."""
+        array.reshape(-1).view(np.uint8)[offset : offset + block.nbytes] = block
 
     def synchronize(self) -> None:
         """NumPy is synchronous."""

@@ -26,6 +26,7 @@ from gpupool._config import (
 from gpupool._errors import GpupoolError, UsageError
 from gpupool._ids import new_agent_id
 from gpupool._process import announce_ready
+from gpupool.agent._malloc import keep_chunk_memory
 from gpupool.agent.config import DEFAULT_AGENT_PORT, AgentConfig, BackendChoice
 from gpupool.agent.runtime import Agent
 
@@ -163,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s gpupool-agent %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    keep_chunk_memory()
     try:
         config = config_from_args(args)
         if args.uvloop:

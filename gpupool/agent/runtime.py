@@ -15,14 +15,13 @@ from typing import Final, TypeVar
 
 import grpc
 
-from gpupool._config import MAX_MESSAGE_BYTES
 from gpupool._errors import GpupoolError, ProtocolError, UsageError
-from gpupool._proto.v1 import agent_pb2_grpc, control_pb2
+from gpupool._proto.v1 import control_pb2
 from gpupool._version import __version__
 from gpupool.agent.buffers import BufferRegistry
 from gpupool.agent.config import AgentConfig
 from gpupool.agent.discovery import GpuTelemetry
-from gpupool.agent.service import AgentService
+from gpupool.agent.service import SERVER_OPTIONS, AgentService, add_to_server
 from gpupool.agent.status import Counters, Identity, build_status, build_telemetry, now
 from gpupool.agent.workers import WorkerSetup, plan_workers
 from gpupool.protocol.codec import decode_json, encode_json
@@ -155,14 +154,8 @@ class Agent:
             status=self.status,
             timeouts=config.timeouts,
         )
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.so_reuseport", 0),  # a second agent on a taken port must fail, not share it
-            ]
-        )
-        agent_pb2_grpc.add_AgentServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        add_to_server(service, server)
         address = format_endpoint(config.listen_host, config.listen_port)
         try:
             port = server.add_insecure_port(address)

@@ -8,27 +8,29 @@ the call made is released, so the agent serves the next call as if the refused o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, Final
 
 import grpc
 import numpy as np
 
 from gpupool._config import CHUNK_BYTES, MAX_MESSAGE_BYTES, Timeouts
-from gpupool._errors import UnsupportedDType
+from gpupool._errors import FrameDecodeError, UnsupportedDType
 from gpupool._proto.v1 import agent_pb2, agent_pb2_grpc, control_pb2
 from gpupool.agent.buffers import BufferRegistry, Reservation
-from gpupool.agent.program import run_program
+from gpupool.agent.program import is_small, run_program
 from gpupool.agent.status import Counters
 from gpupool.agent.workers import Worker
 from gpupool.protocol.codec import check_dtype, iter_chunks, meta_of, shape_of
 from gpupool.protocol.errors import RpcRefusal, abort
+from gpupool.protocol.rawstream import ACCEPTED, DOWNLOAD_RAW, SERVICE, UPLOAD_RAW, decode_message
 
-__all__ = ["AgentService"]
+__all__ = ["SERVER_OPTIONS", "AgentService", "add_to_server"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,33 @@ Context = grpc.aio.ServicerContext[Any, Any]
 #: Smallest and largest Download chunk honoured; a request outside is clamped.
 MIN_CHUNK_BYTES: Final = 1 << 10
 MAX_CHUNK_BYTES: Final = MAX_MESSAGE_BYTES - (1 << 16)
+
+#: Bytes of each of the two staging blocks an upload to a device fills in turn (page-locked for CUDA).
+STAGING_BYTES: Final = 8 << 20
+
+#: Options of the agent's gRPC server.
+SERVER_OPTIONS: Final = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),  # a second agent on a taken port must fail, not share it
+)
+
+
+def add_to_server(service: AgentService, server: grpc.aio.Server) -> None:
+    """Serve ``service`` on ``server``: the generated ``Agent`` methods and the raw twins of the byte path.
+
+    ``UploadRaw`` and ``DownloadRaw`` (:mod:`gpupool.protocol.rawstream`) have no serializers: their
+    handlers take and give ``bytes``, and encode or parse their one protobuf message themselves.
+    """
+    agent_pb2_grpc.add_AgentServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+    raw = grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            UPLOAD_RAW.rsplit("/", 1)[1]: grpc.stream_unary_rpc_method_handler(service.upload_raw),
+            DOWNLOAD_RAW.rsplit("/", 1)[1]: grpc.unary_stream_rpc_method_handler(service.download_raw),
+        },
+    )
+    server.add_generic_rpc_handlers((raw,))
 
 
 class AgentService(agent_pb2_grpc.AgentServicer):
@@ -74,25 +103,60 @@ class AgentService(agent_pb2_grpc.AgentServicer):
     async def Upload(
         self, request_iterator: AsyncIterator[agent_pb2.UploadRequest], context: Context
     ) -> agent_pb2.UploadReply:
-        """Receive a shard: a header, then raw chunks, into a preallocated host array."""
-        reservation: Reservation | None = None
-        try:
-            requests = aiter(request_iterator)
-            async with asyncio.timeout(self._timeouts.rpc):
-                first = await anext(requests, None)
+        """Receive a shard: a header, then raw chunks (each in a protobuf message)."""
+        requests = aiter(request_iterator)
+
+        async def read_header() -> agent_pb2.UploadHeader:
+            first = await anext(requests, None)
             if first is None or first.WhichOneof("kind") != "header":
                 raise RpcRefusal("bad-request", "an upload starts with a header")
-            header = first.header
+            return first.header
+
+        return await self._upload(read_header, _chunks_of(requests), context)
+
+    async def upload_raw(self, request_iterator: AsyncIterator[bytes], context: Context) -> bytes:
+        """Receive a shard: a serialized header, then unframed chunks (``UploadRaw``)."""
+        requests = aiter(request_iterator)
+
+        async def read_header() -> agent_pb2.UploadHeader:
+            first = await anext(requests, None)
+            if first is None:
+                raise RpcRefusal("bad-request", "an upload starts with a header")
+            try:
+                return decode_message(first, agent_pb2.UploadHeader, what="an upload header")
+            except FrameDecodeError as exc:
+                raise RpcRefusal("bad-request", str(exc)) from exc
+
+        reply = await self._upload(read_header, requests, context)
+        return reply.SerializeToString()
+
+    async def _upload(
+        self,
+        read_header: Callable[[], Awaitable[agent_pb2.UploadHeader]],
+        chunks: AsyncIterator[bytes],
+        context: Context,
+    ) -> agent_pb2.UploadReply:
+        """Both uploads: check the header, reserve, fill a preallocated host array, commit."""
+        reservation: Reservation | None = None
+        try:
+            async with asyncio.timeout(self._timeouts.rpc):
+                header = await read_header()
             worker, dtype, shape, nbytes = self._check_header(header)
             reservation = self._registry.reserve(
                 worker=worker.index, buffer_id=header.buffer_id, nbytes=nbytes, session=header.session
             )
-            host = _allocate(dtype, shape, header.buffer_id)
+            if worker.backend.host_resident:
+                array = _allocate(dtype, shape, header.buffer_id)
+            else:
+                array = await worker.call(_allocate_on_device, worker, dtype, shape, header.buffer_id)
+            # The go-ahead: a client may wait for it before it sends data, so that a refusal above reaches
+            # it as itself, not as the INTERNAL error of a write the refusal cut off (grpc/grpc#36066).
+            await context.send_initial_metadata((ACCEPTED,))
             async with asyncio.timeout(self._timeouts.for_stream(nbytes)):
-                await _receive_into(host, requests, header.buffer_id)
-            array = host
-            if not worker.backend.host_resident:
-                array = await worker.call(_to_device, worker, host, header.buffer_id)
+                if worker.backend.host_resident:
+                    await _receive_into(array, chunks, header.buffer_id)
+                else:
+                    await _receive_to_device(worker, array, nbytes, chunks, header.buffer_id)
             self._registry.commit(reservation, array)
             self._counters.bytes_received += nbytes
             return agent_pb2.UploadReply(buffer_id=header.buffer_id, nbytes=nbytes)
@@ -128,7 +192,35 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         return self._workers[header.worker], dtype, shape, math.prod(shape) * dtype.itemsize
 
     async def Download(self, request: agent_pb2.DownloadRequest, context: Context) -> None:
-        """Send a shard: its meta, then raw chunks."""
+        """Send a shard: its meta, then raw chunks (each in a protobuf message)."""
+
+        async def write(message: agent_pb2.ArrayMeta | bytes) -> None:
+            if isinstance(message, bytes):
+                await context.write(agent_pb2.DownloadChunk(chunk=message))
+            else:
+                await context.write(agent_pb2.DownloadChunk(meta=message))
+
+        await self._download(request, write, context)
+
+    async def download_raw(self, request: bytes, context: Context) -> None:
+        """Send a shard: its serialized meta, then unframed chunks (``DownloadRaw``)."""
+
+        async def write(message: agent_pb2.ArrayMeta | bytes) -> None:
+            await context.write(message if isinstance(message, bytes) else message.SerializeToString())
+
+        try:
+            parsed = decode_message(request, agent_pb2.DownloadRequest, what="a download request")
+        except FrameDecodeError as exc:
+            await abort(context, RpcRefusal("bad-request", str(exc)))
+        await self._download(parsed, write, context)
+
+    async def _download(
+        self,
+        request: agent_pb2.DownloadRequest,
+        write: Callable[[agent_pb2.ArrayMeta | bytes], Awaitable[None]],
+        context: Context,
+    ) -> None:
+        """Both downloads: write the shard's meta, then a copy of each chunk sliced from the host array."""
         try:
             buffer = self._registry.get(request.buffer_id)
             worker = self._workers[buffer.worker]
@@ -137,9 +229,9 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                 host = await worker.call(_to_host, worker, buffer.array, buffer.buffer_id)
             chunk_bytes = min(max(request.chunk_bytes or CHUNK_BYTES, MIN_CHUNK_BYTES), MAX_CHUNK_BYTES)
             async with asyncio.timeout(self._timeouts.for_stream(host.nbytes)):
-                await context.write(agent_pb2.DownloadChunk(meta=meta_of(host.dtype, tuple(host.shape))))
+                await write(meta_of(host.dtype, tuple(host.shape)))
                 for piece in iter_chunks(host, chunk_bytes):
-                    await context.write(agent_pb2.DownloadChunk(chunk=bytes(piece)))
+                    await write(bytes(piece))  # gRPC sends bytes only: the one copy a sender must make
                     self._counters.bytes_sent += len(piece)
         except RpcRefusal as refusal:
             await abort(context, refusal)
@@ -159,7 +251,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             )
             try:
                 async with asyncio.timeout(self._execute_deadline):
-                    reply = await worker.call(program)
+                    small = is_small(request, self._registry.nbytes_of)
+                    reply = await worker.call(program, small=small)
             except BaseException:
                 cancelled.set()  # whatever stopped us (timeout, the caller gone): keep nothing
                 raise
@@ -197,17 +290,20 @@ def _allocate(dtype: np.dtype[Any], shape: tuple[int, ...], buffer_id: str) -> n
         ) from exc
 
 
-async def _receive_into(
-    host: np.ndarray, requests: AsyncIterator[agent_pb2.UploadRequest], buffer_id: str
-) -> None:
-    """Fill ``host`` from the stream's chunks, in place; refuse too many bytes or too few."""
-    view = host.reshape(-1).view(np.uint8).data
-    expected = len(view)
-    received = 0
+async def _chunks_of(requests: AsyncIterator[agent_pb2.UploadRequest]) -> AsyncIterator[bytes]:
+    """The chunks of a protobuf upload after its header; a second header is refused."""
     async for request in requests:
         if request.WhichOneof("kind") != "chunk":
-            raise RpcRefusal("bad-request", "a second header in one upload", buffer_id=buffer_id)
-        chunk = request.chunk
+            raise RpcRefusal("bad-request", "a second header in one upload")
+        yield request.chunk
+
+
+async def _receive_into(host: np.ndarray, chunks: AsyncIterator[bytes], buffer_id: str) -> None:
+    """Fill ``host`` from the stream's chunks, in place; refuse too many bytes or too few."""
+    view = host.reshape(-1).view(np.uint8).data  # cast("B") refuses shapes with a zero in them
+    expected = len(view)
+    received = 0
+    async for chunk in chunks:
         end = received + len(chunk)
         if end > expected:
             raise RpcRefusal(
@@ -223,10 +319,96 @@ async def _receive_into(
         )
 
 
-def _to_device(worker: Worker, host: np.ndarray, buffer_id: str) -> Any:
-    """In the worker's thread: copy an uploaded array to the device."""
+def _allocate_on_device(worker: Worker, dtype: np.dtype[Any], shape: tuple[int, ...], buffer_id: str) -> Any:
+    """In the worker's thread: the device array an upload fills."""
+    with _device_errors(worker, buffer_id):
+        return worker.backend.empty(shape, dtype)
+
+
+def _staging_buffers(worker: Worker, nbytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """In the worker's thread: two staging blocks for an upload to a device."""
+    with _device_errors(worker, ""):
+        return worker.backend.staging_buffer(nbytes), worker.backend.staging_buffer(nbytes)
+
+
+def _copy_in(worker: Worker, array: Any, offset: int, block: np.ndarray, buffer_id: str) -> None:
+    """In the worker's thread: one staging block to the device."""
+    with _device_errors(worker, buffer_id):
+        worker.backend.copy_in(array, offset, block)
+
+
+async def _receive_to_device(
+    worker: Worker, array: Any, expected: int, chunks: AsyncIterator[bytes], buffer_id: str
+) -> None:
+    """Fill a device array from the stream's chunks through two staging blocks, in turn.
+
+    While the worker's thread copies one full block to the device, the stream fills the other, so the
+    copies overlap the network and no host copy of the whole shard is ever made. Refuses too many bytes
+    or too few, like :func:`_receive_into`.
+    """
+    if expected == 0:
+        await _receive_into(np.empty(0, np.uint8), chunks, buffer_id)  # nothing to copy; sizes still checked
+        return
+    block_bytes = min(STAGING_BYTES, expected)
+    blocks = await worker.call(_staging_buffers, worker, block_bytes)
+    views = [block.data for block in blocks]
+    copies: list[asyncio.Future[None] | None] = [None, None]
+    current = filled = offset = received = 0
     try:
-        return worker.backend.to_device(host)
+        async for chunk in chunks:
+            received += len(chunk)
+            if received > expected:
+                raise RpcRefusal(
+                    "bad-request",
+                    f"the stream carries more than the declared {expected} bytes",
+                    buffer_id=buffer_id,
+                )
+            data = memoryview(chunk)
+            while data:
+                taken = min(len(data), block_bytes - filled)
+                views[current][filled : filled + taken] = data[:taken]
+                filled += taken
+                data = data[taken:]
+                if filled == block_bytes:
+                    copies[current] = asyncio.ensure_future(
+                        worker.call(_copy_in, worker, array, offset, blocks[current], buffer_id)
+                    )
+                    offset += filled
+                    filled = 0
+                    current ^= 1
+                    previous = copies[current]
+                    if previous is not None:  # the block about to be filled must be on the device
+                        copies[current] = None
+                        await previous
+        if received != expected:
+            raise RpcRefusal(
+                "bad-request", f"the stream ended after {received} of {expected} bytes", buffer_id=buffer_id
+            )
+        if filled:
+            copies.append(
+                asyncio.ensure_future(
+                    worker.call(_copy_in, worker, array, offset, blocks[current][:filled], buffer_id)
+                )
+            )
+        for waiting in copies:
+            if waiting is not None:
+                await waiting
+    finally:
+        for left in copies:  # a refusal leaves these behind: each holds its block until it is done
+            if left is not None:
+                left.add_done_callback(_ignore_outcome)
+
+
+def _ignore_outcome(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+@contextlib.contextmanager
+def _device_errors(worker: Worker, buffer_id: str) -> Iterator[None]:
+    """Device out-of-memory and kernel errors as refusals."""
+    try:
+        yield
     except worker.backend.out_of_memory_errors as exc:
         raise RpcRefusal(
             "out-of-memory",

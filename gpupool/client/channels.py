@@ -6,6 +6,7 @@ gpupool exceptions here and nowhere else in the client.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Sequence
@@ -18,7 +19,7 @@ from gpupool._errors import FrameDecodeError, StreamClosed
 from gpupool._proto.v1 import agent_pb2, agent_pb2_grpc
 from gpupool.protocol.codec import array_from_bytes, check_dtype, iter_chunks, meta_of, shape_of
 from gpupool.protocol.errors import translate_rpc_error
-from gpupool.protocol.rawstream import DOWNLOAD_RAW, UPLOAD_RAW, decode_message
+from gpupool.protocol.rawstream import ACCEPTED, DOWNLOAD_RAW, UPLOAD_RAW, decode_message
 
 __all__ = ["CHANNEL_OPTIONS", "AgentChannel"]
 
@@ -68,7 +69,7 @@ class AgentChannel:
         timeout = self._timeouts.for_stream(host.nbytes)
         if self._raw:
             try:
-                await self._upload_raw(_raw_upload(header, host), timeout=timeout)
+                await self._upload_raw_stream(header, host, timeout)
                 return
             except grpc.aio.AioRpcError as exc:
                 if not self._lacks_raw(exc):
@@ -105,6 +106,31 @@ class AgentChannel:
             await self._fill(buffer_id, out, _framed_messages(self._stub.Download(request, timeout=timeout)))
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
+
+    async def _upload_raw_stream(
+        self, header: agent_pb2.UploadHeader, host: np.ndarray, seconds: float
+    ) -> None:
+        """An ``UploadRaw`` call: the serialized header, then a copy of each chunk (gRPC sends bytes only).
+
+        Past one chunk, the data waits for the agent's go-ahead (initial metadata with
+        :data:`~gpupool.protocol.rawstream.ACCEPTED`, sent once the header is accepted): a refused shard is
+        not streamed, and the refusal arrives as itself. A call the agent ends while a write is in flight
+        reports INTERNAL instead of the agent's status (grpc/grpc#36066).
+
+        Raises:
+            grpc.aio.AioRpcError: the agent refused the upload, or the call failed.
+        """
+        call = self._upload_raw(None, timeout=seconds)  # no iterator: written below
+        try:
+            await call.write(header.SerializeToString())
+            if host.nbytes > CHUNK_BYTES and ACCEPTED not in tuple(await call.initial_metadata() or ()):
+                await call  # no go-ahead: the call's status is the refusal
+            for chunk in iter_chunks(host):
+                await call.write(bytes(chunk))
+            await call.done_writing()
+        except asyncio.InvalidStateError:  # the agent ended the call midway: its status says why
+            pass
+        await call
 
     def _lacks_raw(self, exc: grpc.aio.AioRpcError) -> bool:
         """Whether the agent predates the raw methods (then use the protobuf ones from now on)."""
@@ -186,13 +212,6 @@ class AgentChannel:
     async def close(self) -> None:
         """Close the channel."""
         await self._channel.close(grace=None)
-
-
-async def _raw_upload(header: agent_pb2.UploadHeader, host: np.ndarray) -> AsyncIterator[bytes]:
-    """An ``UploadRaw`` stream: the serialized header, then a copy of each chunk (gRPC sends bytes only)."""
-    yield header.SerializeToString()
-    for chunk in iter_chunks(host):
-        yield bytes(chunk)
 
 
 async def _framed_messages(

@@ -16,7 +16,12 @@ from google.protobuf.message import Message
 
 from gpupool._config import CHUNK_BYTES, MAX_MESSAGE_BYTES, parse_broker_url
 from gpupool._process import Child, spawn
-from gpupool._proto.v1 import agent_pb2, agent_pb2_grpc
+from gpupool._proto.v1 import agent_pb2, agent_pb2_grpc, control_pb2
+from gpupool.agent.backend import ArrayBackend, NumpyBackend
+from gpupool.agent.buffers import BufferRegistry
+from gpupool.agent.service import SERVER_OPTIONS, AgentService, add_to_server
+from gpupool.agent.status import Counters
+from gpupool.agent.workers import Worker
 from gpupool.protocol.codec import array_from_bytes, decode_json, iter_chunks, meta_of
 from gpupool.protocol.errors import ERROR_KEY
 
@@ -215,3 +220,75 @@ async def clear_retained(broker_url: str, topic: str) -> None:
         address.host, address.port, identifier=f"test-{uuid.uuid4().hex[:8]}"
     ) as client:
         await client.publish(topic, b"", qos=1, retain=True)
+
+
+class DeviceLikeBackend(NumpyBackend):
+    """The NumPy backend posing as a device: uploads take the staging path, downloads copy to the host.
+
+    Counts its block copies, and fails on request: ``fail_empty`` (out of memory at allocation),
+    ``fail_copy`` (a kernel error in a block copy).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies = 0
+        self.fail_empty = False
+        self.fail_copy = False
+
+    @property
+    def name(self) -> str:
+        return "numpy-device"
+
+    @property
+    def host_resident(self) -> bool:
+        return False
+
+    @property
+    def kernel_errors(self) -> tuple[type[BaseException], ...]:
+        return (RuntimeError,)
+
+    def to_host(self, array: Any) -> np.ndarray:
+        return np.array(array, order="C")
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
+        if self.fail_empty:
+            raise MemoryError("the pretend device is full")
+        return super().empty(shape, dtype)
+
+    def copy_in(self, array: Any, offset: int, block: np.ndarray) -> None:
+        if self.fail_copy:
+            raise RuntimeError("the pretend device failed a copy")
+        self.copies += 1
+        super().copy_in(array, offset, block)
+
+
+@asynccontextmanager
+async def agent_in_process(
+    backend: ArrayBackend, *, memory_limit: int = 64 << 20, raw: bool = True
+) -> AsyncIterator[tuple[str, BufferRegistry]]:
+    """An AgentService with one worker on ``backend``, served on a loopback port of this process.
+
+    Yields its endpoint and its registry. ``raw=False`` serves the generated methods only, as an agent
+    from before UploadRaw and DownloadRaw did.
+    """
+    worker = Worker(index=0, backend=backend, memory_limit=memory_limit)
+    registry = BufferRegistry([memory_limit])
+    service = AgentService(
+        workers=[worker],
+        registry=registry,
+        counters=Counters(),
+        accepting=lambda: True,
+        status=control_pb2.AgentStatus,
+    )
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    if raw:
+        add_to_server(service, server)
+    else:
+        agent_pb2_grpc.add_AgentServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}", registry
+    finally:
+        await server.stop(None)
+        worker.shutdown()

@@ -13,16 +13,18 @@ import grpc
 import numpy as np
 import pytest
 
-from gpupool._config import SUPPORTED_DTYPES
+from gpupool._config import SUPPORTED_DTYPES, Timeouts
 from gpupool._process import Child
 from gpupool._proto.v1 import agent_pb2, control_pb2
 from gpupool.agent.buffers import BufferRegistry
 from gpupool.agent.ops import BINARY, REDUCTIONS, UNARY, Expected, apply_op
 from gpupool.agent.program import run_program
+from gpupool.client.channels import AgentChannel
 from gpupool.protocol.errors import RpcRefusal
 from gpupool.protocol.topics import Topics
 
 from .agent_helpers import (
+    agent_in_process,
     agent_stub,
     buffer,
     clear_retained,
@@ -94,6 +96,72 @@ def test_cupy_round_trip_of_every_dtype(backend: Any) -> None:
             assert back.flags.c_contiguous
             np.testing.assert_array_equal(back, host)
     backend.synchronize()
+
+
+def test_cupy_staging_buffers_and_copy_in(backend: Any) -> None:
+    import cupy
+
+    for dtype in SUPPORTED_DTYPES:
+        host = sample(dtype, (1001, 3))
+        on_device = backend.empty(host.shape, host.dtype)
+        assert isinstance(on_device, cupy.ndarray)
+        assert (on_device.dtype, on_device.shape) == (host.dtype, host.shape)
+        data = host.reshape(-1).view(np.uint8)
+        block = backend.staging_buffer(1000)
+        assert (block.dtype, block.shape) == (np.uint8, (1000,))
+        for offset in range(0, data.nbytes, 1000):  # one block reused, as an upload does
+            piece = data[offset : offset + 1000]
+            block[: piece.nbytes] = piece
+            backend.copy_in(on_device, offset, block[: piece.nbytes])
+        np.testing.assert_array_equal(backend.to_host(on_device), host)
+    assert backend.empty((0, 4), np.dtype("float32")).shape == (0, 4)
+    assert backend.empty((), np.dtype("int64")).shape == ()
+
+
+def test_uploads_to_cupy_stream_through_staging_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent's upload path on CuPy: blocks of 64 KiB, page-locked, copied while the stream goes on."""
+    import cupy
+
+    from gpupool.agent import service as agent_service
+    from gpupool.agent._cupy import CupyBackend, probe_cuda
+
+    monkeypatch.setattr(agent_service, "STAGING_BYTES", 64 << 10)
+    index = probe_cuda()[0].index
+
+    async def body() -> None:
+        async with agent_in_process(CupyBackend(index), memory_limit=1 << 30) as (endpoint, registry):
+            channel = AgentChannel("gpu", endpoint, Timeouts())
+            try:
+                for dtype in SUPPORTED_DTYPES:
+                    for shape in [(300_001, 3), (1237, 3), (), (0, 4), (7,)]:
+                        host = sample(dtype, shape)
+                        buffer_id = f"s.{dtype}.{len(shape)}.{host.size}"
+                        await channel.upload(buffer_id, 0, host, "s")
+                        stored = registry.get(buffer_id).array
+                        assert isinstance(stored, cupy.ndarray)
+                        assert stored.device.id == index
+                        back = np.empty(host.shape, host.dtype)
+                        await channel.download_into(buffer_id, back)
+                        np.testing.assert_array_equal(back, host)
+                assert channel._raw
+            finally:
+                await channel.close()
+            async with agent_stub(endpoint) as stub:
+                host = sample("float64", (100_003,))
+                await upload(stub, "s.pb", host, session="s", chunk_bytes=1000)  # chunks straddle blocks
+                np.testing.assert_array_equal(await download(stub, "s.pb"), host)
+                request = header("s.short", host, session="s")
+
+                async def short() -> Any:
+                    yield request
+                    yield agent_pb2.UploadRequest(chunk=host.tobytes()[:-8])
+
+                code, kind, _ = await refused(stub.Upload(short(), timeout=20))
+                assert (code, kind) == (grpc.StatusCode.INVALID_ARGUMENT, "bad-request")
+            assert registry.usage(0).reserved == 0
+            assert not registry.contains("s.short")
+
+    run(body(), timeout=120)
 
 
 def _expected(array: np.ndarray) -> Expected:

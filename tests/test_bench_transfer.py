@@ -1,0 +1,44 @@
+"""The benchmark's transfer section at quick size, so its machinery stays working; no figure is checked.
+
+The section itself raises if gpupool's bytes come back different (after its warm-up upload, and after
+its last download), so a run that returns is a run whose bytes arrived intact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from bench import transfer
+from bench.common import Context
+
+
+def test_the_transfer_section_measures_all_three_both_ways() -> None:
+    rows = transfer.run(Context(repeats=2, quick=True))
+    assert [(row.name.split()[0], row.baseline_name) for row in rows] == [
+        ("upload", "bare gRPC"),
+        ("upload", "raw TCP"),
+        ("download", "bare gRPC"),
+        ("download", "raw TCP"),
+    ]
+    for row in rows:
+        assert row.unit == "GB/s"
+        assert row.baseline is not None
+        assert row.ratio is not None
+        assert all(math.isfinite(x) and x > 0 for x in (row.value, row.baseline, row.ratio)), row
+        assert len(row.samples) == 2
+    assert [row.target for row in rows] == [0.8, None, 0.8, None]
+
+
+def test_a_download_that_differs_is_caught() -> None:
+    host = transfer._sample(1 << 20)
+    contender = transfer._Gpupool(host)
+    contender._last = host.copy()
+    contender.check()
+    contender._last = host.copy()
+    contender._last[7, 3] += 1
+    with pytest.raises(RuntimeError, match="differ"):
+        contender.check()
+    assert np.array_equal(host, transfer._sample(1 << 20))
