@@ -242,17 +242,22 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 
     async def Execute(self, request: agent_pb2.ExecuteRequest, context: Context) -> agent_pb2.ExecuteReply:
         """Run a program on one worker, all or nothing."""
-        cancelled = threading.Event()
         try:
             self._registry.check_worker(request.worker)
             worker = self._workers[request.worker]
+            if worker.idle_for_inline(is_small(request, self._registry.nbytes_of)):
+                # A few microseconds of work: run it here, with no thread hop, timer or cancel flag.
+                reply = run_program(request, backend=worker.backend, registry=self._registry)
+                self._counters.ops_executed += len(request.ops)
+                self._counters.bytes_sent += sum(len(fetched.data) for fetched in reply.fetched)
+                return reply
+            cancelled = threading.Event()
             program = functools.partial(
                 run_program, request, backend=worker.backend, registry=self._registry, cancelled=cancelled
             )
             try:
                 async with asyncio.timeout(self._execute_deadline):
-                    small = is_small(request, self._registry.nbytes_of)
-                    reply = await worker.call(program, small=small)
+                    reply = await worker.call(program)
             except BaseException:
                 cancelled.set()  # whatever stopped us (timeout, the caller gone): keep nothing
                 raise

@@ -64,15 +64,13 @@ class Worker:
         )
         self._in_flight = 0
 
-    async def call(self, function: Callable[..., T], *args: Any, small: bool = False) -> T:
-        """Run ``function(*args)`` in the worker's thread and wait for it.
+    def idle_for_inline(self, small: bool) -> bool:
+        """Whether a ``small`` program (a few microseconds of work) may run right on the event loop: a NumPy
+        worker with nothing in flight, so two thread hops would cost more than the work and order is kept."""
+        return small and self._in_flight == 0 and self.backend.name == "numpy"
 
-        With ``small`` (a program of a few microseconds of work), a NumPy worker with nothing in flight runs
-        it right here on the event loop: two thread hops would cost more than the work. Order is kept,
-        since nothing else of this worker's is running or queued.
-        """
-        if small and self._in_flight == 0 and self.backend.name == "numpy":
-            return function(*args)
+    async def call(self, function: Callable[..., T], *args: Any) -> T:
+        """Run ``function(*args)`` in the worker's thread and wait for it."""
         self._in_flight += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)

@@ -83,6 +83,35 @@ def _shape(value: object) -> tuple[int, ...]:
     return tuple(getattr(value, "shape", ()))
 
 
+_RESULT_DTYPES: dict[tuple[object, ...], np.dtype[Any]] = {}
+_SMALL_INT = 1 << 31
+
+
+def _result_dtype(name: str, values: Sequence[object]) -> np.dtype[Any]:
+    """NumPy's result dtype for ``name`` over these operands, by running it on stand-ins (cached).
+
+    Python scalars are weakly typed, so only their type matters, except where NumPy refuses some values
+    (ints too big for int32, integers to negative powers): those are probed every time.
+    """
+    key: tuple[object, ...] = (name,)
+    for v in values:
+        if isinstance(v, int) and (not -_SMALL_INT <= v < _SMALL_INT or (v < 0 and name == "power")):
+            key = ()
+            break
+        key += (
+            getattr(v, "dtype", None) if not isinstance(v, bool | int | float) else type(v),
+            isinstance(v, np.generic),
+        )
+    cached = _RESULT_DTYPES.get(key) if key else None
+    if cached is not None:
+        return cached
+    with np.errstate(all="ignore"):
+        dtype = check_dtype(np.asarray(getattr(np, name)(*[_probe(v) for v in values])).dtype)
+    if key:
+        _RESULT_DTYPES[key] = dtype
+    return dtype
+
+
 def _probe(value: object) -> object:
     """A stand-in with the same dtype and weak/strong typing, for working out result dtypes."""
     dtype = getattr(value, "dtype", None)
@@ -135,9 +164,7 @@ def elementwise(name: str, inputs: Sequence[object]) -> RemoteArray:
         result_shape = np.broadcast_shapes(*shapes)
     except ValueError as exc:
         raise ShapeMismatch(name, shapes, "operands do not broadcast") from exc
-    func = getattr(np, name)
-    with np.errstate(all="ignore"):
-        dtype = check_dtype(np.asarray(func(*[_probe(v) for v in values])).dtype)
+    dtype = _result_dtype(name, values)
     rows, ndim = result_shape[0], len(result_shape)
 
     def carries_rows(v: object) -> bool:

@@ -80,6 +80,7 @@ class Pool:
         self._pending_free: dict[str, list[str]] = defaultdict(list)
         self._free_lock = threading.Lock()
         self._agent_of: dict[str, str] = {}
+        self._flush_scheduled = False
         self._sync_stubs: dict[str, agent_pb2_grpc.AgentStub] = {}
         self._sync_channels: list[grpc.Channel] = []
         self._closed = False
@@ -292,11 +293,12 @@ class Pool:
         if self._closed:
             return
         with self._free_lock:
-            first = not self._pending_free
             for piece in pieces:
                 self._pending_free[piece.endpoint].append(piece.buffer_id)
                 self._agent_of[piece.endpoint] = piece.agent_id
-        if first:
+            schedule = not self._flush_scheduled
+            self._flush_scheduled = True
+        if schedule:  # at most one wake-up of the loop per FREE_DELAY, however many arrays go
             self._loop.call_soon(lambda: self._loop.loop.call_later(FREE_DELAY, self._flush_frees))
 
     def take_pending_frees(self, endpoint: str) -> list[str]:
@@ -307,6 +309,7 @@ class Pool:
     def _flush_frees(self) -> None:
         with self._free_lock:
             pending, self._pending_free = self._pending_free, defaultdict(list)
+            self._flush_scheduled = False
         for endpoint, ids in pending.items():
             if ids:
                 task = asyncio.ensure_future(self.channel(self._agent_of[endpoint], endpoint).free(ids))

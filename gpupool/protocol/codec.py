@@ -61,12 +61,24 @@ def decode_json(payload: bytes | bytearray | str, message_type: type[M], *, what
     return message
 
 
+_CHECKED: dict[str, np.dtype[np.generic]] = {}
+
+
 def check_dtype(dtype: object) -> np.dtype[np.generic]:
     """The NumPy dtype for ``dtype`` if gpupool carries it.
 
     Raises:
         UnsupportedDType: any other dtype (float16, complex, object, strings, ...).
     """
+    if isinstance(dtype, str):  # the wire's names: looked up on every op, so remembered
+        known = _CHECKED.get(dtype)
+        if known is None:
+            known = _CHECKED[dtype] = _check_dtype(dtype)
+        return known
+    return _check_dtype(dtype)
+
+
+def _check_dtype(dtype: object) -> np.dtype[np.generic]:
     try:
         resolved: np.dtype[np.generic] = np.dtype(dtype)  # type: ignore[call-overload]
     except TypeError as exc:
