@@ -20,6 +20,7 @@ from gpupool._errors import FrameDecodeError, UnsupportedDType
 from gpupool._proto.v1 import agent_pb2
 from gpupool.protocol.codec import array_from_bytes, check_dtype, shape_of
 from gpupool.protocol.errors import RpcRefusal
+from gpupool.protocol.opnames import BINARY, REDUCTIONS, UNARY
 
 __all__ = [
     "BINARY",
@@ -34,67 +35,6 @@ __all__ = [
     "scalar_value",
 ]
 
-BINARY: Final = frozenset(
-    {
-        "add",
-        "subtract",
-        "multiply",
-        "divide",
-        "floor_divide",
-        "remainder",
-        "power",
-        "maximum",
-        "minimum",
-        "fmax",
-        "fmin",
-        "arctan2",
-        "hypot",
-        "equal",
-        "not_equal",
-        "less",
-        "less_equal",
-        "greater",
-        "greater_equal",
-        "logical_and",
-        "logical_or",
-        "logical_xor",
-    }
-)
-UNARY: Final = frozenset(
-    {
-        "negative",
-        "positive",
-        "absolute",
-        "sign",
-        "exp",
-        "exp2",
-        "expm1",
-        "log",
-        "log2",
-        "log10",
-        "log1p",
-        "sqrt",
-        "square",
-        "sin",
-        "cos",
-        "tan",
-        "arcsin",
-        "arccos",
-        "arctan",
-        "sinh",
-        "cosh",
-        "tanh",
-        "floor",
-        "ceil",
-        "rint",
-        "trunc",
-        "logical_not",
-        "isnan",
-        "isinf",
-        "isfinite",
-    }
-)
-REDUCTIONS: Final = frozenset({"sum", "prod", "max", "min", "mean", "any", "all"})
 OPS: Final = BINARY | UNARY | REDUCTIONS | {"where", "matmul", "astype"}
 
 #: Exceptions NumPy and CuPy raise for operands an op rejects (shapes, dtypes, axes, overflow).

@@ -10,6 +10,7 @@ from gpupool._config import SUPPORTED_DTYPES
 from gpupool._errors import UnsupportedDType, UsageError
 from gpupool._proto.v1 import agent_pb2
 from gpupool.protocol.codec import check_dtype, meta_of
+from gpupool.protocol.opnames import ELEMENTWISE, REDUCTIONS
 
 __all__ = [
     "ELEMENTWISE",
@@ -21,19 +22,6 @@ __all__ = [
     "scalar_operand",
 ]
 
-#: Ufuncs the agents execute elementwise (contracts.md); anything else is NotImplemented.
-ELEMENTWISE: Final = frozenset(
-    (
-        *("add", "subtract", "multiply", "divide", "floor_divide", "remainder", "power"),
-        *("maximum", "minimum", "fmax", "fmin", "arctan2", "hypot"),
-        *("equal", "not_equal", "less", "less_equal", "greater", "greater_equal"),
-        *("logical_and", "logical_or", "logical_xor", "logical_not", "isnan", "isinf", "isfinite"),
-        *("negative", "positive", "absolute", "sign", "sqrt", "square", "floor", "ceil", "rint", "trunc"),
-        *("exp", "exp2", "expm1", "log", "log2", "log10", "log1p"),
-        *("sin", "cos", "tan", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh"),
-    )
-)
-REDUCTIONS: Final = frozenset({"sum", "prod", "max", "min", "mean", "any", "all"})
 #: Host arrays up to this size travel inside the program; larger ones are uploaded as buffers first.
 INLINE_LIMIT: Final = 16 << 20
 
