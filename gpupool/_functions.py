@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from gpupool.client.operands import ELEMENTWISE
+from gpupool.protocol.opnames import ELEMENTWISE
 
 __all__ = sorted(
     ELEMENTWISE | {"abs", "all", "any", "matmul", "max", "mean", "min", "prod", "sum", "where", "true_divide"}

@@ -11,10 +11,10 @@ import numpy as np
 
 from gpupool._errors import ArrayFreed, UsageError
 from gpupool.client import dispatch, graph
-from gpupool.client.operands import ELEMENTWISE, REDUCTIONS
 from gpupool.client.pool import Piece, Pool
 from gpupool.client.types import Shard
 from gpupool.protocol.codec import check_dtype
+from gpupool.protocol.opnames import ELEMENTWISE, REDUCTIONS
 
 __all__ = ["RemoteArray", "persist"]
 

@@ -10,12 +10,9 @@ from gpupool._config import SUPPORTED_DTYPES
 from gpupool._errors import UnsupportedDType, UsageError
 from gpupool._proto.v1 import agent_pb2
 from gpupool.protocol.codec import check_dtype, meta_of
-from gpupool.protocol.opnames import ELEMENTWISE, REDUCTIONS
 
 __all__ = [
-    "ELEMENTWISE",
     "INLINE_LIMIT",
-    "REDUCTIONS",
     "buffer_operand",
     "constant_operand",
     "is_scalar",
