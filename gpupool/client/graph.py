@@ -143,7 +143,8 @@ def run_programs(pool: Pool, programs: Sequence[Program], *, what: str) -> list[
         try:
             fetched = pool.execute_now(program.place, program.ops, fetch=program.fetch, free=frees[0])
         except BaseException:
-            pool.release(Piece("", program.place.endpoint, 0, 0, 0, b) for b in frees[0][len(program.free) :])
+            place, carried_ids = program.place, frees[0][len(program.free) :]  # not freed: queue them again
+            pool.release(Piece(place.agent_id, place.endpoint, 0, 0, 0, b) for b in carried_ids)
             raise
         return [fetched if p is program else {} for p in programs]
 
