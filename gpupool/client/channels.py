@@ -115,7 +115,9 @@ class AgentChannel:
         Past one chunk, the data waits for the agent's go-ahead (initial metadata with
         :data:`~gpupool.protocol.rawstream.ACCEPTED`, sent once the header is accepted): a refused shard is
         not streamed, and the refusal arrives as itself. A call the agent ends while a write is in flight
-        reports INTERNAL instead of the agent's status (grpc/grpc#36066).
+        reports INTERNAL from the write instead of the agent's status (grpc/grpc#36066): the call's own
+        outcome is awaited then, so a small upload's refusal (or an older agent's UNIMPLEMENTED) still
+        arrives as itself.
 
         Raises:
             grpc.aio.AioRpcError: the agent refused the upload, or the call failed.
@@ -130,6 +132,13 @@ class AgentChannel:
             await call.done_writing()
         except asyncio.InvalidStateError:  # the agent ended the call midway: its status says why
             pass
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.INTERNAL:
+                raise
+            # The write lost a race with the agent's answer; the call itself carries that answer.
+            async with asyncio.timeout(self._timeouts.rpc):
+                await call
+            raise  # the call ended well after all: the write's failure stands
         await call
 
     def _lacks_raw(self, exc: grpc.aio.AioRpcError) -> bool:
