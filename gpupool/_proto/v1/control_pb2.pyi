@@ -24,6 +24,7 @@ class CommandKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     COMMAND_KIND_DRAIN: _ClassVar[CommandKind]
     COMMAND_KIND_CORDON: _ClassVar[CommandKind]
     COMMAND_KIND_UNCORDON: _ClassVar[CommandKind]
+    COMMAND_KIND_END_SESSION: _ClassVar[CommandKind]
 AGENT_STATE_UNSPECIFIED: AgentState
 AGENT_STATE_READY: AgentState
 AGENT_STATE_CORDONED: AgentState
@@ -33,6 +34,7 @@ COMMAND_KIND_UNSPECIFIED: CommandKind
 COMMAND_KIND_DRAIN: CommandKind
 COMMAND_KIND_CORDON: CommandKind
 COMMAND_KIND_UNCORDON: CommandKind
+COMMAND_KIND_END_SESSION: CommandKind
 
 class GpuInfo(_message.Message):
     __slots__ = ("index", "uuid", "model", "memory_total", "memory_free", "compute_capability", "pcie_generation", "pcie_width", "pcie_max_generation", "pcie_max_width", "driver_version")
@@ -77,7 +79,7 @@ class Worker(_message.Message):
     def __init__(self, index: _Optional[int] = ..., backend: _Optional[str] = ..., gpu: _Optional[_Union[GpuInfo, _Mapping]] = ..., memory_limit: _Optional[int] = ..., memory_used: _Optional[int] = ..., buffers: _Optional[int] = ...) -> None: ...
 
 class AgentStatus(_message.Message):
-    __slots__ = ("schema_version", "agent_id", "name", "version", "endpoint", "state", "backend", "workers", "hostname", "updated", "note", "started")
+    __slots__ = ("schema_version", "agent_id", "name", "version", "endpoint", "state", "backend", "workers", "hostname", "updated", "note", "started", "signature", "certificate_fingerprint")
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +92,8 @@ class AgentStatus(_message.Message):
     UPDATED_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
     STARTED_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
     agent_id: str
     name: str
@@ -102,7 +106,9 @@ class AgentStatus(_message.Message):
     updated: _timestamp_pb2.Timestamp
     note: str
     started: _timestamp_pb2.Timestamp
-    def __init__(self, schema_version: _Optional[int] = ..., agent_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., endpoint: _Optional[str] = ..., state: _Optional[_Union[AgentState, str]] = ..., backend: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[Worker, _Mapping]]] = ..., hostname: _Optional[str] = ..., updated: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., note: _Optional[str] = ..., started: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    signature: bytes
+    certificate_fingerprint: str
+    def __init__(self, schema_version: _Optional[int] = ..., agent_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., endpoint: _Optional[str] = ..., state: _Optional[_Union[AgentState, str]] = ..., backend: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[Worker, _Mapping]]] = ..., hostname: _Optional[str] = ..., updated: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., note: _Optional[str] = ..., started: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., signature: _Optional[bytes] = ..., certificate_fingerprint: _Optional[str] = ...) -> None: ...
 
 class WorkerTelemetry(_message.Message):
     __slots__ = ("index", "memory_used", "memory_limit", "buffers", "gpu_memory_free", "utilization_percent", "temperature_c", "power_w")
@@ -125,7 +131,7 @@ class WorkerTelemetry(_message.Message):
     def __init__(self, index: _Optional[int] = ..., memory_used: _Optional[int] = ..., memory_limit: _Optional[int] = ..., buffers: _Optional[int] = ..., gpu_memory_free: _Optional[int] = ..., utilization_percent: _Optional[float] = ..., temperature_c: _Optional[float] = ..., power_w: _Optional[float] = ...) -> None: ...
 
 class AgentTelemetry(_message.Message):
-    __slots__ = ("schema_version", "agent_id", "time", "workers", "ops_executed", "bytes_received", "bytes_sent")
+    __slots__ = ("schema_version", "agent_id", "time", "workers", "ops_executed", "bytes_received", "bytes_sent", "signature")
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +139,7 @@ class AgentTelemetry(_message.Message):
     OPS_EXECUTED_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
     agent_id: str
     time: _timestamp_pb2.Timestamp
@@ -140,18 +147,25 @@ class AgentTelemetry(_message.Message):
     ops_executed: int
     bytes_received: int
     bytes_sent: int
-    def __init__(self, schema_version: _Optional[int] = ..., agent_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., workers: _Optional[_Iterable[_Union[WorkerTelemetry, _Mapping]]] = ..., ops_executed: _Optional[int] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ...) -> None: ...
+    signature: bytes
+    def __init__(self, schema_version: _Optional[int] = ..., agent_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., workers: _Optional[_Iterable[_Union[WorkerTelemetry, _Mapping]]] = ..., ops_executed: _Optional[int] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class AgentCommand(_message.Message):
-    __slots__ = ("schema_version", "command_id", "kind", "reason", "issued")
+    __slots__ = ("schema_version", "command_id", "kind", "reason", "issued", "session", "agent_id", "signature")
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     ISSUED_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
     command_id: str
     kind: CommandKind
     reason: str
     issued: _timestamp_pb2.Timestamp
-    def __init__(self, schema_version: _Optional[int] = ..., command_id: _Optional[str] = ..., kind: _Optional[_Union[CommandKind, str]] = ..., reason: _Optional[str] = ..., issued: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    session: str
+    agent_id: str
+    signature: bytes
+    def __init__(self, schema_version: _Optional[int] = ..., command_id: _Optional[str] = ..., kind: _Optional[_Union[CommandKind, str]] = ..., reason: _Optional[str] = ..., issued: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., session: _Optional[str] = ..., agent_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...

@@ -20,14 +20,82 @@ class ConnectRequest(_message.Message):
     def __init__(self, client: _Optional[str] = ..., client_version: _Optional[str] = ...) -> None: ...
 
 class ConnectReply(_message.Message):
-    __slots__ = ("session", "coordinator_version", "ready_agents")
+    __slots__ = ("session", "coordinator_version", "ready_agents", "ca_certificate", "lease_seconds")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_VERSION_FIELD_NUMBER: _ClassVar[int]
     READY_AGENTS_FIELD_NUMBER: _ClassVar[int]
+    CA_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     session: str
     coordinator_version: str
     ready_agents: int
-    def __init__(self, session: _Optional[str] = ..., coordinator_version: _Optional[str] = ..., ready_agents: _Optional[int] = ...) -> None: ...
+    ca_certificate: str
+    lease_seconds: float
+    def __init__(self, session: _Optional[str] = ..., coordinator_version: _Optional[str] = ..., ready_agents: _Optional[int] = ..., ca_certificate: _Optional[str] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
+
+class RenewRequest(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    def __init__(self, session: _Optional[str] = ...) -> None: ...
+
+class RenewReply(_message.Message):
+    __slots__ = ("lease_seconds", "offline_agents")
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    OFFLINE_AGENTS_FIELD_NUMBER: _ClassVar[int]
+    lease_seconds: float
+    offline_agents: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, lease_seconds: _Optional[float] = ..., offline_agents: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GrantRequest(_message.Message):
+    __slots__ = ("session", "agent_ids")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    AGENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    agent_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session: _Optional[str] = ..., agent_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Capability(_message.Message):
+    __slots__ = ("agent_id", "token", "expires")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    token: str
+    expires: float
+    def __init__(self, agent_id: _Optional[str] = ..., token: _Optional[str] = ..., expires: _Optional[float] = ...) -> None: ...
+
+class GrantReply(_message.Message):
+    __slots__ = ("capabilities",)
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    capabilities: _containers.RepeatedCompositeFieldContainer[Capability]
+    def __init__(self, capabilities: _Optional[_Iterable[_Union[Capability, _Mapping]]] = ...) -> None: ...
+
+class EnrolRequest(_message.Message):
+    __slots__ = ("csr_pem", "name")
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    csr_pem: bytes
+    name: str
+    def __init__(self, csr_pem: _Optional[bytes] = ..., name: _Optional[str] = ...) -> None: ...
+
+class EnrolReply(_message.Message):
+    __slots__ = ("agent_id", "certificate_pem", "ca_certificate_pem", "capability_key_pem", "mqtt_username", "mqtt_password", "topic_prefix")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    CA_CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITY_KEY_PEM_FIELD_NUMBER: _ClassVar[int]
+    MQTT_USERNAME_FIELD_NUMBER: _ClassVar[int]
+    MQTT_PASSWORD_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    certificate_pem: bytes
+    ca_certificate_pem: bytes
+    capability_key_pem: bytes
+    mqtt_username: str
+    mqtt_password: str
+    topic_prefix: str
+    def __init__(self, agent_id: _Optional[str] = ..., certificate_pem: _Optional[bytes] = ..., ca_certificate_pem: _Optional[bytes] = ..., capability_key_pem: _Optional[bytes] = ..., mqtt_username: _Optional[str] = ..., mqtt_password: _Optional[str] = ..., topic_prefix: _Optional[str] = ...) -> None: ...
 
 class DisconnectRequest(_message.Message):
     __slots__ = ("session",)
@@ -56,10 +124,14 @@ class AgentRecord(_message.Message):
     def __init__(self, status: _Optional[_Union[_control_pb2.AgentStatus, _Mapping]] = ..., telemetry: _Optional[_Union[_control_pb2.AgentTelemetry, _Mapping]] = ..., seconds_since_seen: _Optional[float] = ...) -> None: ...
 
 class ListAgentsReply(_message.Message):
-    __slots__ = ("agents",)
+    __slots__ = ("agents", "broker_connected", "broker_detail")
     AGENTS_FIELD_NUMBER: _ClassVar[int]
+    BROKER_CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    BROKER_DETAIL_FIELD_NUMBER: _ClassVar[int]
     agents: _containers.RepeatedCompositeFieldContainer[AgentRecord]
-    def __init__(self, agents: _Optional[_Iterable[_Union[AgentRecord, _Mapping]]] = ...) -> None: ...
+    broker_connected: bool
+    broker_detail: str
+    def __init__(self, agents: _Optional[_Iterable[_Union[AgentRecord, _Mapping]]] = ..., broker_connected: _Optional[bool] = ..., broker_detail: _Optional[str] = ...) -> None: ...
 
 class PlaceRequest(_message.Message):
     __slots__ = ("session", "meta", "exclude_agents")
@@ -72,18 +144,20 @@ class PlaceRequest(_message.Message):
     def __init__(self, session: _Optional[str] = ..., meta: _Optional[_Union[_agent_pb2.ArrayMeta, _Mapping]] = ..., exclude_agents: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ShardPlacement(_message.Message):
-    __slots__ = ("agent_id", "endpoint", "worker", "start", "stop")
+    __slots__ = ("agent_id", "endpoint", "worker", "start", "stop", "capability")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITY_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     endpoint: str
     worker: int
     start: int
     stop: int
-    def __init__(self, agent_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., worker: _Optional[int] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ...) -> None: ...
+    capability: Capability
+    def __init__(self, agent_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., worker: _Optional[int] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., capability: _Optional[_Union[Capability, _Mapping]] = ...) -> None: ...
 
 class PlaceReply(_message.Message):
     __slots__ = ("shards",)
@@ -92,24 +166,44 @@ class PlaceReply(_message.Message):
     def __init__(self, shards: _Optional[_Iterable[_Union[ShardPlacement, _Mapping]]] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("all",)
+    ALL_FIELD_NUMBER: _ClassVar[int]
+    all: bool
+    def __init__(self, all: _Optional[bool] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job_id", "client", "started", "state", "arrays_placed", "bytes_placed")
+    __slots__ = ("job_id", "client", "started", "state", "arrays_placed", "bytes_placed", "ended_reason", "renewed", "token_name")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
     STARTED_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ARRAYS_PLACED_FIELD_NUMBER: _ClassVar[int]
     BYTES_PLACED_FIELD_NUMBER: _ClassVar[int]
+    ENDED_REASON_FIELD_NUMBER: _ClassVar[int]
+    RENEWED_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_NAME_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     client: str
     started: _timestamp_pb2.Timestamp
     state: str
     arrays_placed: int
     bytes_placed: int
-    def __init__(self, job_id: _Optional[str] = ..., client: _Optional[str] = ..., started: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[str] = ..., arrays_placed: _Optional[int] = ..., bytes_placed: _Optional[int] = ...) -> None: ...
+    ended_reason: str
+    renewed: _timestamp_pb2.Timestamp
+    token_name: str
+    def __init__(self, job_id: _Optional[str] = ..., client: _Optional[str] = ..., started: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[str] = ..., arrays_placed: _Optional[int] = ..., bytes_placed: _Optional[int] = ..., ended_reason: _Optional[str] = ..., renewed: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., token_name: _Optional[str] = ...) -> None: ...
+
+class EndJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class EndJobReply(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: JobInfo
+    def __init__(self, job: _Optional[_Union[JobInfo, _Mapping]] = ...) -> None: ...
 
 class ListJobsReply(_message.Message):
     __slots__ = ("jobs",)

@@ -26,7 +26,11 @@ if _version_not_supported:
 
 
 class CoordinatorStub:
-    """Missing associated documentation comment in .proto file."""
+    """Every call carries a bearer token in the metadata ("authorization: Bearer gpt_..."); see SECURITY.md.
+    Roles: client (Connect, Disconnect, Renew, Grant, ListAgents, Place, ListJobs of its own sessions),
+    agent (Enrol), admin (everything, the Admin service included). Missing or unknown tokens get
+    UNAUTHENTICATED; a token of the wrong role, or a session of another token, PERMISSION_DENIED.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -44,6 +48,16 @@ class CoordinatorStub:
                 request_serializer=gpupool_dot_v1_dot_coordinator__pb2.DisconnectRequest.SerializeToString,
                 response_deserializer=gpupool_dot_v1_dot_coordinator__pb2.DisconnectReply.FromString,
                 _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/gpupool.v1.Coordinator/Renew',
+                request_serializer=gpupool_dot_v1_dot_coordinator__pb2.RenewRequest.SerializeToString,
+                response_deserializer=gpupool_dot_v1_dot_coordinator__pb2.RenewReply.FromString,
+                _registered_method=True)
+        self.Grant = channel.unary_unary(
+                '/gpupool.v1.Coordinator/Grant',
+                request_serializer=gpupool_dot_v1_dot_coordinator__pb2.GrantRequest.SerializeToString,
+                response_deserializer=gpupool_dot_v1_dot_coordinator__pb2.GrantReply.FromString,
+                _registered_method=True)
         self.ListAgents = channel.unary_unary(
                 '/gpupool.v1.Coordinator/ListAgents',
                 request_serializer=gpupool_dot_v1_dot_coordinator__pb2.ListAgentsRequest.SerializeToString,
@@ -59,10 +73,19 @@ class CoordinatorStub:
                 request_serializer=gpupool_dot_v1_dot_coordinator__pb2.ListJobsRequest.SerializeToString,
                 response_deserializer=gpupool_dot_v1_dot_coordinator__pb2.ListJobsReply.FromString,
                 _registered_method=True)
+        self.Enrol = channel.unary_unary(
+                '/gpupool.v1.Coordinator/Enrol',
+                request_serializer=gpupool_dot_v1_dot_coordinator__pb2.EnrolRequest.SerializeToString,
+                response_deserializer=gpupool_dot_v1_dot_coordinator__pb2.EnrolReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Every call carries a bearer token in the metadata ("authorization: Bearer gpt_..."); see SECURITY.md.
+    Roles: client (Connect, Disconnect, Renew, Grant, ListAgents, Place, ListJobs of its own sessions),
+    agent (Enrol), admin (everything, the Admin service included). Missing or unknown tokens get
+    UNAUTHENTICATED; a token of the wrong role, or a session of another token, PERMISSION_DENIED.
+    """
 
     def Connect(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -72,6 +95,20 @@ class CoordinatorServicer:
 
     def Disconnect(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Renew(self, request, context):
+        """The session's heartbeat; every other call of the session renews its lease too.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Grant(self, request, context):
+        """Capabilities for the session on these agents (a client refreshes them before they expire).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -95,6 +132,13 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Enrol(self, request, context):
+        """An agent's first contact: a join token (role agent) and a certificate request; see EnrolReply.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -107,6 +151,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Disconnect,
                     request_deserializer=gpupool_dot_v1_dot_coordinator__pb2.DisconnectRequest.FromString,
                     response_serializer=gpupool_dot_v1_dot_coordinator__pb2.DisconnectReply.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=gpupool_dot_v1_dot_coordinator__pb2.RenewRequest.FromString,
+                    response_serializer=gpupool_dot_v1_dot_coordinator__pb2.RenewReply.SerializeToString,
+            ),
+            'Grant': grpc.unary_unary_rpc_method_handler(
+                    servicer.Grant,
+                    request_deserializer=gpupool_dot_v1_dot_coordinator__pb2.GrantRequest.FromString,
+                    response_serializer=gpupool_dot_v1_dot_coordinator__pb2.GrantReply.SerializeToString,
             ),
             'ListAgents': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAgents,
@@ -123,6 +177,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     request_deserializer=gpupool_dot_v1_dot_coordinator__pb2.ListJobsRequest.FromString,
                     response_serializer=gpupool_dot_v1_dot_coordinator__pb2.ListJobsReply.SerializeToString,
             ),
+            'Enrol': grpc.unary_unary_rpc_method_handler(
+                    servicer.Enrol,
+                    request_deserializer=gpupool_dot_v1_dot_coordinator__pb2.EnrolRequest.FromString,
+                    response_serializer=gpupool_dot_v1_dot_coordinator__pb2.EnrolReply.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'gpupool.v1.Coordinator', rpc_method_handlers)
@@ -132,7 +191,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Coordinator:
-    """Missing associated documentation comment in .proto file."""
+    """Every call carries a bearer token in the metadata ("authorization: Bearer gpt_..."); see SECURITY.md.
+    Roles: client (Connect, Disconnect, Renew, Grant, ListAgents, Place, ListJobs of its own sessions),
+    agent (Enrol), admin (everything, the Admin service included). Missing or unknown tokens get
+    UNAUTHENTICATED; a token of the wrong role, or a session of another token, PERMISSION_DENIED.
+    """
 
     @staticmethod
     def Connect(request,
@@ -178,6 +241,60 @@ class Coordinator:
             '/gpupool.v1.Coordinator/Disconnect',
             gpupool_dot_v1_dot_coordinator__pb2.DisconnectRequest.SerializeToString,
             gpupool_dot_v1_dot_coordinator__pb2.DisconnectReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpupool.v1.Coordinator/Renew',
+            gpupool_dot_v1_dot_coordinator__pb2.RenewRequest.SerializeToString,
+            gpupool_dot_v1_dot_coordinator__pb2.RenewReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Grant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpupool.v1.Coordinator/Grant',
+            gpupool_dot_v1_dot_coordinator__pb2.GrantRequest.SerializeToString,
+            gpupool_dot_v1_dot_coordinator__pb2.GrantReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -269,6 +386,33 @@ class Coordinator:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Enrol(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpupool.v1.Coordinator/Enrol',
+            gpupool_dot_v1_dot_coordinator__pb2.EnrolRequest.SerializeToString,
+            gpupool_dot_v1_dot_coordinator__pb2.EnrolReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class AdminStub:
     """Missing associated documentation comment in .proto file."""
@@ -294,6 +438,16 @@ class AdminStub:
                 request_serializer=gpupool_dot_v1_dot_coordinator__pb2.AdminRequest.SerializeToString,
                 response_deserializer=gpupool_dot_v1_dot_coordinator__pb2.AdminReply.FromString,
                 _registered_method=True)
+        self.Forget = channel.unary_unary(
+                '/gpupool.v1.Admin/Forget',
+                request_serializer=gpupool_dot_v1_dot_coordinator__pb2.AdminRequest.SerializeToString,
+                response_deserializer=gpupool_dot_v1_dot_coordinator__pb2.AdminReply.FromString,
+                _registered_method=True)
+        self.EndJob = channel.unary_unary(
+                '/gpupool.v1.Admin/EndJob',
+                request_serializer=gpupool_dot_v1_dot_coordinator__pb2.EndJobRequest.SerializeToString,
+                response_deserializer=gpupool_dot_v1_dot_coordinator__pb2.EndJobReply.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -318,6 +472,20 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Forget(self, request, context):
+        """Removes the agent from the registry, clears its retained topics and revokes its enrolment.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EndJob(self, request, context):
+        """Ends a session as an expired lease does: its agents free its buffers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -335,6 +503,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Uncordon,
                     request_deserializer=gpupool_dot_v1_dot_coordinator__pb2.AdminRequest.FromString,
                     response_serializer=gpupool_dot_v1_dot_coordinator__pb2.AdminReply.SerializeToString,
+            ),
+            'Forget': grpc.unary_unary_rpc_method_handler(
+                    servicer.Forget,
+                    request_deserializer=gpupool_dot_v1_dot_coordinator__pb2.AdminRequest.FromString,
+                    response_serializer=gpupool_dot_v1_dot_coordinator__pb2.AdminReply.SerializeToString,
+            ),
+            'EndJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndJob,
+                    request_deserializer=gpupool_dot_v1_dot_coordinator__pb2.EndJobRequest.FromString,
+                    response_serializer=gpupool_dot_v1_dot_coordinator__pb2.EndJobReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -418,6 +596,60 @@ class Admin:
             '/gpupool.v1.Admin/Uncordon',
             gpupool_dot_v1_dot_coordinator__pb2.AdminRequest.SerializeToString,
             gpupool_dot_v1_dot_coordinator__pb2.AdminReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Forget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpupool.v1.Admin/Forget',
+            gpupool_dot_v1_dot_coordinator__pb2.AdminRequest.SerializeToString,
+            gpupool_dot_v1_dot_coordinator__pb2.AdminReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpupool.v1.Admin/EndJob',
+            gpupool_dot_v1_dot_coordinator__pb2.EndJobRequest.SerializeToString,
+            gpupool_dot_v1_dot_coordinator__pb2.EndJobReply.FromString,
             options,
             channel_credentials,
             insecure,
