@@ -2,7 +2,9 @@
 
 Memory is counted in two parts per worker: bytes of resident buffers, and bytes reserved for work in
 flight (an upload being streamed, a program's outputs before it commits). A reservation also holds
-its buffer id, so two uploads of one id cannot both proceed. Limits are checked against both parts.
+its buffer id, so two uploads of one id cannot both proceed. Limits are checked against both parts:
+the worker's, and where one is set, each session's share of the worker (so one session cannot take
+a worker's whole memory from the others).
 """
 
 from __future__ import annotations
@@ -85,10 +87,16 @@ class BufferRegistry:
 
     Args:
         limits: bytes each worker may hold, by worker index.
+        session_limits: bytes one session may hold (resident and reserved) on each worker, by worker
+            index; None, or a None entry, for no cap beyond the worker's.
     """
 
-    def __init__(self, limits: Sequence[int]) -> None:
+    def __init__(self, limits: Sequence[int], *, session_limits: Sequence[int | None] | None = None) -> None:
         self._limits = list(limits)
+        self._session_limits = list(session_limits or [None] * len(self._limits))
+        if len(self._session_limits) != len(self._limits):
+            raise ValueError("session_limits needs one entry per worker")
+        self._by_session: dict[tuple[int, str], int] = {}  # (worker, session) -> resident + reserved bytes
         self._used = [0] * len(self._limits)
         self._reserved = [0] * len(self._limits)
         self._counts = [0] * len(self._limits)
@@ -117,7 +125,8 @@ class BufferRegistry:
 
         Raises:
             RpcRefusal: ``bad-request`` for an empty id, ``not-accepting`` for an unknown worker,
-                ``buffer-exists`` for an id held or reserved, ``out-of-memory`` past the limit.
+                ``buffer-exists`` for an id held or reserved, ``out-of-memory`` past the worker's limit
+                or the session's cap.
         """
         if not buffer_id:
             raise RpcRefusal("bad-request", "a buffer id is required")
@@ -135,9 +144,20 @@ class BufferRegistry:
                     buffer_id=buffer_id,
                     extra={"needed": str(nbytes), "available": str(max(limit - taken, 0))},
                 )
+            cap = self._session_limits[worker]
+            held = self._by_session.get((worker, session), 0)
+            if cap is not None and held + nbytes > cap:
+                raise RpcRefusal(
+                    "out-of-memory",
+                    f"session {session or '(none)'} cannot hold {nbytes} more bytes on worker {worker}: "
+                    f"{held} of its {cap}-byte session cap in use",
+                    buffer_id=buffer_id,
+                    extra={"needed": str(nbytes), "available": str(max(cap - held, 0))},
+                )
             reservation = Reservation(buffer_id, worker, nbytes, session)
             self._pending[buffer_id] = reservation
             self._reserved[worker] += nbytes
+            self._count_session(worker, session, nbytes)
             return reservation
 
     def release(self, reservation: Reservation) -> None:
@@ -149,7 +169,16 @@ class BufferRegistry:
         if reservation.active:
             reservation.active = False
             self._reserved[reservation.worker] -= reservation.nbytes
+            self._count_session(reservation.worker, reservation.session, -reservation.nbytes)
             self._pending.pop(reservation.buffer_id, None)
+
+    def _count_session(self, worker: int, session: str, nbytes: int) -> None:
+        key = (worker, session)
+        held = self._by_session.get(key, 0) + nbytes
+        if held:
+            self._by_session[key] = held
+        else:
+            self._by_session.pop(key, None)
 
     def commit(self, reservation: Reservation, array: Any) -> Buffer:
         """Turn a reservation into a resident buffer holding ``array``.
@@ -183,6 +212,7 @@ class BufferRegistry:
                 )
                 self._buffers[buffer.buffer_id] = buffer
                 self._used[buffer.worker] += buffer.nbytes
+                self._count_session(buffer.worker, buffer.session, buffer.nbytes)
                 self._counts[buffer.worker] += 1
                 made.append(buffer)
             return made
@@ -233,6 +263,7 @@ class BufferRegistry:
     def _account_freed(self, freed: list[Buffer]) -> tuple[int, int]:
         for buffer in freed:
             self._used[buffer.worker] -= buffer.nbytes
+            self._count_session(buffer.worker, buffer.session, -buffer.nbytes)
             self._counts[buffer.worker] -= 1
         return len(freed), sum(buffer.nbytes for buffer in freed)
 
@@ -242,6 +273,15 @@ class BufferRegistry:
             return WorkerUsage(
                 self._limits[worker], self._used[worker], self._reserved[worker], self._counts[worker]
             )
+
+    def session_usage(self, worker: int, session: str) -> int:
+        """Bytes ``session`` holds on ``worker`` now, resident and reserved."""
+        with self._lock:
+            return self._by_session.get((worker, session), 0)
+
+    def session_limit(self, worker: int) -> int | None:
+        """The cap on one session's bytes on ``worker``, None for none."""
+        return self._session_limits[worker]
 
     def __len__(self) -> int:
         with self._lock:

@@ -1,17 +1,25 @@
 """Running one Execute request: a small program of ops over a worker's buffers, all or nothing.
 
-:func:`run_program` runs in the worker's own thread (see :class:`~gpupool.agent.backend.ArrayBackend`).
-It checks the whole request before computing anything, reserves each output's memory before its op
-runs, and commits the outputs only once every op, the device synchronisation and the fetch succeeded;
-on any failure, or if the caller gave up (``cancelled``), it releases everything it reserved, so a
-failing program leaves nothing behind.
+:func:`run_program` runs in one of the worker's threads (see :class:`~gpupool.agent.workers.Worker`),
+each op taking its turn on the device with other sessions' programs. It checks the whole request before
+computing anything, reserves each output's memory before its op runs, and commits the outputs only once
+every op, the device synchronisation and the fetch succeeded; on any failure, or if the caller gave up
+(``cancelled``), it releases everything it reserved and drops its intermediates, and the error it raises
+holds none of them, so a failing program leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import math
 import threading
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any, Final
+
+import numpy as np
 
 from gpupool._proto.v1 import agent_pb2
 from gpupool.agent.backend import ArrayBackend
@@ -21,7 +29,17 @@ from gpupool.agent.ops import Expected, apply_op, arity, constant_array, expecte
 from gpupool.protocol.codec import meta_of
 from gpupool.protocol.errors import RpcRefusal
 
-__all__ = ["FETCH_LIMIT", "SMALL_ELEMENTS", "ProgramCancelled", "is_small", "run_program"]
+__all__ = [
+    "FETCH_LIMIT",
+    "SMALL_ELEMENTS",
+    "Program",
+    "ProgramCancelled",
+    "device_errors",
+    "estimate_work",
+    "forget_frames",
+    "is_small",
+    "run_program",
+]
 
 #: Most bytes an Execute returns inline (docs/contracts.md); larger results are downloaded.
 FETCH_LIMIT: Final = 16 << 20
@@ -52,6 +70,56 @@ def is_small(request: agent_pb2.ExecuteRequest, resident_nbytes: Callable[[str],
     return True
 
 
+def estimate_work(
+    request: agent_pb2.ExecuteRequest, resident_nbytes: Callable[[str], int]
+) -> tuple[int, int]:
+    """The work ``request`` asks for: (bytes its ops read and write, floating-point operations), for
+    deadlines (``Timeouts.for_work``). Pure; an unchecked request gives an estimate all the same.
+
+    A matmul counts ``2 * m * n * k``, with ``k`` from its operands' sizes (a resident buffer's size
+    comes from ``resident_nbytes``, its elements counted at the result's element size, which counts an
+    operand of a narrower dtype short; the deadline's margins cover that); any other op counts one
+    operation per element it reads or writes. Fetched resident buffers count once more, for the copy out.
+    """
+    declared: dict[str, tuple[int, int]] = {}  # output -> (bytes, elements), for later ops' operands
+    touched = 0
+    flops = 0
+    for op in request.ops:
+        elements = max(math.prod(op.expect.shape), 0)  # negative dimensions are refused later
+        try:
+            itemsize = max(np.dtype(op.expect.dtype).itemsize, 1) if op.expect.dtype else 8
+        except (TypeError, ValueError):  # an unsupported dtype, refused later
+            itemsize = 8
+        sizes = [_operand_size(item, declared, resident_nbytes, itemsize) for item in op.inputs]
+        touched += sum(nbytes for nbytes, _ in sizes) + elements * itemsize
+        if op.op == "matmul" and len(sizes) == 2:
+            product = sizes[0][1] * sizes[1][1]
+            flops += 2 * elements * math.isqrt(product // max(elements, 1))
+        else:
+            flops += max([elements, *(count for _, count in sizes)])
+        declared[op.output] = (elements * itemsize, elements)
+    touched += sum(resident_nbytes(buffer_id) for buffer_id in request.fetch if buffer_id not in declared)
+    return touched, flops
+
+
+def _operand_size(
+    item: agent_pb2.Operand,
+    declared: dict[str, tuple[int, int]],
+    resident_nbytes: Callable[[str], int],
+    itemsize: int,
+) -> tuple[int, int]:
+    """An operand's (bytes, elements) for :func:`estimate_work`."""
+    kind = item.WhichOneof("kind")
+    if kind == "buffer":
+        if item.buffer in declared:
+            return declared[item.buffer]
+        nbytes = resident_nbytes(item.buffer)
+        return nbytes, nbytes // itemsize
+    if kind == "constant":
+        return len(item.constant.data), max(math.prod(item.constant.meta.shape), 0)
+    return 0, 1
+
+
 class ProgramCancelled(Exception):
     """The caller gave up on the program before it committed; nothing was kept."""
 
@@ -62,8 +130,18 @@ def run_program(
     backend: ArrayBackend,
     registry: BufferRegistry,
     cancelled: threading.Event | None = None,
+    turn: Callable[[], AbstractContextManager[object]] | None = None,
 ) -> agent_pb2.ExecuteReply:
-    """Run ``request`` on ``backend`` (its worker's thread), then fetch, then free.
+    """Run ``request`` on ``backend`` (in one of its worker's threads): check, step op by op, commit.
+
+    Args:
+        request: the program.
+        backend: the worker's compute.
+        registry: the agent's buffers.
+        cancelled: set by a caller that gave up; checked before each op and at the commit.
+        turn: makes a context manager that holds the worker's device for one step (an op or a fused
+            run; the last one with the commit), see ``Worker.turn``; none when the program has the
+            device to itself (the event loop's inline path).
 
     Raises:
         RpcRefusal: ``bad-request`` (malformed op, wrong result shape, fetch over :data:`FETCH_LIMIT`),
@@ -71,88 +149,202 @@ def run_program(
             ``not-accepting`` (no such worker). Nothing the program created is kept.
         ProgramCancelled: ``cancelled`` was set before the outputs were committed.
     """
-    worker = request.worker
-    registry.check_worker(worker)
-    expected = _check_request(request, registry)
     cancelled = cancelled or threading.Event()
-    reservations: list[Reservation] = []
-    local: dict[str, Any] = {}
-    ops = request.ops
-    dropped = set(request.free)
-    runs = plan_runs(ops, expected, dropped, set(request.fetch)) if backend.name == "numpy" else {}
+    take_turn = turn or contextlib.nullcontext
+    program = Program(request, backend=backend, registry=registry, cancelled=cancelled)
     try:
-        try:
-            index = 0
-            while index < len(ops):
-                if cancelled.is_set():
-                    raise ProgramCancelled()
-                run = runs.get(index)
-                covered = ops[index : run.end] if run is not None else ops[index : index + 1]
-                for op in covered:  # memory is counted as if unfused: a conservative bound
-                    reservations.append(
-                        registry.reserve(
-                            worker=worker,
-                            buffer_id=op.output,
-                            nbytes=expected[op.output].nbytes,
-                            session=request.session,
-                        )
-                    )
-                if run is not None:
-                    end = run.end
-
-                    def resolve(item: agent_pb2.Operand) -> Any:
-                        return _operand(item, worker, local, backend, registry)
-
-                    def needed_whole(buffer_id: str, end: int = end) -> bool:
-                        return _needed_whole(buffer_id, ops, end, dropped, request.fetch)
-
-                    local.update(
-                        run_fused(
-                            backend.xp,
-                            ops,
-                            run,
-                            expected,
-                            resolve=resolve,
-                            needed_whole=needed_whole,
-                            kernel_errors=backend.kernel_errors,
-                        )
-                    )
-                    index = end
-                    continue
-                op = ops[index]
-                operands = [_operand(item, worker, local, backend, registry) for item in op.inputs]
-                local[op.output] = apply_op(
-                    backend.xp,
-                    op.op,
-                    operands,
-                    expected[op.output],
-                    axis=op.axis if op.has_axis else None,
-                    kernel_errors=backend.kernel_errors,
-                )
-                del operands
-                index += 1
-            backend.synchronize()
-            fetched = [_fetch(buffer_id, worker, local, backend, registry) for buffer_id in request.fetch]
-        except backend.out_of_memory_errors as exc:
-            raise RpcRefusal(
-                "out-of-memory", f"worker {worker}: the device ran out of memory: {exc}"
-            ) from exc
-        except backend.kernel_errors as exc:
-            raise RpcRefusal("kernel-failed", f"worker {worker}: {type(exc).__name__}: {exc}") from exc
-        keep = [
-            (reservation, local[reservation.buffer_id])
-            for reservation in reservations
-            if reservation.buffer_id not in dropped
-        ]
-        if keep and not registry.commit_all(keep, unless=cancelled):
-            raise ProgramCancelled()
-        if cancelled.is_set() and not keep:
-            raise ProgramCancelled()
-        registry.free(buffer_id for buffer_id in dropped if buffer_id not in expected)
+        while True:
+            if cancelled.is_set():
+                raise ProgramCancelled()
+            with device_errors(backend, request.worker), take_turn():  # the turn's end may wait on the device
+                if not program.done:
+                    program.step()
+                if program.done:  # the commit shares the last op's turn: one wait fewer
+                    return program.commit()
+    except BaseException as exc:
+        forget_frames(exc)
+        raise
     finally:
-        for reservation in reservations:
-            registry.release(reservation)  # a no-op for the committed ones
-    return agent_pb2.ExecuteReply(fetched=fetched, memory_used=registry.usage(worker).used)
+        program.discard()
+
+
+class Program:
+    """One Execute request on one worker, in three parts: check (made), :meth:`step` until :attr:`done`,
+    then :meth:`commit`; :meth:`discard` once at the end, whatever happened.
+
+    Each step reserves its outputs' memory (as if unfused: a conservative bound) before computing them,
+    and the outputs are committed together only at the end, so a failure at any point leaves nothing
+    behind once :meth:`discard` has released the reservations and dropped the intermediates.
+
+    Args:
+        request: the program; checked whole on construction, before anything is computed.
+        backend: the worker's compute.
+        registry: the agent's buffers.
+        cancelled: the caller's flag; the commit keeps nothing once it is set.
+
+    Raises:
+        RpcRefusal: on construction, as :func:`run_program` says, for anything wrong with the request.
+    """
+
+    def __init__(
+        self,
+        request: agent_pb2.ExecuteRequest,
+        *,
+        backend: ArrayBackend,
+        registry: BufferRegistry,
+        cancelled: threading.Event,
+    ) -> None:
+        registry.check_worker(request.worker)
+        self._expected = _check_request(request, registry)
+        self._request = request
+        self._ops = request.ops
+        self._backend = backend
+        self._registry = registry
+        self._cancelled = cancelled
+        self._dropped = set(request.free)
+        fused = backend.name == "numpy"
+        self._runs = plan_runs(self._ops, self._expected, self._dropped, set(request.fetch)) if fused else {}
+        self._index = 0
+        self._local: dict[str, Any] = {}
+        self._reservations: list[Reservation] = []
+
+    @property
+    def done(self) -> bool:
+        """Whether every op has run."""
+        return self._index >= len(self._ops)
+
+    def step(self) -> None:
+        """Reserve the next op's output and compute it, or a whole fused run's.
+
+        Raises:
+            RpcRefusal: ``out-of-memory`` (over the limit, or the device's), ``kernel-failed``,
+                ``bad-request``, ``buffer-not-found``.
+        """
+        start = self._index
+        run = self._runs.get(start)
+        end = run.end if run is not None else start + 1
+        for op in self._ops[start:end]:
+            self._reservations.append(
+                self._registry.reserve(
+                    worker=self._request.worker,
+                    buffer_id=op.output,
+                    nbytes=self._expected[op.output].nbytes,
+                    session=self._request.session,
+                )
+            )
+        with device_errors(self._backend, self._request.worker):
+            if run is not None:
+                self._local.update(
+                    run_fused(
+                        self._backend.xp,
+                        self._ops,
+                        run,
+                        self._expected,
+                        resolve=self._operand,
+                        needed_whole=functools.partial(self._needed_whole, end=end),
+                        kernel_errors=self._backend.kernel_errors,
+                    )
+                )
+            else:
+                op = self._ops[start]
+                self._local[op.output] = apply_op(
+                    self._backend.xp,
+                    op.op,
+                    [self._operand(item) for item in op.inputs],
+                    self._expected[op.output],
+                    axis=op.axis if op.has_axis else None,
+                    kernel_errors=self._backend.kernel_errors,
+                )
+        self._index = end
+
+    def commit(self) -> agent_pb2.ExecuteReply:
+        """Wait for the device, fetch, keep the outputs not freed, and free what the request frees.
+
+        Raises:
+            RpcRefusal: ``out-of-memory`` or ``kernel-failed`` from the device.
+            ProgramCancelled: the caller gave up first; nothing is kept.
+        """
+        with device_errors(self._backend, self._request.worker):
+            self._backend.synchronize()
+            fetched = [self._fetch(buffer_id) for buffer_id in self._request.fetch]
+        keep = [
+            (reservation, self._local[reservation.buffer_id])
+            for reservation in self._reservations
+            if reservation.buffer_id not in self._dropped
+        ]
+        if keep and not self._registry.commit_all(keep, unless=self._cancelled):
+            raise ProgramCancelled()
+        if self._cancelled.is_set() and not keep:
+            raise ProgramCancelled()
+        self._registry.free(buffer_id for buffer_id in self._dropped if buffer_id not in self._expected)
+        worker = self._request.worker
+        return agent_pb2.ExecuteReply(fetched=fetched, memory_used=self._registry.usage(worker).used)
+
+    def discard(self) -> None:
+        """Release every reservation not committed and drop the intermediates (idempotent)."""
+        for reservation in self._reservations:
+            self._registry.release(reservation)  # a no-op for the committed ones
+        self._reservations.clear()
+        self._local.clear()
+
+    def _operand(self, item: agent_pb2.Operand) -> Any:
+        kind = item.WhichOneof("kind")
+        if kind == "buffer":
+            if item.buffer in self._local:
+                return self._local[item.buffer]
+            return self._registry.get(item.buffer, worker=self._request.worker).array
+        if kind == "scalar":
+            return scalar_value(item.scalar)
+        if kind == "constant":
+            return self._backend.to_device(constant_array(item.constant))
+        raise RpcRefusal("bad-request", "an operand names neither a buffer, a scalar nor a constant")
+
+    def _fetch(self, buffer_id: str) -> agent_pb2.Fetched:
+        if buffer_id in self._local:
+            array = self._local[buffer_id]
+        else:
+            array = self._registry.get(buffer_id, worker=self._request.worker).array
+        host = self._backend.to_host(array)
+        return agent_pb2.Fetched(
+            buffer_id=buffer_id, meta=meta_of(host.dtype, tuple(host.shape)), data=host.tobytes()
+        )
+
+    def _needed_whole(self, buffer_id: str, *, end: int) -> bool:
+        """Whether a fused run's output must exist in full: kept, fetched, or read by a later op."""
+        if buffer_id not in self._dropped or buffer_id in self._request.fetch:
+            return True
+        return any(item.buffer == buffer_id for op in self._ops[end:] for item in op.inputs)
+
+
+@contextlib.contextmanager
+def device_errors(backend: ArrayBackend, worker: int) -> Iterator[None]:
+    """The backend's out-of-memory and kernel errors as refusals (``out-of-memory``, ``kernel-failed``)."""
+    try:
+        yield
+    except backend.out_of_memory_errors as exc:
+        message = f"worker {worker}: the device ran out of memory: {exc}"
+        raise RpcRefusal("out-of-memory", message) from exc
+    except backend.kernel_errors as exc:
+        raise RpcRefusal("kernel-failed", f"worker {worker}: {type(exc).__name__}: {exc}") from exc
+
+
+def forget_frames(error: BaseException) -> None:
+    """Clear the variables of the finished frames that ``error``, its causes and contexts passed through.
+
+    An exception keeps its traceback, and the traceback every frame it left with all their variables: a
+    failed program's operands and intermediates, an upload's half-filled array. Kept anywhere (a gRPC
+    call's state holds the error it aborted with, in a reference cycle that waits for the cyclic
+    collector), it would keep that memory too. Frames still running are left as they are.
+    """
+    pending = [error]
+    seen: set[int] = set()
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        pending.extend(chained for chained in (current.__cause__, current.__context__) if chained is not None)
 
 
 def _check_request(request: agent_pb2.ExecuteRequest, registry: BufferRegistry) -> dict[str, Expected]:
@@ -179,41 +371,3 @@ def _check_request(request: agent_pb2.ExecuteRequest, registry: BufferRegistry) 
             f"fetch of {fetch_bytes} bytes is over the {FETCH_LIMIT}-byte inline limit; download instead",
         )
     return expected
-
-
-def _operand(
-    item: agent_pb2.Operand,
-    worker: int,
-    local: dict[str, Any],
-    backend: ArrayBackend,
-    registry: BufferRegistry,
-) -> Any:
-    kind = item.WhichOneof("kind")
-    if kind == "buffer":
-        if item.buffer in local:
-            return local[item.buffer]
-        return registry.get(item.buffer, worker=worker).array
-    if kind == "scalar":
-        return scalar_value(item.scalar)
-    if kind == "constant":
-        return backend.to_device(constant_array(item.constant))
-    raise RpcRefusal("bad-request", "an operand names neither a buffer, a scalar nor a constant")
-
-
-def _fetch(
-    buffer_id: str, worker: int, local: dict[str, Any], backend: ArrayBackend, registry: BufferRegistry
-) -> agent_pb2.Fetched:
-    array = local[buffer_id] if buffer_id in local else registry.get(buffer_id, worker=worker).array
-    host = backend.to_host(array)
-    return agent_pb2.Fetched(
-        buffer_id=buffer_id, meta=meta_of(host.dtype, tuple(host.shape)), data=host.tobytes()
-    )
-
-
-def _needed_whole(
-    buffer_id: str, ops: Sequence[agent_pb2.Op], end: int, dropped: set[str], fetch: Sequence[str]
-) -> bool:
-    """Whether a fused run's output must exist in full: kept, fetched, or read by a later op."""
-    if buffer_id not in dropped or buffer_id in fetch:
-        return True
-    return any(item.buffer == buffer_id for op in ops[end:] for item in op.inputs)

@@ -8,12 +8,14 @@ start-up). ``cupy`` insists on CUDA; ``numpy`` never touches it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from gpupool._config import parse_memory_limit
 from gpupool._errors import UsageError
@@ -21,19 +23,26 @@ from gpupool._proto.v1 import control_pb2
 from gpupool.agent.backend import ArrayBackend, NumpyBackend
 from gpupool.agent.config import BackendChoice
 from gpupool.agent.discovery import Nvml, NvmlGpu, NvmlUnavailable
+from gpupool.agent.turns import TurnGate
 
-__all__ = ["Worker", "WorkerSetup", "host_memory", "plan_workers"]
+__all__ = ["WORKER_THREADS", "Worker", "WorkerSetup", "host_memory", "plan_workers"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: Threads per worker: programs of this many sessions are in flight at once (their ops still take turns);
+#: more wait for a thread. Idle threads cost nothing, and each is bound to the worker's device.
+WORKER_THREADS: Final = 8
+
 
 class Worker:
-    """One execution unit: a backend bound to a device, and the one thread that computes on it.
+    """One execution unit: a backend bound to a device, and the threads that compute on it.
 
-    A single thread per worker keeps its programs in arrival order, keeps the event loop free while
-    they run, and gives CuPy one current device per thread.
+    Programs of different sessions are in flight at once, each in a thread of its own (every thread is
+    bound to the device, as CuPy keeps one current device per thread), but their ops take turns
+    (:meth:`turn`), one at a time and round-robin across sessions; a session's own programs run one
+    after another, in arrival order (:meth:`lane`). The event loop stays free while they run.
 
     Args:
         index: the worker number shards name (the CUDA device index for CuPy).
@@ -41,7 +50,8 @@ class Worker:
         memory_limit: bytes of buffers it may hold.
         gpu: NVML's description of its GPU, None for a NumPy worker.
         nvml_index: the GPU's NVML index, for telemetry (None without one).
-        thread_name: the name of its thread.
+        thread_name: the name prefix of its threads.
+        threads: how many threads it computes with, at most (programs in flight at once).
     """
 
     def __init__(
@@ -53,6 +63,7 @@ class Worker:
         gpu: control_pb2.GpuInfo | None = None,
         nvml_index: int | None = None,
         thread_name: str = "gpupool.worker",
+        threads: int = WORKER_THREADS,
     ) -> None:
         self.index = index
         self.backend = backend
@@ -60,26 +71,86 @@ class Worker:
         self.gpu = gpu
         self.nvml_index = nvml_index
         self._executor = ThreadPoolExecutor(
-            1, thread_name_prefix=thread_name, initializer=backend.bind_thread
+            threads, thread_name_prefix=thread_name, initializer=backend.bind_thread
         )
-        self._in_flight = 0
+        self._gate = TurnGate()
+        self._lanes: dict[str, _Lane] = {}
+        self._count_lock = threading.Lock()
+        self._in_flight = 0  # calls submitted and not yet finished in their thread
 
     def idle_for_inline(self, small: bool) -> bool:
         """Whether a ``small`` program (a few microseconds of work) may run right on the event loop: a NumPy
-        worker with nothing in flight, so two thread hops would cost more than the work and order is kept."""
-        return small and self._in_flight == 0 and self.backend.name == "numpy"
+        worker with nothing in flight and no turn taken, so two thread hops would cost more than the work
+        and order is kept."""
+        if not small or self.backend.name != "numpy":
+            return False
+        with self._count_lock:
+            busy = self._in_flight
+        return busy == 0 and self._gate.idle()
 
     async def call(self, function: Callable[..., T], *args: Any) -> T:
-        """Run ``function(*args)`` in the worker's thread and wait for it."""
-        self._in_flight += 1
+        """Run ``function(*args)`` in one of the worker's threads and wait for it.
+
+        A caller that stops waiting (cancelled) does not stop a function already running; the worker
+        counts it as in flight until it returns.
+        """
+        with self._count_lock:
+            self._in_flight += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
-        finally:
+            future = self._executor.submit(function, *args)
+        except BaseException:
+            self._finished(None)
+            raise
+        future.add_done_callback(self._finished)  # before asyncio's: counted out before the caller wakes
+        return await asyncio.wrap_future(future)
+
+    def _finished(self, _future: object) -> None:
+        with self._count_lock:
             self._in_flight -= 1
 
+    @contextlib.contextmanager
+    def turn(self, session: str) -> Iterator[None]:
+        """In a worker thread: hold the device for one op (or fused run) of ``session``.
+
+        On a backend that computes asynchronously the turn ends only once the device has finished its
+        work, so the next turn's op does not queue behind this one's.
+        """
+        self._gate.acquire(session)
+        try:
+            yield
+            if not self.backend.host_resident:
+                self.backend.synchronize()
+        finally:
+            self._gate.release()
+
+    @contextlib.asynccontextmanager
+    async def lane(self, session: str) -> AsyncIterator[None]:
+        """On the event loop: wait until ``session`` has no other program in flight here, and hold that."""
+        lane = self._lanes.get(session)
+        if lane is None:
+            self._lanes[session] = lane = _Lane()
+        lane.users += 1
+        try:
+            async with lane.lock:
+                yield
+        finally:
+            lane.users -= 1
+            if lane.users == 0:
+                del self._lanes[session]
+
     def shutdown(self) -> None:
-        """Stop the worker's thread once its queued work is done (not waiting for it)."""
+        """Stop the worker's threads once their queued work is done (not waiting for it)."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class _Lane:
+    """A session's turn to have a program in flight on one worker, and how many callers want it."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
 
 
 @dataclass(frozen=True, slots=True)
