@@ -13,6 +13,7 @@ Importing gpupool loads neither CuPy nor NVML: those are the agent's, loaded laz
 from gpupool import _functions
 from gpupool._config import Timeouts
 from gpupool._errors import (
+    AgentLost,
     AgentNotAccepting,
     ArrayFreed,
     AuthError,
@@ -41,6 +42,7 @@ from gpupool.client import AgentInfo, GpuInfo, Pool, RemoteArray, Shard, connect
 
 __all__ = [
     "AgentInfo",
+    "AgentLost",
     "AgentNotAccepting",
     "ArrayFreed",
     "AuthError",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Final
+from typing import ClassVar, Final
 from urllib.parse import urlsplit
 
 from gpupool._errors import UsageError
@@ -17,7 +17,9 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "BrokerAddress",
     "Timeouts",
+    "broker_with_password",
     "coordinator_address",
+    "default_state_dir",
     "parse_broker_url",
     "parse_endpoint",
     "parse_memory_limit",
@@ -39,21 +41,38 @@ class Timeouts:
 
     Attributes:
         connect: opening a channel or an MQTT session.
-        rpc: one unary call (placement, a program, a free).
+        rpc: one unary call (placement, a free), and the fixed part of a program's or a stream's deadline.
         heartbeat: between telemetry reports from an agent.
         shard: streaming one shard in or out, per MiB (plus ``rpc``).
         command: an admin command until the agent's status reflects it.
+        stall: the longest wait for the next chunk of an upload or the next read of a download, on top
+            of the stream's overall deadline: a peer that goes quiet loses its reservation this soon.
     """
+
+    #: Bytes a program touches per second, at the least: far below any GPU's or host's memory bandwidth
+    #: (the H200 measured here moves hundreds of GB/s; a 2-core VM's NumPy several GB/s), so that a
+    #: program's deadline only fires on an agent that is stuck, not on a slow one.
+    WORK_BYTES_PER_SECOND: ClassVar[float] = 200e6
+    #: Floating-point operations per second, at the least: float32 matmul ran at 51 TFLOP/s on the H200
+    #: and at tens of GFLOP/s in NumPy on 2 cores (DESIGN.md, measured facts).
+    WORK_FLOPS_PER_SECOND: ClassVar[float] = 2e9
 
     connect: float = 10.0
     rpc: float = 30.0
     heartbeat: float = 3.0
     shard: float = 1.0
     command: float = 10.0
+    stall: float = 10.0
 
     def for_stream(self, nbytes: int) -> float:
         """Deadline for streaming ``nbytes``: a fixed part plus a per-MiB allowance."""
         return self.rpc + self.shard * (nbytes / (1 << 20))
+
+    def for_work(self, nbytes: int, flops: int) -> float:
+        """Deadline for a program that touches ``nbytes`` and computes ``flops``: the fixed ``rpc`` part
+        plus the time the work takes at :attr:`WORK_BYTES_PER_SECOND` and :attr:`WORK_FLOPS_PER_SECOND`
+        (see ``gpupool.agent.program.estimate_work`` for the estimate an agent makes)."""
+        return self.rpc + nbytes / self.WORK_BYTES_PER_SECOND + flops / self.WORK_FLOPS_PER_SECOND
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +109,35 @@ def parse_broker_url(url: str) -> BrokerAddress:
     except ValueError as exc:
         raise UsageError(f"broker URL {url!r}: bad port") from exc
     return BrokerAddress(parts.hostname, port, parts.username, parts.password, tls)
+
+
+def broker_with_password(broker: BrokerAddress) -> BrokerAddress:
+    """``broker`` with the password from ``$GPUPOOL_BROKER_PASSWORD`` or ``$GPUPOOL_BROKER_PASSWORD_FILE``
+    when set (so it never has to appear on a command line, where ``ps`` shows it).
+
+    Raises:
+        UsageError: the password file cannot be read.
+    """
+    password = os.environ.get("GPUPOOL_BROKER_PASSWORD")
+    path = os.environ.get("GPUPOOL_BROKER_PASSWORD_FILE")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                password = handle.read().strip()
+        except OSError as exc:
+            raise UsageError(f"cannot read GPUPOOL_BROKER_PASSWORD_FILE {path!r}: {exc}") from exc
+    if not password:
+        return broker
+    return BrokerAddress(broker.host, broker.port, broker.username, password, broker.tls)
+
+
+def default_state_dir(role: str) -> str:
+    """``$GPUPOOL_STATE_DIR``, else ``$XDG_STATE_HOME/gpupool/<role>`` (``~/.local/state/...``)."""
+    explicit = os.environ.get("GPUPOOL_STATE_DIR")
+    if explicit:
+        return explicit
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "gpupool", role)
 
 
 def parse_endpoint(text: str, *, default_port: int | None = None) -> tuple[str, int]:

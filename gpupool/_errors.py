@@ -6,7 +6,8 @@ The hierarchy::
     ├── TransportError                  the network failed us
     │   ├── ConnectError                  could not reach the coordinator, an agent or the broker
     │   ├── DeadlineExceeded              a call ran past its deadline
-    │   └── StreamClosed                  a stream ended before its declared size
+    │   ├── StreamClosed                  a stream ended before its declared size
+    │   └── AgentLost                     the coordinator shows the agent offline: its rows are lost
     ├── ProtocolError                   a peer sent something we cannot read
     │   ├── FrameDecodeError              a malformed payload
     │   └── VersionMismatch               a schema version we do not speak
@@ -31,6 +32,7 @@ Errors from grpc.aio and aiomqtt are translated into these in one place
 from __future__ import annotations
 
 __all__ = [
+    "AgentLost",
     "AgentNotAccepting",
     "ArrayFreed",
     "AuthError",
@@ -83,6 +85,28 @@ class DeadlineExceeded(TransportError):
 
 class StreamClosed(TransportError):
     """A stream ended before it carried what it declared."""
+
+
+class AgentLost(TransportError):
+    """The coordinator shows an agent offline while a call to it was waiting: the call was abandoned.
+
+    Args:
+        agent_id: the agent.
+        rows: ``(start, stop)`` of the array rows it held for the failed operation, when known.
+    """
+
+    def __init__(self, agent_id: str, rows: tuple[int, int] | None = None) -> None:
+        self.agent_id = agent_id
+        self.rows = rows
+        held = f"; rows {rows[0]}:{rows[1]} of the array it held are lost" if rows else ""
+        super().__init__(
+            agent_id,
+            f"agent {agent_id} went offline (the coordinator shows it so); the call was abandoned{held}",
+        )
+
+    def with_rows(self, start: int, stop: int) -> AgentLost:
+        """The same loss, naming the rows."""
+        return AgentLost(self.agent_id, (start, stop))
 
 
 class ProtocolError(GpupoolError):
@@ -181,7 +205,18 @@ class AgentNotAccepting(RemoteError):
 
 
 class AuthError(GpupoolError):
-    """Credentials were refused."""
+    """Credentials were refused, or are missing, malformed, expired or revoked.
+
+    Args:
+        message: what was refused and what to do about it.
+        peer: the coordinator or agent that refused them ("" when refused locally).
+        agent_id: the agent, when an agent refused them.
+    """
+
+    def __init__(self, message: str, *, peer: str = "", agent_id: str = "") -> None:
+        self.peer = peer
+        self.agent_id = agent_id
+        super().__init__(message)
 
 
 class UsageError(GpupoolError):

@@ -23,5 +23,6 @@ def new_job_id() -> JobId:
 
 
 def new_buffer_id(session: str, serial: int) -> BufferId:
-    """The id of a session's ``serial``-th buffer; unique per agent because sessions are."""
-    return BufferId(f"{session}.{serial}")
+    """The id of a session's ``serial``-th buffer: unique per agent because sessions are, and not
+    guessable (48 random bits), so knowing a session's id does not name its buffers."""
+    return BufferId(f"{session}.{serial}.{secrets.token_hex(6)}")

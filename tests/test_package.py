@@ -16,6 +16,7 @@ def test_import_loads_neither_cupy_nor_nvml() -> None:
 def test_public_names_are_pinned() -> None:
     core = {
         "AgentInfo",
+        "AgentLost",
         "AgentNotAccepting",
         "ArrayFreed",
         "AuthError",

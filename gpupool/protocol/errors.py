@@ -34,6 +34,8 @@ ErrorKind = Literal[
     "version-mismatch",
     "not-confirmed",
     "broker-unavailable",
+    "unauthenticated",
+    "permission-denied",
 ]
 
 _CODES: Final[dict[str, grpc.StatusCode]] = {
@@ -52,6 +54,10 @@ _CODES: Final[dict[str, grpc.StatusCode]] = {
     "not-confirmed": grpc.StatusCode.DEADLINE_EXCEEDED,
     # The coordinator could not reach the MQTT broker, so a command was not sent.
     "broker-unavailable": grpc.StatusCode.UNAVAILABLE,
+    # No credentials, or ones the coordinator or agent does not know (or that expired or were revoked).
+    "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+    # Good credentials of the wrong role, or for another session or agent.
+    "permission-denied": grpc.StatusCode.PERMISSION_DENIED,
 }
 
 
@@ -97,26 +103,51 @@ _REMOTE: Final[dict[str, type[e.RemoteError]]] = {
 }
 
 
-def translate_rpc_error(exc: grpc.aio.AioRpcError, *, peer: str, agent_id: str = "") -> e.GpupoolError:
-    """The gpupool exception for a failed call to ``peer`` (an agent when ``agent_id`` is given).
-
-    The caller raises the result ``from exc``.
-    """
+def _status(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str, dict[str, str]]:
+    """Code, details and trailing metadata of a failed call, sync (``grpc.Call``) or async alike."""
+    if not isinstance(exc, grpc.aio.AioRpcError | grpc.Call):
+        return grpc.StatusCode.UNKNOWN, str(exc) or type(exc).__name__, {}
     code = exc.code()
     details = exc.details() or code.name
     meta: dict[str, str] = {}
     for item in exc.trailing_metadata() or ():
         pair: tuple[object, ...] = tuple(item)  # type: ignore[arg-type]  # grpc-stubs: opaque metadatum
-        if isinstance(pair[0], str) and isinstance(pair[1], str):
+        if len(pair) == 2 and isinstance(pair[0], str) and isinstance(pair[1], str):
             meta[pair[0]] = pair[1]
+    return code, details, meta
+
+
+def translate_rpc_error(exc: grpc.RpcError, *, peer: str, agent_id: str = "") -> e.GpupoolError:
+    """The gpupool exception for a failed call (sync or async) to ``peer`` (an agent when ``agent_id``).
+
+    The one translation of gRPC failures in gpupool; the caller raises the result ``from exc``.
+    """
+    code, details, meta = _status(exc)
     kind = meta.get(ERROR_KEY, "")
-    buffer_id = meta.get(BUFFER_KEY, "")
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return e.DeadlineExceeded(peer, details)
-    if code == grpc.StatusCode.UNAVAILABLE and kind in ("", "broker-unavailable"):
+    buffer_id = meta.get(BUFFER_KEY, "").split("/", 1)[-1]  # an agent names a session's buffers session/id
+    if code == grpc.StatusCode.UNKNOWN and not meta and not isinstance(exc, grpc.Call | grpc.aio.AioRpcError):
         return e.ConnectError(peer, details)
-    if code == grpc.StatusCode.UNAUTHENTICATED or code == grpc.StatusCode.PERMISSION_DENIED:
-        return e.AuthError(f"{peer}: {details}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and kind != "not-confirmed":
+        return e.DeadlineExceeded(peer, details)
+    if kind == "broker-unavailable":
+        return e.TransportError(peer, f"the coordinator cannot reach its MQTT broker: {details}")
+    if code == grpc.StatusCode.UNAVAILABLE and not kind:
+        return e.ConnectError(peer, details)
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        what = f"agent {agent_id}" if agent_id else f"the coordinator at {peer}"
+        hint = (
+            "the coordinator grants capabilities with placements; the session may have ended"
+            if agent_id
+            else "set GPUPOOL_TOKEN to a token of the pool (`gpupool up` writes one to "
+            "<state-dir>/client.env; "
+            "an operator makes one with `gpupool token create --role client`)"
+        )
+        return e.AuthError(
+            f"{what} refused the credentials: {details} — {hint}", peer=peer, agent_id=agent_id
+        )
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        what = f"agent {agent_id}" if agent_id else f"the coordinator at {peer}"
+        return e.AuthError(f"{what} refused the call: {details}", peer=peer, agent_id=agent_id)
     if code == grpc.StatusCode.CANCELLED and not kind:
         return e.StreamClosed(peer, details)
     if kind == "no-capacity":
@@ -130,6 +161,8 @@ def translate_rpc_error(exc: grpc.aio.AioRpcError, *, peer: str, agent_id: str =
         return e.PlacementError(details)
     if kind == "version-mismatch":
         return e.ProtocolError(f"{peer}: {details}")
+    if kind == "not-confirmed":
+        return e.DeadlineExceeded(peer, details)
     if kind == "bad-request" and not agent_id:
         return e.UsageError(f"{peer}: {details}")  # the coordinator refusing a malformed request
     # The coordinator names the agent a refusal concerns (an admin command to an offline agent).

@@ -79,6 +79,7 @@ class MqttSession:
         self._client: aiomqtt.Client | None = None
         self._closing = False
         self.connected = asyncio.Event()
+        self.last_error = "not connected yet"  # why the session is down, for operators
         self.connects = 0  # successful connects so far; tests watch it across broker restarts
 
     def _new_client(self) -> aiomqtt.Client:
@@ -127,6 +128,7 @@ class MqttSession:
                             data = payload if isinstance(payload, bytes) else str(payload).encode()
                             await self._on_message(message.topic.value, data, bool(message.retain))
             except aiomqtt.MqttError as exc:
+                self.last_error = str(exc) or type(exc).__name__
                 if self._closing:
                     return
                 log.warning("mqtt %s: %s; reconnecting", self._client_id, exc)
