@@ -13,19 +13,19 @@ import json
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, Self, TextIO
+from typing import Literal, Self, TextIO
 
-import grpc
 from google.protobuf import json_format
 
 from gpupool._config import Timeouts
-from gpupool._errors import ConnectError, GpupoolError, TransportError
-from gpupool._proto.v1 import control_pb2, coordinator_pb2, coordinator_pb2_grpc
+from gpupool._errors import TransportError
+from gpupool._proto.v1 import control_pb2, coordinator_pb2
 from gpupool.cli._table import format_age, format_bytes, render_table
-from gpupool.protocol.errors import ERROR_KEY, translate_rpc_error
+from gpupool.transport.coordinator import CoordinatorClient as RpcClient
+from gpupool.transport.coordinator import PoolCredentials
 
 __all__ = [
     "AdminAction",
@@ -34,34 +34,35 @@ __all__ = [
     "agent_memory",
     "run_admin",
     "run_agents",
+    "run_end_job",
     "run_jobs",
     "run_status",
     "state_name",
-    "translate_sync_error",
     "workers_summary",
 ]
 
-AdminAction = Literal["drain", "cordon", "uncordon"]
+AdminAction = Literal["drain", "cordon", "uncordon", "forget"]
 
 
 class CoordinatorClient:
-    """A synchronous client for the coordinator's Coordinator and Admin services.
+    """The operator's typed calls to a coordinator (over the transport's ``CoordinatorClient``).
 
     Use it as a context manager; it owns one channel.
 
     Args:
-        address: the coordinator's ``host:port``.
+        credentials: the coordinator's address, the token (an admin token for drain, cordon, forget and
+            ending jobs) and the pool CA.
         timeout: the deadline, in seconds, of each query.
         command_timeout: the deadline of drain, cordon and uncordon, which wait for the agent's answer.
     """
 
-    def __init__(self, address: str, *, timeout: float = 10.0, command_timeout: float | None = None) -> None:
-        self.address = address
+    def __init__(
+        self, credentials: PoolCredentials, *, timeout: float = 10.0, command_timeout: float | None = None
+    ) -> None:
+        self.address = credentials.address
         self.timeout = timeout
         self.command_timeout = command_timeout if command_timeout is not None else Timeouts().command + 5.0
-        self._channel = grpc.insecure_channel(address)
-        self._coordinator = coordinator_pb2_grpc.CoordinatorStub(self._channel)  # type: ignore[no-untyped-call]
-        self._admin = coordinator_pb2_grpc.AdminStub(self._channel)  # type: ignore[no-untyped-call]
+        self._client = RpcClient(credentials, timeout=timeout)
 
     def __enter__(self) -> Self:
         return self
@@ -73,67 +74,58 @@ class CoordinatorClient:
 
     def close(self) -> None:
         """Close the channel."""
-        self._channel.close()
+        self._client.close()
 
-    def list_agents(self, *, include_offline: bool = False) -> list[coordinator_pb2.AgentRecord]:
-        """The registry, sorted by name then id.
+    def list_agents(self, *, include_offline: bool = False) -> coordinator_pb2.ListAgentsReply:
+        """The registry, sorted by name then id, and the coordinator's broker state.
 
         Raises:
-            ConnectError, DeadlineExceeded, GpupoolError: the call failed.
+            ConnectError, DeadlineExceeded, AuthError, GpupoolError: the call failed.
         """
         request = coordinator_pb2.ListAgentsRequest(include_offline=include_offline)
-        reply: coordinator_pb2.ListAgentsReply = self._call(
-            self._coordinator.ListAgents, request, self.timeout
-        )
-        return sorted(reply.agents, key=lambda r: (r.status.name, r.status.agent_id))
+        reply: coordinator_pb2.ListAgentsReply = self._client.call("ListAgents", request)
+        records = sorted(reply.agents, key=lambda r: (r.status.name, r.status.agent_id))
+        del reply.agents[:]
+        reply.agents.extend(records)
+        return reply
 
-    def list_jobs(self) -> list[coordinator_pb2.JobInfo]:
-        """Every job (client session) the coordinator knows, oldest first.
+    def list_jobs(self, *, all_sessions: bool = True) -> list[coordinator_pb2.JobInfo]:
+        """Sessions the coordinator knows, oldest first: every one (admin token) or the token's own.
 
         Raises:
-            ConnectError, DeadlineExceeded, GpupoolError: the call failed.
+            ConnectError, DeadlineExceeded, AuthError, GpupoolError: the call failed.
         """
-        reply: coordinator_pb2.ListJobsReply = self._call(
-            self._coordinator.ListJobs, coordinator_pb2.ListJobsRequest(), self.timeout
+        reply: coordinator_pb2.ListJobsReply = self._client.call(
+            "ListJobs", coordinator_pb2.ListJobsRequest(all=all_sessions)
         )
         return sorted(reply.jobs, key=lambda j: (j.started.seconds, j.started.nanos, j.job_id))
 
     def command(self, action: AdminAction, agent: str, *, reason: str = "") -> coordinator_pb2.AdminReply:
-        """Drain, cordon or uncordon ``agent`` (an id, a unique id prefix, or a name).
+        """Drain, cordon, uncordon or forget ``agent`` (an id, a unique id prefix, or a name).
 
-        Returns once the agent's status shows the new state.
+        Returns once the agent's status shows the new state (forget: once it is gone).
 
         Raises:
             PlacementError: no such agent, or an ambiguous prefix.
-            ConnectError, DeadlineExceeded, GpupoolError: the call failed.
+            ConnectError, DeadlineExceeded, AuthError, GpupoolError: the call failed.
         """
-        method = {"drain": self._admin.Drain, "cordon": self._admin.Cordon, "uncordon": self._admin.Uncordon}
         request = coordinator_pb2.AdminRequest(agent_id=agent, reason=reason)
-        reply: coordinator_pb2.AdminReply = self._call(method[action], request, self.command_timeout)
+        reply: coordinator_pb2.AdminReply = self._client.call(
+            action.capitalize(), request, timeout=self.command_timeout
+        )
         return reply
 
-    def _call(self, method: Callable[..., Any], request: object, timeout: float) -> Any:
-        try:
-            return method(request, timeout=timeout)
-        except grpc.RpcError as exc:
-            raise translate_sync_error(exc, self.address) from exc
+    def end_job(self, job_id: str) -> coordinator_pb2.JobInfo:
+        """End a session by hand (admin).
 
-
-def translate_sync_error(exc: grpc.RpcError, peer: str) -> GpupoolError:
-    """The gpupool exception for a failed synchronous call (the async side's mapping).
-
-    ConnectError means the coordinator itself could not be reached; a coordinator that answers but
-    cannot reach its broker gives a plain TransportError.
-    """
-    if not isinstance(exc, grpc.Call):
-        return ConnectError(peer, str(exc))
-    pairs = tuple(exc.trailing_metadata() or ())
-    if (ERROR_KEY, "broker-unavailable") in pairs:
-        return TransportError(peer, f"the coordinator cannot reach its MQTT broker: {exc.details()}")
-    aio_error = grpc.aio.AioRpcError(
-        exc.code(), grpc.aio.Metadata(), grpc.aio.Metadata(*pairs), exc.details(), None
-    )
-    return translate_rpc_error(aio_error, peer=peer)
+        Raises:
+            PlacementError: no such job.
+            AuthError: not an admin token.
+        """
+        reply: coordinator_pb2.EndJobReply = self._client.call(
+            "EndJob", coordinator_pb2.EndJobRequest(job_id=job_id)
+        )
+        return reply.job
 
 
 # -- formatting ---------------------------------------------------------------------------------------
@@ -206,9 +198,11 @@ def jobs_table(jobs: Sequence[coordinator_pb2.JobInfo]) -> str:
                 started,
                 job.arrays_placed,
                 format_bytes(job.bytes_placed),
+                job.ended_reason or "-",
             ]
         )
-    return render_table(["JOB", "CLIENT", "STATE", "STARTED", "ARRAYS", "PLACED"], rows, align="<<<<>>")
+    headers = ["JOB", "CLIENT", "STATE", "STARTED", "ARRAYS", "PLACED", "ENDED"]
+    return render_table(headers, rows, align="<<<<>><")
 
 
 # -- the commands -------------------------------------------------------------------------------------
@@ -216,16 +210,32 @@ def jobs_table(jobs: Sequence[coordinator_pb2.JobInfo]) -> str:
 
 def _client(args: argparse.Namespace) -> CoordinatorClient:
     # Commands wait for the agent's answer, so they get at least the default command deadline.
+    credentials = PoolCredentials.from_env(args.coordinator, token=args.token, ca=args.ca)
     return CoordinatorClient(
-        args.coordinator, timeout=args.timeout, command_timeout=max(args.timeout, Timeouts().command + 5.0)
+        credentials, timeout=args.timeout, command_timeout=max(args.timeout, Timeouts().command + 5.0)
     )
+
+
+def _check_broker(reply: coordinator_pb2.ListAgentsReply, address: str) -> None:
+    """Raise when the coordinator cannot reach its broker: its registry may be stale or empty."""
+    if not reply.broker_connected:
+        raise TransportError(
+            address,
+            (reply.broker_detail or "the coordinator cannot reach its MQTT broker")
+            + "; the agents shown may be stale",
+        )
 
 
 def run_agents(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     """``gpupool agents [--json] [--all] [--watch SECONDS]``."""
     with _client(args) as client:
         while True:
-            records = client.list_agents(include_offline=args.all)
+            reply = client.list_agents(include_offline=args.all)
+            records = list(reply.agents)
+            if args.watch is None:
+                _check_broker(reply, client.address)
+            elif not reply.broker_connected:
+                print(f"gpupool: {reply.broker_detail}", file=sys.stderr)
             if args.json:
                 text = json.dumps(
                     [
@@ -313,13 +323,14 @@ class PoolSummary:
 def run_status(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     """``gpupool status [--json]``: a summary of the pool."""
     with _client(args) as client:
-        records = client.list_agents(include_offline=True)
-        jobs = client.list_jobs()
-    summary = PoolSummary.of(client.address, records, jobs)
+        reply = client.list_agents(include_offline=True)
+        jobs = client.list_jobs(all_sessions=False)
+    summary = PoolSummary.of(client.address, list(reply.agents), jobs)
     if args.json:
         print(json.dumps(dataclasses.asdict(summary), indent=2), file=out)
     else:
         print("\n".join(summary.lines()), file=out)
+    _check_broker(reply, client.address)
     return 0
 
 
@@ -329,14 +340,25 @@ def run_admin(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     with _client(args) as client:
         reply = client.command(action, args.agent, reason=args.reason)
     status = reply.agent
-    print(f"{status.name or status.agent_id} ({status.agent_id}) is now {state_name(status.state)}", file=out)
+    if action == "forget":
+        print(
+            f"{status.name or status.agent_id} ({status.agent_id}) is forgotten and its enrolment revoked",
+            file=out,
+        )
+    else:
+        print(
+            f"{status.name or status.agent_id} ({status.agent_id}) is now {state_name(status.state)}",
+            file=out,
+        )
     return 0
 
 
 def run_jobs(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    """``gpupool jobs [--json]``: every client session the coordinator knows."""
+    """``gpupool jobs [--json] [--mine]``: client sessions (every one with an admin token)."""
+    if getattr(args, "job_action", None) == "end":
+        return run_end_job(args, out)
     with _client(args) as client:
-        jobs = client.list_jobs()
+        jobs = client.list_jobs(all_sessions=not args.mine)
     if args.json:
         print(
             json.dumps(
@@ -349,4 +371,12 @@ def run_jobs(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         print(jobs_table(jobs), file=out)
     else:
         print("no jobs", file=out)
+    return 0
+
+
+def run_end_job(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    """``gpupool jobs end ID``: end a session as an expired lease would (admin token)."""
+    with _client(args) as client:
+        job = client.end_job(args.job_id)
+    print(f"job {job.job_id} ({job.client}) is {job.state}: {job.ended_reason}", file=out)
     return 0

@@ -37,14 +37,16 @@ def run(args: argparse.Namespace) -> int:
         log_path.open("wb") as log,
         LocalPool(agents=args.agents, port=0, backend=args.backend, stderr=log) as local,
     ):
-        print(f"  broker       {local.broker_url}")
-        print(f"  coordinator  {local.coordinator_address}")
+        security = "enrolled agents, TLS, capabilities" if local.secure else "open agents"
+        broker = "Mosquitto, per-agent users" if local.secure_broker else f"{local.broker_kind}, anonymous"
+        print(f"  broker       {local.broker_url}  ({broker})")
+        print(f"  coordinator  {local.coordinator_address}  (tokens; {security})")
         print(f"  logs         {log_path}")
         print(f"  pool up in {time.perf_counter() - started:.2f} s\n", flush=True)
         rng = np.random.default_rng(7)
         x_host = rng.standard_normal((rows, cols), dtype=np.float32)
         w_host = (rng.standard_normal((cols, out_cols), dtype=np.float32) / np.sqrt(cols)).astype(np.float32)
-        with gp.connect(local.coordinator_address) as pool:
+        with gp.connect(local.coordinator_address, token=local.client_token) as pool:
             agents = {a.id: a for a in pool.agents()}
             for a in agents.values():
                 where = ", ".join(g.model for g in a.gpus) or "host memory"

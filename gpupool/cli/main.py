@@ -5,11 +5,14 @@
     gpupool up [--agents N] [--broker URL] [--port 50051]    a whole pool here, in the foreground
     gpupool demo                                             a sharded workload checked against NumPy
     gpupool status | agents [--json] [--all] | jobs          what the coordinator knows
-    gpupool drain | cordon | uncordon AGENT                  change an agent's state
+    gpupool drain | cordon | uncordon | forget AGENT         change an agent's state, or remove it
+    gpupool jobs end JOB                                     end a client session
+    gpupool token create | list | revoke                     bearer tokens (on the coordinator's host)
     gpupool coordinator --broker URL --listen ADDR           run a coordinator
 
 ``--coordinator ADDR`` (default ``$GPUPOOL_COORDINATOR``, else 127.0.0.1:50051) says which
-coordinator the operator commands talk to.
+coordinator the operator commands talk to; ``--token`` (``$GPUPOOL_TOKEN``) and ``--ca``
+(``$GPUPOOL_CA``) are the credentials they present.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections.abc import Callable, Sequence
 from gpupool._config import coordinator_address
 from gpupool._errors import ConnectError, DeadlineExceeded, GpupoolError, UsageError
 from gpupool._version import __version__
-from gpupool.cli import admin, up
+from gpupool.cli import admin, tokens, up
 
 __all__ = ["build_parser", "main"]
 
@@ -48,6 +51,18 @@ def _connection_options(*, suppress: bool) -> argparse.ArgumentParser:
         metavar="ADDR",
         default=default,
         help="the coordinator's HOST:PORT (default $GPUPOOL_COORDINATOR, else 127.0.0.1:50051)",
+    )
+    parser.add_argument(
+        "--token",
+        metavar="TOKEN",
+        default=default,
+        help="bearer token (default $GPUPOOL_TOKEN; an admin token for drain, cordon, forget, jobs end)",
+    )
+    parser.add_argument(
+        "--ca",
+        metavar="PEM",
+        default=default,
+        help="the pool CA, to dial the coordinator with TLS (default $GPUPOOL_CA)",
     )
     parser.add_argument(
         "--timeout",
@@ -104,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         "drain": "take no new work on an agent, serve what it holds",
         "cordon": "take no new shards on an agent, keep serving",
         "uncordon": "make a cordoned or draining agent ready again",
+        "forget": "remove a dead agent, clear its retained topics and revoke its enrolment",
     }
     for action, text in helps.items():
         sub = commands.add_parser(action, parents=[connection], help=text)
@@ -113,7 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = commands.add_parser("jobs", parents=[connection], help="client sessions the coordinator knows")
     sub.add_argument("--json", action="store_true", help="print JSON")
+    sub.add_argument("--mine", action="store_true", help="only the sessions of this token")
+    job_actions = sub.add_subparsers(dest="job_action", metavar="ACTION")
+    end = job_actions.add_parser(
+        "end", parents=[connection], help="end a session: its agents free its buffers"
+    )
+    end.add_argument("job_id", metavar="JOB")
     sub.set_defaults(handler=_operator(admin.run_jobs))
+
+    sub = commands.add_parser("token", help="create, list and revoke bearer tokens (in a state dir)")
+    tokens.add_arguments(sub)
+    sub.set_defaults(handler=_operator(tokens.run))
 
     commands.add_parser(
         "coordinator",

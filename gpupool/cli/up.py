@@ -9,9 +9,11 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
+from gpupool._config import default_state_dir
 from gpupool._errors import GpupoolError
 from gpupool.cli._table import render_table
 from gpupool.local import LocalPool
@@ -45,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--memory-limit", metavar="LIMIT", help="per-worker memory limit, e.g. 80%% or 2GiB")
     parser.add_argument("--topic-prefix", metavar="PREFIX", help="MQTT topic prefix (default gpupool)")
+    parser.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="the pool's CA, tokens and agents' identities, kept across restarts "
+        "(default $GPUPOOL_STATE_DIR, else ~/.local/state/gpupool/pool)",
+    )
 
 
 def describe(pool: LocalPool) -> str:
@@ -66,22 +74,33 @@ def describe(pool: LocalPool) -> str:
         "import numpy as np, gpupool as gp; pool = gp.connect(); "
         "x = pool.asarray(np.ones((4096, 512), np.float32)); print(float(x.sum()))"
     )
-    flag = "" if address == "127.0.0.1:50051" else f" --coordinator {address}"
+    state = pool.state_dir
+    security = (
+        "agents enrolled with the pool CA, TLS and capabilities"
+        if pool.secure
+        else "open agents (--insecure)"
+    )
     lines = [
         "gpupool pool is up",
-        f"  broker        {broker}",
-        f"  coordinator   {address}",
+        f"  broker        {broker}{', per-agent users' if pool.secure_broker else ''}",
+        f"  coordinator   {address}  (tokens required; {security})",
+        f"  state dir     {state}",
         f"  topic prefix  {pool.topic_prefix}",
         f"  agents        {len(pool.agents)}",
         "",
         *("  " + line for line in table.splitlines()),
         "",
-        "Use it from Python:",
-        f"  GPUPOOL_COORDINATOR={address} python -c '{example}'",
-        "Look at it:",
-        f"  gpupool{flag} agents",
-        f"  gpupool{flag} status",
-        f"  gpupool{flag} jobs",
+        f"Credentials (also in {state / 'client.env'}; the admin token is in {state / 'admin.env'}):",
+        f"  export GPUPOOL_COORDINATOR={address} GPUPOOL_TOKEN={pool.client_token}",
+        "Use it from Python (after the export above, or `. " + str(state / "client.env") + "`):",
+        f"  python -c '{example}'",
+        "Look at it and steer it (`. "
+        + str(state / "admin.env")
+        + "` first for drain, cordon, forget, tokens):",
+        "  gpupool agents",
+        "  gpupool status",
+        "  gpupool jobs",
+        f"  gpupool token create --role client --state-dir {state / 'coordinator'}",
         "",
     ]
     return "\n".join(lines)
@@ -146,6 +165,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
             topic_prefix=args.topic_prefix,
             backend=args.backend,
             memory_limit=args.memory_limit,
+            state_dir=Path(args.state_dir or default_state_dir("pool")),
         )
     except GpupoolError as exc:
         print(f"gpupool up: {exc}", file=err)

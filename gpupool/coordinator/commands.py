@@ -44,14 +44,48 @@ class AgentCommander:
         topics: the pool's topic names.
         publish: how to send a message to the broker.
         timeout: seconds to wait for the agent's status to show the command (``Timeouts.command``).
+        sign: signs each command in place (agents of a secured pool obey only signed commands).
     """
 
-    def __init__(self, *, registry: Registry, topics: Topics, publish: Publish, timeout: float) -> None:
+    def __init__(
+        self,
+        *,
+        registry: Registry,
+        topics: Topics,
+        publish: Publish,
+        timeout: float,
+        sign: Callable[[AgentCommand], None] | None = None,
+    ) -> None:
         self._registry = registry
         self._topics = topics
         self._publish = publish
         self._timeout = timeout
+        self._sign = sign
         self._changed = asyncio.Event()
+
+    def _command(self, agent_id: str, kind: CommandKind, reason: str = "", session: str = "") -> AgentCommand:
+        issued = Timestamp()
+        issued.GetCurrentTime()
+        command = AgentCommand(
+            command_id=secrets.token_hex(6),
+            kind=kind,
+            reason=reason,
+            issued=issued,
+            session=session,
+            agent_id=agent_id,
+        )
+        if self._sign is not None:
+            self._sign(command)
+        return command
+
+    async def end_session(self, agent_id: str, session: str) -> None:
+        """Tell the agent a session ended (it frees the session's buffers); no confirmation awaited.
+
+        Raises:
+            ConnectError, DeadlineExceeded: the broker did not take the command.
+        """
+        command = self._command(agent_id, control_pb2.COMMAND_KIND_END_SESSION, session=session)
+        await self._publish(self._topics.commands(agent_id), encode_json(command))
 
     def status_applied(self) -> None:
         """Wake every command waiting for a status."""
@@ -71,9 +105,7 @@ class AgentCommander:
         entry = self._registry.get(agent_id)
         if entry is None or entry.state == control_pb2.AGENT_STATE_OFFLINE:
             raise AgentNotAccepting(agent_id, "is offline; commands cannot reach it")
-        issued = Timestamp()
-        issued.GetCurrentTime()
-        command = AgentCommand(command_id=secrets.token_hex(6), kind=kind, reason=reason, issued=issued)
+        command = self._command(agent_id, kind, reason)
         await self._publish(self._topics.commands(agent_id), encode_json(command))
         try:
             async with asyncio.timeout(self._timeout):

@@ -1,114 +1,109 @@
-"""Client sessions, tracked as jobs for ``gpupool jobs``: pure state, tested without a network.
+"""Client sessions, tracked as jobs for ``gpupool jobs``: leases kept in the coordinator's state store.
 
-A client's Connect starts a job (its id is the session id), each Place counts an array and its bytes,
-and Disconnect ends it. Ended jobs are kept for a while, newest last, so an operator sees recent work.
+A client's Connect starts a job (its id is the session id) owned by the caller's token; every call of the
+session renews its lease; Disconnect, an admin's ``gpupool jobs end`` or a lease not renewed within the
+TTL ends it. Sessions live in the store, so they survive a coordinator restart. No network here: the
+coordinator tells the agents when a session ends.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Iterable
 
-from gpupool._errors import PlacementError
-from gpupool._ids import JobId, new_job_id
+from gpupool._errors import AuthError, PlacementError
+from gpupool._ids import new_job_id
+from gpupool.security.store import SessionRecord, StateStore, TokenRecord
 
-__all__ = ["Job", "JobState", "Jobs"]
+__all__ = ["DEFAULT_LEASE", "Jobs"]
 
-JobState = Literal["running", "ended"]
-
-
-@dataclass(slots=True)
-class Job:
-    """One client session.
-
-    Attributes:
-        job_id: the job's id, which is also the session id the client sends.
-        client: who connected (``user@host``), as the client said.
-        client_version: the client's gpupool version.
-        started: when Connect came, in seconds since the epoch.
-        state: ``"running"`` until Disconnect, then ``"ended"``.
-        arrays_placed: Place calls answered.
-        bytes_placed: bytes of the arrays placed.
-        ended: when Disconnect came, if it did.
-    """
-
-    job_id: JobId
-    client: str
-    client_version: str
-    started: float
-    state: JobState = "running"
-    arrays_placed: int = 0
-    bytes_placed: int = 0
-    ended: float | None = None
+#: Seconds a session lives without a call or heartbeat.
+DEFAULT_LEASE = 60.0
 
 
 class Jobs:
-    """The coordinator's jobs, running and recently ended. One event loop owns it.
+    """The coordinator's sessions. One event loop owns it.
 
     Args:
-        keep_ended: how many ended jobs to keep listing; older ones are dropped.
+        store: where sessions are kept.
+        lease: seconds a session lives unless renewed.
     """
 
-    def __init__(self, *, keep_ended: int = 100) -> None:
-        self._keep_ended = keep_ended
-        self._jobs: dict[str, Job] = {}
+    def __init__(self, store: StateStore, *, lease: float = DEFAULT_LEASE) -> None:
+        self._store = store
+        self.lease = lease
 
-    def connect(self, client: str, client_version: str, *, now: float) -> Job:
-        """Start a job for a newly connected client."""
-        job = Job(new_job_id(), client or "unknown", client_version, now)
-        self._jobs[job.job_id] = job
-        return job
+    def connect(self, caller: TokenRecord, client: str, client_version: str, *, now: float) -> SessionRecord:
+        """Start a session for ``caller``'s token."""
+        session_id = new_job_id()
+        self._store.create_session(
+            session_id=session_id,
+            token_id=caller.token_id,
+            token_name=caller.name,
+            client=client or "unknown",
+            client_version=client_version,
+            now=now,
+        )
+        record = self._store.get_session(session_id)
+        assert record is not None
+        return record
 
-    def running(self, session: str) -> Job:
-        """The running job of this session.
-
-        Raises:
-            PlacementError: no such session, or it has ended (the coordinator refuses the call).
-        """
-        job = self._jobs.get(session)
-        if job is None:
-            raise PlacementError(
-                f"unknown session {session!r}: connect first (the coordinator may have restarted)"
-            )
-        if job.state != "running":
-            raise PlacementError(f"session {session!r} has ended")
-        return job
-
-    def record_placement(self, session: str, nbytes: int) -> Job:
-        """Count one placed array of ``nbytes`` against the session's job.
+    def get(self, session: str, caller: TokenRecord | None) -> SessionRecord:
+        """The session, if ``caller`` may touch it (its own token's, or any for an admin; None: anyone).
 
         Raises:
-            PlacementError: no such running session.
+            PlacementError: no such session.
+            AuthError: the session belongs to another token.
         """
-        job = self.running(session)
-        job.arrays_placed += 1
-        job.bytes_placed += nbytes
-        return job
+        record = self._store.get_session(session)
+        if record is None:
+            raise PlacementError(f"unknown session {session!r}: connect first")
+        if caller is not None and caller.role != "admin" and record.token_id != caller.token_id:
+            raise AuthError(f"session {session} belongs to another token")
+        return record
 
-    def disconnect(self, session: str, *, now: float) -> Job:
-        """End the session's job; ending an ended job again changes nothing.
+    def running(self, session: str, caller: TokenRecord | None, *, now: float) -> SessionRecord:
+        """The running session, its lease renewed.
+
+        Raises:
+            PlacementError: no such session, or it has ended (with the reason).
+            AuthError: the session belongs to another token.
+        """
+        record = self.get(session, caller)
+        if record.state != "running":
+            raise PlacementError(f"session {session!r} has ended ({record.ended_reason or 'ended'})")
+        renewed = self._store.renew_session(session, now=now)
+        return renewed or record
+
+    def record_placement(self, session: str, nbytes: int, agents: Iterable[str]) -> None:
+        """Count one placed array of ``nbytes`` and remember the agents it went to."""
+        self._store.record_placement(session, nbytes)
+        self._store.add_session_agents(session, agents)
+
+    def add_agents(self, session: str, agents: Iterable[str]) -> None:
+        """Remember agents the session holds capabilities for (they are told when it ends)."""
+        self._store.add_session_agents(session, agents)
+
+    def end(self, session: str, *, reason: str, now: float) -> SessionRecord:
+        """End the session; ending an ended one changes nothing.
 
         Raises:
             PlacementError: no such session.
         """
-        job = self._jobs.get(session)
-        if job is None:
+        record = self._store.end_session(session, reason=reason, now=now)
+        if record is None:
             raise PlacementError(f"unknown session {session!r}")
-        if job.state == "running":
-            job.state = "ended"
-            job.ended = now
-            self._drop_old_ended()
-        return job
+        return record
 
-    def list(self) -> list[Job]:
-        """Every job kept, oldest first."""
-        return sorted(self._jobs.values(), key=lambda job: (job.started, job.job_id))
+    def expired(self, *, now: float) -> list[SessionRecord]:
+        """Running sessions whose lease ran out."""
+        return self._store.expired_sessions(ttl=self.lease, now=now)
+
+    def list(self, caller: TokenRecord | None = None, *, all_sessions: bool = False) -> list[SessionRecord]:
+        """Sessions oldest first: every one for an admin asking for all, else the caller's token's own."""
+        if all_sessions or caller is None:
+            return self._store.list_sessions()
+        return self._store.list_sessions(token_id=caller.token_id)
 
     def running_count(self) -> int:
-        """How many jobs are running."""
-        return sum(1 for job in self._jobs.values() if job.state == "running")
-
-    def _drop_old_ended(self) -> None:
-        ended = sorted((j for j in self._jobs.values() if j.state == "ended"), key=lambda j: j.ended or 0.0)
-        for job in ended[: max(0, len(ended) - self._keep_ended)]:
-            del self._jobs[job.job_id]
+        """How many sessions are running."""
+        return sum(1 for record in self._store.list_sessions() if record.state == "running")

@@ -13,11 +13,19 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
-from gpupool._config import DEFAULT_TOPIC_PREFIX, BrokerAddress, Timeouts, parse_broker_url, parse_endpoint
+from gpupool._config import (
+    DEFAULT_TOPIC_PREFIX,
+    broker_with_password,
+    default_state_dir,
+    parse_broker_url,
+    parse_endpoint,
+)
 from gpupool._errors import ConnectError, GpupoolError, UsageError
 from gpupool._process import announce_ready
-from gpupool.coordinator.runtime import Coordinator
+from gpupool.coordinator.jobs import DEFAULT_LEASE
+from gpupool.coordinator.runtime import DEFAULT_LIVENESS, Coordinator
 from gpupool.placement import MIN_SHARD_BYTES
 from gpupool.protocol.topics import Topics
 
@@ -47,6 +55,48 @@ def build_parser(prog: str = "gpupool coordinator") -> argparse.ArgumentParser:
         help="first MQTT topic level (default: $GPUPOOL_TOPIC_PREFIX or %(default)s)",
     )
     parser.add_argument(
+        "--state-dir",
+        default=None,
+        help="tokens, enrolled agents, sessions and the pool CA "
+        "(default: $GPUPOOL_STATE_DIR, else ~/.local/state/gpupool/coordinator)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve plaintext gRPC even beyond loopback (logged as a warning; tokens are still required)",
+    )
+    parser.add_argument(
+        "--allow-unenrolled",
+        action="store_true",
+        help="believe unsigned statuses of agents that never enrolled (agents run with --insecure; "
+        "development only)",
+    )
+    parser.add_argument(
+        "--manage-mqtt-users",
+        action="store_true",
+        help="create an MQTT user per enrolled agent through Mosquitto's dynamic-security plugin "
+        "(the --broker user must be its admin)",
+    )
+    parser.add_argument(
+        "--lease",
+        type=float,
+        default=DEFAULT_LEASE,
+        help="seconds a client session lives unrenewed (default 60)",
+    )
+    parser.add_argument(
+        "--liveness",
+        type=float,
+        default=DEFAULT_LIVENESS,
+        help="seconds of silence after which an agent is shown offline (default 15)",
+    )
+    parser.add_argument(
+        "--tls-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name or address clients dial, for the TLS certificate (repeatable)",
+    )
+    parser.add_argument(
         "--min-shard-bytes",
         type=int,
         default=MIN_SHARD_BYTES,
@@ -71,17 +121,33 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s coordinator %(levelname)s %(name)s: %(message)s",
     )
     try:
-        broker = parse_broker_url(args.broker)
+        broker = broker_with_password(parse_broker_url(args.broker))
         parse_endpoint(args.listen)
         if args.min_shard_bytes < 0:
             raise UsageError("--min-shard-bytes must be zero or more")
+        if not args.lease > 0 or not args.liveness > 0:
+            raise UsageError("--lease and --liveness must be more than zero")
     except UsageError as exc:
         print(f"{parser.prog}: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(
-            _serve(broker, args.listen, Topics(args.topic_prefix), min_shard_bytes=args.min_shard_bytes)
+        coordinator = Coordinator(
+            broker=broker,
+            state_dir=Path(args.state_dir or default_state_dir("coordinator")),
+            listen=args.listen,
+            topics=Topics(args.topic_prefix),
+            min_shard_bytes=args.min_shard_bytes,
+            lease=args.lease,
+            liveness=args.liveness,
+            insecure=args.insecure,
+            allow_unenrolled=args.allow_unenrolled,
+            manage_mqtt_users=args.manage_mqtt_users,
+            tls_hosts=tuple(args.tls_host),
         )
+        asyncio.run(_serve(coordinator))
+    except UsageError as exc:
+        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        return 2
     except GpupoolError as exc:
         log.error("%s", exc)
         return 1
@@ -95,17 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def _serve(
-    broker: BrokerAddress,
-    listen: str,
-    topics: Topics,
-    timeouts: Timeouts = Timeouts(),
-    min_shard_bytes: int = MIN_SHARD_BYTES,
-) -> None:
+async def _serve(coordinator: Coordinator) -> None:
     """Serve until a signal asks to stop."""
-    coordinator = Coordinator(
-        broker=broker, listen=listen, topics=topics, timeouts=timeouts, min_shard_bytes=min_shard_bytes
-    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -116,7 +173,12 @@ async def _serve(
             await coordinator.wait_connected()
         except ConnectError as exc:
             log.warning("%s; serving anyway, the registry fills once the broker answers", exc)
-        announce_ready("coordinator", listen=coordinator.address)
+        announce_ready(
+            "coordinator",
+            listen=coordinator.address,
+            state_dir=str(coordinator.store.path.parent),
+            ca=str(coordinator.store.path.parent / "ca.pem"),
+        )
         await stop.wait()
         log.info("stopping")
         await coordinator.close()

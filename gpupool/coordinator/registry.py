@@ -125,6 +125,8 @@ class AgentEntry:
         last_seen: when the latest status or telemetry arrived, on the caller's clock.
         memory: the agent's workers by index.
         report_time: the agent's timestamp of the memory figures in effect, in seconds (0: unknown).
+        silenced_from: the state it had before :meth:`Registry.expire_unseen` showed it offline for
+            silence (None otherwise); a sign of life restores it.
     """
 
     status: AgentStatus
@@ -132,6 +134,7 @@ class AgentEntry:
     last_seen: float
     memory: dict[int, WorkerMemory] = field(default_factory=dict)
     report_time: float = 0.0
+    silenced_from: int | None = None
 
     @property
     def agent_id(self) -> str:
@@ -235,6 +238,7 @@ class Registry:
         restarted = bool(new_started and old_started and new_started != old_started)
         entry.status = copy
         entry.last_seen = now
+        entry.silenced_from = None
         if restarted:
             entry.telemetry = None
             events.append(AgentRestarted(agent_id, entry.name))
@@ -262,7 +266,14 @@ class Registry:
         self._apply_memory(
             entry, ((w.index, w.memory_limit, w.memory_used) for w in copy.workers), _seconds(copy.time)
         )
-        return []
+        if entry.silenced_from is None:
+            return []
+        # Shown offline for silence, and now heard from again (a resumed SIGSTOP, a healed link).
+        restored, entry.silenced_from = entry.silenced_from, None
+        entry.status.state = restored  # type: ignore[assignment]
+        entry.status.note = ""
+        self._ready = None
+        return [AgentStateChanged(entry.agent_id, entry.name, OFFLINE, restored)]
 
     def forget(self, agent_id: str) -> list[RegistryEvent]:
         """Drop an agent (its retained status was cleared)."""
@@ -282,6 +293,7 @@ class Registry:
         for entry in self._agents.values():
             if entry.state != OFFLINE and entry.last_seen < since:
                 previous = entry.state
+                entry.silenced_from = previous
                 entry.status.state = OFFLINE
                 entry.status.note = note
                 events.append(AgentWentOffline(entry.agent_id, entry.name, previous))

@@ -2,12 +2,15 @@
 
 Usage::
 
-    async with Coordinator(broker=parse_broker_url(url), listen="0.0.0.0:50051") as coordinator:
-        print(coordinator.address)
-        await coordinator.run()        # until close(), a signal handler's doing, or cancellation
+    async with Coordinator(broker=parse_broker_url(url), listen="0.0.0.0:50051", state_dir=path) as c:
+        print(c.address)
+        await c.run()        # until close(), a signal handler's doing, or cancellation
 
 The registry starts empty and fills from the agents' retained statuses as soon as the session subscribes,
-which is how a restarted coordinator learns the pool again.
+which is how a restarted coordinator learns the pool again; tokens, enrolled agents and sessions live in
+the state store (``<state-dir>/state.sqlite3``) with the pool CA beside it. Statuses pass
+:class:`~gpupool.coordinator.admission.Admission` first. Background loops show silent agents offline
+(the liveness window) and end sessions whose lease ran out.
 """
 
 from __future__ import annotations
@@ -15,42 +18,67 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import socket
 import time
+from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Final, Self
 
 import grpc
 
-from gpupool._config import MAX_MESSAGE_BYTES, BrokerAddress, Timeouts, parse_endpoint
-from gpupool._errors import ConnectError, ProtocolError
-from gpupool._proto.v1.control_pb2 import AgentStatus, AgentTelemetry
+from gpupool._config import BrokerAddress, Timeouts, parse_endpoint
+from gpupool._errors import GpupoolError
+from gpupool._proto.v1.control_pb2 import AgentCommand
+from gpupool.coordinator.admission import Admission, DropLog, Dropped
+from gpupool.coordinator.auth import Authenticator
 from gpupool.coordinator.commands import AgentCommander
 from gpupool.coordinator.eventlog import EventLog
-from gpupool.coordinator.jobs import Jobs
+from gpupool.coordinator.jobs import DEFAULT_LEASE, Jobs
+from gpupool.coordinator.mqttusers import MqttUsers
 from gpupool.coordinator.registry import Registry, RegistryEvent
 from gpupool.coordinator.service import AdminService, CoordinatorService, add_services
 from gpupool.placement import MIN_SHARD_BYTES
-from gpupool.protocol.codec import decode_json
 from gpupool.protocol.topics import Topics
+from gpupool.security.pki import PoolAuthority
+from gpupool.security.signing import sign_message
+from gpupool.security.store import SessionRecord, StateStore
 from gpupool.transport.mqtt import MqttSession
+from gpupool.transport.rpc import ServerTLS, is_loopback, start_server
 
-__all__ = ["Coordinator"]
+__all__ = ["DEFAULT_LIVENESS", "Coordinator"]
 
 log = logging.getLogger(__name__)
 
+#: Seconds of silence (no status, no telemetry) after which an agent is shown offline.
+DEFAULT_LIVENESS: Final = 15.0
+#: Where Mosquitto's dynamic-security plugin takes commands and answers.
+DYNSEC_RESPONSE_TOPIC: Final = "$CONTROL/dynamic-security/v1/response"
+
 
 class Coordinator:
-    """The coordinator: agent registry over MQTT, placement and admin over gRPC.
+    """The coordinator: agent registry over MQTT, placement, sessions and admin over gRPC.
 
     Args:
         broker: the MQTT broker the agents report to.
-        listen: where the gRPC server listens, ``host:port``; port 0 picks a free one.
+        state_dir: where the state store and the pool CA live (made on first start).
+        listen: where the gRPC server listens, ``host:port``; port 0 picks a free one. Beyond loopback
+            it serves TLS with a certificate from the pool CA.
         topics: the pool's topic names.
         timeouts: deadlines for the broker connection and admin commands.
+        min_shard_bytes: see :func:`gpupool.placement.split_rows`.
+        lease: seconds a client session lives without a call or heartbeat.
+        liveness: seconds of silence after which an agent is shown offline.
+        insecure: serve plaintext even beyond loopback.
+        allow_unenrolled: believe unsigned statuses of agents that never enrolled (``--insecure`` agents).
+        manage_mqtt_users: create an MQTT user per enrolled agent through Mosquitto's dynamic-security
+            plugin (the broker URL's user must be its admin).
+        tls_hosts: names and addresses to put in the server certificate (the listen host is added).
 
     Attributes:
         registry: the agents, as their statuses and telemetry describe them.
         jobs: the client sessions.
+        store: tokens, enrolled agents, sessions.
+        authority: the pool CA and capability key.
         address: where the gRPC server listens, ``host:port`` with the real port, once entered.
     """
 
@@ -58,30 +86,55 @@ class Coordinator:
         self,
         *,
         broker: BrokerAddress,
+        state_dir: Path,
         listen: str = "127.0.0.1:50051",
         topics: Topics = Topics(),
         timeouts: Timeouts = Timeouts(),
         min_shard_bytes: int = MIN_SHARD_BYTES,
+        lease: float = DEFAULT_LEASE,
+        liveness: float = DEFAULT_LIVENESS,
+        insecure: bool = False,
+        allow_unenrolled: bool = False,
+        manage_mqtt_users: bool = False,
+        tls_hosts: tuple[str, ...] = (),
     ) -> None:
         self._min_shard_bytes = min_shard_bytes
         self._broker = broker
         self._listen = listen
         self._topics = topics
         self._timeouts = timeouts
+        self._liveness = liveness
+        self._insecure = insecure
+        self._tls_hosts = tls_hosts
+        self.store = StateStore.open(state_dir)
+        self.authority = PoolAuthority.load_or_create(state_dir)
         self.registry = Registry()
-        self.jobs = Jobs()
+        self.jobs = Jobs(self.store, lease=lease)
+        self._auth = Authenticator(self.store)
+        self._admission = Admission(self.store, allow_unenrolled=allow_unenrolled)
+        self._drops = DropLog(log.warning)
         self._events = EventLog(describe=self._describe_registry)
+        subscriptions = [topics.all_of("status"), topics.all_of("telemetry")]
+        self._users: MqttUsers | None = None
+        if manage_mqtt_users:
+            self._users = MqttUsers(publish=self._publish, topics=topics)
+            subscriptions.append(DYNSEC_RESPONSE_TOPIC)
         self._session = MqttSession(
             broker=broker,
             client_id=f"gpupool-coordinator-{secrets.token_hex(4)}",
-            subscriptions=(topics.all_of("status"), topics.all_of("telemetry")),
+            subscriptions=subscriptions,
             on_message=self._on_message,
             on_connect=self._on_connect,
             timeouts=timeouts,
         )
         self._commander = AgentCommander(
-            registry=self.registry, topics=topics, publish=self._publish, timeout=timeouts.command
+            registry=self.registry,
+            topics=topics,
+            publish=self._publish,
+            timeout=timeouts.command,
+            sign=self._sign_command,
         )
+        self._service: CoordinatorService | None = None
         self._server: grpc.aio.Server | None = None
         self._group: asyncio.TaskGroup | None = None
         self._expiries: set[asyncio.Task[None]] = set()
@@ -92,36 +145,43 @@ class Coordinator:
         """Start the gRPC server (the MQTT session starts with :meth:`run`).
 
         Raises:
-            UsageError: ``listen`` is not ``host:port``.
+            UsageError: ``listen`` is not ``host:port``, or plaintext beyond loopback without ``insecure``.
             ConnectError: the address cannot be bound.
         """
-        host, port = parse_endpoint(self._listen)
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                # gRPC shares ports by default: a second coordinator on this port would take half the calls.
-                ("grpc.so_reuseport", 0),
-            ]
+        host, _ = parse_endpoint(self._listen)
+        tls = None
+        if not is_loopback(host) and not self._insecure:
+            names = {host, socket.gethostname(), *self._tls_hosts} - {"0.0.0.0", "::", ""}
+            certificate, key = self.authority.server_certificate(sorted(names))
+            tls = ServerTLS(certificate_pem=certificate, key_pem=key)
+        self._service = CoordinatorService(
+            registry=self.registry,
+            jobs=self.jobs,
+            auth=self._auth,
+            authority=self.authority,
+            store=self.store,
+            control=self,
+            min_shard_bytes=self._min_shard_bytes,
+            topic_prefix=self._topics.prefix,
         )
-        add_services(
-            server,
-            CoordinatorService(registry=self.registry, jobs=self.jobs, min_shard_bytes=self._min_shard_bytes),
-            AdminService(registry=self.registry, commander=self._commander),
+        admin = AdminService(
+            registry=self.registry, commander=self._commander, auth=self._auth, control=self, store=self.store
         )
-        shown_host = f"[{host}]" if ":" in host else host
-        try:
-            bound = server.add_insecure_port(f"{shown_host}:{port}")
-        except RuntimeError as exc:
-            raise ConnectError(self._listen, f"cannot listen: {exc}") from exc
-        await server.start()
-        self._server = server
-        self.address = f"{shown_host}:{bound}"
+        service = self._service
+
+        def register(server: grpc.aio.Server) -> None:
+            add_services(server, service, admin)
+
+        self._server, self.address = await start_server(
+            self._listen, register, tls=tls, insecure=self._insecure, what="coordinator"
+        )
         log.info(
-            "coordinator serving on %s; broker %s, topics %s",
+            "coordinator serving on %s (%s); broker %s, topics %s; state in %s",
             self.address,
+            "TLS" if tls is not None else "plaintext",
             self._broker.url(),
             self._topics.root,
+            self.store.path,
         )
         return self
 
@@ -135,9 +195,13 @@ class Coordinator:
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
-                mqtt = group.create_task(self._session.run(), name="gpupool[coordinator].mqtt")
+                loops = [
+                    group.create_task(self._session.run(), name="gpupool[coordinator].mqtt"),
+                    group.create_task(self._liveness_loop(), name="gpupool[coordinator].liveness"),
+                    group.create_task(self._lease_loop(), name="gpupool[coordinator].leases"),
+                ]
                 await self._stop.wait()
-                for task in (mqtt, *self._expiries):
+                for task in (*loops, *self._expiries):
                     task.cancel()
         finally:
             self._group = None
@@ -162,6 +226,86 @@ class Coordinator:
                     await server.stop(grace=1.0)
             except TimeoutError:
                 log.warning("gRPC server did not stop within 5 s")
+        self.store.close()
+
+    # -- what the servicers ask of the running coordinator (PoolControl) ---------------------------
+
+    def broker_state(self) -> tuple[bool, str]:
+        """Whether the MQTT session is up now, and if not, the last error."""
+        if self._session.connected.is_set():
+            return True, ""
+        return (
+            False,
+            f"the coordinator cannot reach its MQTT broker at {self._broker.url()}: "
+            f"{self._session.last_error}",
+        )
+
+    async def end_session(self, session: str, *, reason: str) -> SessionRecord:
+        """End a session, and tell every agent it touched to free its buffers (best effort).
+
+        Raises:
+            PlacementError: no such session.
+        """
+        record = self.jobs.end(session, reason=reason, now=time.time())
+        if self._service is not None:
+            self._service.forget_capabilities(session)
+        for agent_id in record.agents:
+            try:
+                await self._commander.end_session(agent_id, session)
+            except GpupoolError as exc:
+                log.warning("could not tell agent %s that session %s ended: %s", agent_id, session, exc)
+        log.info("session %s ended (%s); told %d agent(s)", session, reason, len(record.agents))
+        return record
+
+    async def forget_agent(self, agent_id: str) -> None:
+        """Drop an agent from the registry, clear its retained topics, revoke its enrolment and MQTT user.
+
+        Raises:
+            ConnectError: the broker is unreachable (the retained topics could not be cleared).
+        """
+        if self.store.get_agent(agent_id) is not None:
+            self.store.revoke_agent(agent_id, now=time.time())
+        self._admission.forget(agent_id)
+        for event in self.registry.forget(agent_id):
+            self._events.record(event)
+        await self._session.publish(self._topics.status(agent_id), b"", retain=True)
+        await self._session.publish(self._topics.telemetry(agent_id), b"", retain=True)
+        if self._users is not None:
+            await self._users.delete_agent(agent_id)
+
+    async def create_mqtt_user(self, agent_id: str) -> tuple[str, str]:
+        """An MQTT user for a newly enrolled agent, or ("", "") when the broker's users are not managed."""
+        if self._users is None:
+            return "", ""
+        password = secrets.token_urlsafe(24)
+        await self._users.ensure_agent(agent_id, password)
+        return agent_id, password
+
+    def _sign_command(self, command: AgentCommand) -> None:
+        sign_message(command, self.authority.capability_private_key)
+
+    # -- background loops ---------------------------------------------------------------------------
+
+    async def _liveness_loop(self) -> None:
+        """Show offline every agent silent for longer than the liveness window, whatever its status says."""
+        note = f"coordinator: silent for more than {self._liveness:g} s"
+        while True:
+            await asyncio.sleep(min(1.0, self._liveness / 4))
+            if not self._session.connected.is_set():
+                continue  # the silence is ours: the reconnect grace (_expire_unseen) covers it
+            for event in self.registry.expire_unseen(time.monotonic() - self._liveness, note=note):
+                self._events.record(event)
+                self._commander.status_applied()
+
+    async def _lease_loop(self) -> None:
+        """End the sessions whose lease ran out."""
+        while True:
+            await asyncio.sleep(min(5.0, max(0.2, self.jobs.lease / 4)))
+            for record in self.jobs.expired(now=time.time()):
+                try:
+                    await self.end_session(record.session_id, reason="lease expired")
+                except GpupoolError as exc:
+                    log.warning("ending expired session %s: %s", record.session_id, exc)
 
     async def _on_connect(self) -> None:
         """After a reconnect, give the agents a grace period to be heard from again."""
@@ -194,15 +338,19 @@ class Coordinator:
         await self._session.publish(topic, payload, qos=1, retain=False)
 
     async def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
-        """Apply one MQTT message to the registry; a bad payload is logged and skipped."""
+        """Apply one MQTT message to the registry; a payload not believed is dropped with a log line."""
+        if topic == DYNSEC_RESPONSE_TOPIC:
+            if self._users is not None:
+                self._users.handle_response(payload)
+            return
         parsed = self._topics.parse(topic)
         if parsed is None:
             return  # another pool's topic, delivered by a broker that ignores subscriptions
         agent_id, channel = parsed
         try:
             events = self._apply(agent_id, channel, payload)
-        except ProtocolError as exc:
-            log.warning("skipped a message on %s: %s", topic, exc)
+        except Dropped as dropped:
+            self._drops.record(dropped)
             return
         except Exception:
             # A payload that decodes but trips the registry must not take the coordinator down.
@@ -217,20 +365,9 @@ class Coordinator:
         now = time.monotonic()
         if channel == "status":
             if not payload:
+                self._admission.forget(agent_id)
                 return self.registry.forget(agent_id)
-            status = decode_json(payload, AgentStatus, what=f"status of agent {agent_id}")
-            if not status.agent_id:
-                status.agent_id = agent_id
-            elif status.agent_id != agent_id:
-                raise ProtocolError(f"status on the topic of agent {agent_id} names agent {status.agent_id}")
-            return self.registry.apply_status(status, now=now)
+            return self.registry.apply_status(self._admission.status(agent_id, payload), now=now)
         if channel == "telemetry" and payload:
-            telemetry = decode_json(payload, AgentTelemetry, what=f"telemetry of agent {agent_id}")
-            if not telemetry.agent_id:
-                telemetry.agent_id = agent_id
-            elif telemetry.agent_id != agent_id:
-                raise ProtocolError(
-                    f"telemetry names agent {telemetry.agent_id!r} on agent {agent_id!r}'s topic"
-                )
-            return self.registry.apply_telemetry(telemetry, now=now)
+            return self.registry.apply_telemetry(self._admission.telemetry(agent_id, payload), now=now)
         return []  # commands: ours, echoed by a broker that ignores subscriptions

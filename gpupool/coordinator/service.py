@@ -1,38 +1,50 @@
-"""The coordinator's gRPC servicers: ``gpupool.v1.Coordinator`` for clients and ``gpupool.v1.Admin``.
+"""The coordinator's gRPC servicers: ``gpupool.v1.Coordinator`` for clients and agents, ``gpupool.v1.Admin``.
 
-Handlers refuse a call by raising :class:`RpcRefusal`; :func:`_refusing` turns it into a status code
-with the ``gpupool-error`` kind the client translates back (see :mod:`gpupool.protocol.errors`).
+Every handler needs a bearer token of the right role (:func:`gpupool.coordinator.auth.requires`).
+Handlers refuse a call by raising :class:`RpcRefusal`, which becomes a status code with the
+``gpupool-error`` kind the client translates back (see :mod:`gpupool.protocol.errors`). What needs the
+network (telling agents a session ended, forgetting an agent) is done by the runtime, through
+:class:`PoolControl`.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
+import secrets
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from gpupool._errors import (
     AgentNotAccepting,
+    AuthError,
     ConnectError,
     DeadlineExceeded,
+    GpupoolError,
     NoCapacity,
     PlacementError,
     UsageError,
 )
+from gpupool._ids import new_agent_id
 from gpupool._proto.v1 import control_pb2, coordinator_pb2_grpc
 from gpupool._proto.v1.control_pb2 import CommandKind
 from gpupool._proto.v1.coordinator_pb2 import (
     AdminReply,
     AdminRequest,
+    Capability,
     ConnectReply,
     ConnectRequest,
     DisconnectReply,
     DisconnectRequest,
+    EndJobReply,
+    EndJobRequest,
+    EnrolReply,
+    EnrolRequest,
+    GrantReply,
+    GrantRequest,
     JobInfo,
     ListAgentsReply,
     ListAgentsRequest,
@@ -40,39 +52,64 @@ from gpupool._proto.v1.coordinator_pb2 import (
     ListJobsRequest,
     PlaceReply,
     PlaceRequest,
+    RenewReply,
+    RenewRequest,
 )
 from gpupool._version import __version__
+from gpupool.coordinator.auth import Authenticator, requires
 from gpupool.coordinator.commands import AgentCommander
 from gpupool.coordinator.jobs import Jobs
 from gpupool.coordinator.registry import Registry, state_name
 from gpupool.placement import MIN_SHARD_BYTES, split_rows
 from gpupool.protocol.codec import check_dtype, shape_of
-from gpupool.protocol.errors import RpcRefusal, abort
+from gpupool.protocol.errors import RpcRefusal
+from gpupool.security.capability import issue_capability
+from gpupool.security.pki import PoolAuthority, fingerprint
+from gpupool.security.store import SessionRecord, StateStore, TokenRecord
 
-__all__ = ["AdminService", "CoordinatorService", "add_services"]
+__all__ = ["CAPABILITY_TTL", "AdminService", "CoordinatorService", "PoolControl", "add_services"]
 
 log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
-S = TypeVar("S")
-Req = TypeVar("Req")
-Rep = TypeVar("Rep")
+
+#: Seconds a capability is valid; clients refresh theirs (Grant) when less than half is left.
+CAPABILITY_TTL = 600.0
 
 
-def _refusing(
-    handler: Callable[[S, Req, Context], Awaitable[Rep]],
-) -> Callable[[S, Req, Context], Awaitable[Rep]]:
-    """End the call with the refusal's status when the handler raises :class:`RpcRefusal`."""
+class PoolControl(Protocol):
+    """What the servicers need from the running coordinator beyond pure state."""
 
-    @functools.wraps(handler)
-    async def wrapper(self: S, request: Req, context: Context) -> Rep:
-        try:
-            return await handler(self, request, context)
-        except RpcRefusal as refusal:
-            log.info("refused %s: %s (%s)", handler.__name__, refusal.message, refusal.kind)
-            await abort(context, refusal)
+    def broker_state(self) -> tuple[bool, str]:
+        """Whether the MQTT session is up, and why not."""
+        ...
 
-    return wrapper
+    async def end_session(self, session: str, *, reason: str) -> SessionRecord:
+        """End a session and tell its agents to free its buffers."""
+        ...
+
+    async def forget_agent(self, agent_id: str) -> None:
+        """Drop an agent from the registry, clear its retained topics, revoke its enrolment."""
+        ...
+
+    async def create_mqtt_user(self, agent_id: str) -> tuple[str, str]:
+        """MQTT username and password for a newly enrolled agent ("", "" when none are managed)."""
+        ...
+
+
+def _job_info(record: SessionRecord) -> JobInfo:
+    info = JobInfo(
+        job_id=record.session_id,
+        client=record.client,
+        started=_timestamp(record.started),
+        state=record.state,
+        arrays_placed=record.arrays_placed,
+        bytes_placed=record.bytes_placed,
+        ended_reason=record.ended_reason,
+        renewed=_timestamp(record.renewed),
+        token_name=record.token_name,
+    )
+    return info
 
 
 def _timestamp(seconds: float) -> Timestamp:
@@ -82,42 +119,147 @@ def _timestamp(seconds: float) -> Timestamp:
 
 
 class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
-    """The client API: sessions, the agent list, placement and the job list.
+    """The client API (sessions, the agent list, placement, jobs, capabilities) and agents' enrolment.
 
     Args:
         registry: the agents the coordinator knows.
         jobs: the client sessions.
+        auth: checks callers' tokens.
+        authority: the pool CA and the capability key.
+        store: enrolled agents.
+        control: the running coordinator.
         min_shard_bytes: the smallest shard worth a worker of its own (see :func:`split_rows`).
+        topic_prefix: told to enrolling agents.
+        clock: seconds since the epoch.
     """
 
-    def __init__(self, *, registry: Registry, jobs: Jobs, min_shard_bytes: int = MIN_SHARD_BYTES) -> None:
+    def __init__(
+        self,
+        *,
+        registry: Registry,
+        jobs: Jobs,
+        auth: Authenticator,
+        authority: PoolAuthority,
+        store: StateStore,
+        control: PoolControl,
+        min_shard_bytes: int = MIN_SHARD_BYTES,
+        topic_prefix: str = "gpupool",
+    ) -> None:
         self._registry = registry
         self._jobs = jobs
+        self._auth = auth
+        self._authority = authority
+        self._store = store
+        self._control = control
         self._min_shard_bytes = min_shard_bytes
+        self._topic_prefix = topic_prefix
+        self._capabilities: dict[tuple[str, str], tuple[str, float]] = {}
 
-    @_refusing
-    async def Connect(self, request: ConnectRequest, context: Context) -> ConnectReply:
-        """Start a session (a job) for a client."""
-        job = self._jobs.connect(request.client, request.client_version, now=time.time())
-        ready = self._registry.count_by_state().get("ready", 0)
-        log.info("job %s started by %s (gpupool %s)", job.job_id, job.client, request.client_version or "?")
-        return ConnectReply(session=job.job_id, coordinator_version=__version__, ready_agents=ready)
-
-    @_refusing
-    async def Disconnect(self, request: DisconnectRequest, context: Context) -> DisconnectReply:
-        """End a session; ending it twice is not an error."""
+    def _session(self, session: str, caller: TokenRecord) -> SessionRecord:
         try:
-            job = self._jobs.disconnect(request.session, now=time.time())
+            return self._jobs.running(session, caller, now=time.time())
+        except AuthError as exc:
+            raise RpcRefusal("permission-denied", str(exc)) from exc
         except PlacementError as exc:
             raise RpcRefusal("unknown-session", str(exc)) from exc
-        log.info("job %s ended: %d arrays, %d bytes placed", job.job_id, job.arrays_placed, job.bytes_placed)
+
+    def _capability(self, session: str, agent_id: str, *, now: float) -> Capability | None:
+        """A capability for the session on the agent; None for an agent that takes none (not enrolled)."""
+        entry = self._registry.get(agent_id)
+        if entry is None or not entry.status.certificate_fingerprint:
+            return None
+        cached = self._capabilities.get((session, agent_id))
+        if cached is None or cached[1] - now < CAPABILITY_TTL / 2:
+            cached = issue_capability(
+                self._authority.capability_private_key,
+                session=session,
+                agent_id=agent_id,
+                ttl=CAPABILITY_TTL,
+                now=now,
+            )
+            if len(self._capabilities) > 100_000:
+                self._capabilities.clear()
+            self._capabilities[(session, agent_id)] = cached
+        return Capability(agent_id=agent_id, token=cached[0], expires=cached[1])
+
+    def forget_capabilities(self, session: str) -> None:
+        """Drop cached capabilities of an ended session."""
+        for key in [key for key in self._capabilities if key[0] == session]:
+            del self._capabilities[key]
+
+    @requires("client")
+    async def Connect(self, request: ConnectRequest, context: Context, caller: TokenRecord) -> ConnectReply:
+        """Start a session (a job) for a client."""
+        job = self._jobs.connect(caller, request.client, request.client_version, now=time.time())
+        ready = self._registry.count_by_state().get("ready", 0)
+        log.info(
+            "job %s started by %s with token %s (gpupool %s)",
+            job.session_id,
+            job.client,
+            caller.token_id,
+            request.client_version or "?",
+        )
+        return ConnectReply(
+            session=job.session_id,
+            coordinator_version=__version__,
+            ready_agents=ready,
+            ca_certificate=self._authority.ca_pem.decode(),
+            lease_seconds=self._jobs.lease,
+        )
+
+    @requires("client")
+    async def Disconnect(
+        self, request: DisconnectRequest, context: Context, caller: TokenRecord
+    ) -> DisconnectReply:
+        """End a session; ending it twice is not an error."""
+        try:
+            self._jobs.get(request.session, caller)
+        except AuthError as exc:
+            raise RpcRefusal("permission-denied", str(exc)) from exc
+        except PlacementError as exc:
+            raise RpcRefusal("unknown-session", str(exc)) from exc
+        job = await self._control.end_session(request.session, reason="disconnected")
+        self.forget_capabilities(request.session)
+        log.info(
+            "job %s ended: %d arrays, %d bytes placed", job.session_id, job.arrays_placed, job.bytes_placed
+        )
         return DisconnectReply()
 
-    @_refusing
-    async def ListAgents(self, request: ListAgentsRequest, context: Context) -> ListAgentsReply:
-        """The known agents, offline ones only if asked for."""
+    @requires("client")
+    async def Renew(self, request: RenewRequest, context: Context, caller: TokenRecord) -> RenewReply:
+        """Renew the session's lease; the reply names the agents now offline."""
+        self._session(request.session, caller)
+        offline = [
+            entry.agent_id
+            for entry in self._registry.agents()
+            if entry.state == control_pb2.AGENT_STATE_OFFLINE
+        ]
+        return RenewReply(lease_seconds=self._jobs.lease, offline_agents=offline)
+
+    @requires("client")
+    async def Grant(self, request: GrantRequest, context: Context, caller: TokenRecord) -> GrantReply:
+        """Capabilities for the session on the agents named."""
+        self._session(request.session, caller)
+        now = time.time()
+        reply = GrantReply()
+        granted = []
+        for agent_id in request.agent_ids:
+            capability = self._capability(request.session, agent_id, now=now)
+            if capability is None:
+                raise RpcRefusal("unknown-agent", f"agent {agent_id} is not an enrolled agent of this pool")
+            reply.capabilities.append(capability)
+            granted.append(agent_id)
+        self._jobs.add_agents(request.session, granted)
+        return reply
+
+    @requires("client")
+    async def ListAgents(
+        self, request: ListAgentsRequest, context: Context, caller: TokenRecord
+    ) -> ListAgentsReply:
+        """The known agents, offline ones only if asked for, and whether the broker is reachable."""
         now = time.monotonic()
-        reply = ListAgentsReply()
+        connected, detail = self._control.broker_state()
+        reply = ListAgentsReply(broker_connected=connected, broker_detail=detail)
         # add() and CopyFrom: a third of the time of building AgentRecords and copying them in.
         add = reply.agents.add
         for entry in self._registry.agents():
@@ -128,13 +270,10 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                     record.telemetry.CopyFrom(entry.telemetry)
         return reply
 
-    @_refusing
-    async def Place(self, request: PlaceRequest, context: Context) -> PlaceReply:
-        """Row shards for a new array over the ready agents' workers, by free memory."""
-        try:
-            self._jobs.running(request.session)
-        except PlacementError as exc:
-            raise RpcRefusal("unknown-session", str(exc)) from exc
+    @requires("client")
+    async def Place(self, request: PlaceRequest, context: Context, caller: TokenRecord) -> PlaceReply:
+        """Row shards for a new array over the ready agents' workers, by free memory, with capabilities."""
+        self._session(request.session, caller)
         if not request.HasField("meta"):
             raise RpcRefusal("bad-request", "Place needs the array's meta (dtype and shape)")
         try:
@@ -163,34 +302,68 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         except PlacementError as exc:
             raise RpcRefusal("bad-request", str(exc)) from exc
         self._registry.reserve_split(ready, split, row_bytes)
-        self._jobs.record_placement(request.session, rows * row_bytes)
         reply = PlaceReply()
         add = reply.shards.add
         agent_ids, endpoints, workers = ready.agent_ids, ready.endpoints, ready.workers
+        now = time.time()
+        capabilities: dict[str, Capability | None] = {}
         for position, start, stop in split:
             shard = add()  # then plain assignments: the quickest way to fill a repeated field here
-            shard.agent_id = agent_ids[position]
+            agent_id = agent_ids[position]
+            shard.agent_id = agent_id
             shard.endpoint = endpoints[position]
             shard.worker = workers[position]
             shard.start = start
             shard.stop = stop
+            if agent_id not in capabilities:
+                capabilities[agent_id] = self._capability(request.session, agent_id, now=now)
+            capability = capabilities[agent_id]
+            if capability is not None:
+                shard.capability.CopyFrom(capability)
+        self._jobs.record_placement(request.session, rows * row_bytes, capabilities)
         return reply
 
-    @_refusing
-    async def ListJobs(self, request: ListJobsRequest, context: Context) -> ListJobsReply:
-        """Running and recently ended jobs, oldest first."""
+    @requires("client")
+    async def ListJobs(
+        self, request: ListJobsRequest, context: Context, caller: TokenRecord
+    ) -> ListJobsReply:
+        """Sessions oldest first: the caller's own, or every one for an admin asking for all."""
+        if request.all and caller.role != "admin":
+            raise RpcRefusal("permission-denied", "listing every session needs an admin token")
         return ListJobsReply(
-            jobs=[
-                JobInfo(
-                    job_id=job.job_id,
-                    client=job.client,
-                    started=_timestamp(job.started),
-                    state=job.state,
-                    arrays_placed=job.arrays_placed,
-                    bytes_placed=job.bytes_placed,
-                )
-                for job in self._jobs.list()
-            ]
+            jobs=[_job_info(job) for job in self._jobs.list(caller, all_sessions=request.all)]
+        )
+
+    @requires("agent")
+    async def Enrol(self, request: EnrolRequest, context: Context, caller: TokenRecord) -> EnrolReply:
+        """Sign an agent's certificate request: its id from now on, and how it reaches the broker."""
+        agent_id = new_agent_id()
+        try:
+            certificate = self._authority.sign_agent_csr(request.csr_pem, agent_id=agent_id)
+        except (AuthError, UsageError, ValueError) as exc:
+            raise RpcRefusal("bad-request", f"certificate request refused: {exc}") from exc
+        name = request.name[:128] or agent_id
+        try:
+            username, password = await self._control.create_mqtt_user(agent_id)
+        except GpupoolError as exc:
+            raise RpcRefusal("broker-unavailable", f"cannot create the agent's MQTT user: {exc}") from exc
+        self._store.enrol_agent(
+            agent_id=agent_id,
+            name=name,
+            certificate_pem=certificate,
+            fingerprint=fingerprint(certificate),
+            token_id=caller.token_id,
+            now=time.time(),
+        )
+        log.info("enrolled agent %s (%s) with token %s", agent_id, name, caller.token_id)
+        return EnrolReply(
+            agent_id=agent_id,
+            certificate_pem=certificate,
+            ca_certificate_pem=self._authority.ca_pem,
+            capability_key_pem=self._authority.capability_public_pem,
+            mqtt_username=username,
+            mqtt_password=password,
+            topic_prefix=self._topic_prefix,
         )
 
     def _why_no_agents(self, excluded: int) -> str:
@@ -203,31 +376,75 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
 
 
 class AdminService(coordinator_pb2_grpc.AdminServicer):
-    """The operator API: drain, cordon and uncordon an agent, each confirmed by the agent's status.
+    """The operator API: drain, cordon, uncordon and forget an agent; end a job. Admin tokens only.
 
     Args:
         registry: the agents the coordinator knows, to resolve the agent named.
         commander: sends the command and waits for its confirmation.
+        auth: checks callers' tokens.
+        control: the running coordinator.
     """
 
-    def __init__(self, *, registry: Registry, commander: AgentCommander) -> None:
+    def __init__(
+        self,
+        *,
+        registry: Registry,
+        commander: AgentCommander,
+        auth: Authenticator,
+        control: PoolControl,
+        store: StateStore,
+    ) -> None:
         self._registry = registry
         self._commander = commander
+        self._auth = auth
+        self._control = control
+        self._store = store
 
-    @_refusing
-    async def Drain(self, request: AdminRequest, context: Context) -> AdminReply:
+    @requires("admin")
+    async def Drain(self, request: AdminRequest, context: Context, caller: TokenRecord) -> AdminReply:
         """Take no new shards or uploads; serve what the agent holds."""
         return await self._command(request, control_pb2.COMMAND_KIND_DRAIN)
 
-    @_refusing
-    async def Cordon(self, request: AdminRequest, context: Context) -> AdminReply:
+    @requires("admin")
+    async def Cordon(self, request: AdminRequest, context: Context, caller: TokenRecord) -> AdminReply:
         """Take no new shards; keep serving."""
         return await self._command(request, control_pb2.COMMAND_KIND_CORDON)
 
-    @_refusing
-    async def Uncordon(self, request: AdminRequest, context: Context) -> AdminReply:
+    @requires("admin")
+    async def Uncordon(self, request: AdminRequest, context: Context, caller: TokenRecord) -> AdminReply:
         """Back to READY."""
         return await self._command(request, control_pb2.COMMAND_KIND_UNCORDON)
+
+    @requires("admin")
+    async def Forget(self, request: AdminRequest, context: Context, caller: TokenRecord) -> AdminReply:
+        """Remove an agent: registry, retained topics, enrolment (it must enrol again to rejoin)."""
+        try:
+            entry = self._registry.resolve(request.agent_id)
+            agent_id, status = entry.agent_id, entry.status
+        except PlacementError as exc:
+            enrolment = self._store.get_agent(request.agent_id)
+            if enrolment is None:
+                raise RpcRefusal("unknown-agent", str(exc)) from exc
+            agent_id, status = enrolment.agent_id, control_pb2.AgentStatus(agent_id=enrolment.agent_id)
+        copy = control_pb2.AgentStatus()
+        copy.CopyFrom(status)
+        try:
+            await self._control.forget_agent(agent_id)
+        except ConnectError as exc:
+            raise RpcRefusal("broker-unavailable", f"cannot clear agent {agent_id}'s topics: {exc}") from exc
+        log.info(
+            "forgot agent %s (%s)%s", agent_id, copy.name, f": {request.reason}" if request.reason else ""
+        )
+        copy.state = control_pb2.AGENT_STATE_OFFLINE
+        return AdminReply(agent=copy, command_id=secrets.token_hex(6))
+
+    @requires("admin")
+    async def EndJob(self, request: EndJobRequest, context: Context, caller: TokenRecord) -> EndJobReply:
+        """End a session by hand: its agents free its buffers."""
+        if self._store.get_session(request.job_id) is None:
+            raise RpcRefusal("unknown-session", f"unknown job {request.job_id!r}")
+        record = await self._control.end_session(request.job_id, reason="ended by an admin")
+        return EndJobReply(job=_job_info(record))
 
     async def _command(self, request: AdminRequest, kind: CommandKind) -> AdminReply:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import uuid
@@ -29,12 +30,18 @@ def cli_pool(system_broker_url: str) -> Iterator[LocalPool]:
 
 
 def _run_gpupool(
-    *args: str, coordinator: str | None = None, timeout: float = 60
+    *args: str, coordinator: str | None = None, token: str | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "gpupool.cli.main"]
     if coordinator is not None:
         argv += ["--coordinator", coordinator]
-    return subprocess.run([*argv, *args], capture_output=True, text=True, timeout=timeout, check=False)
+    env = dict(os.environ)
+    env.pop("GPUPOOL_TOKEN", None)
+    if token is not None:
+        env["GPUPOOL_TOKEN"] = token  # as an operator's shell would have it, not on the command line
+    return subprocess.run(
+        [*argv, *args], capture_output=True, text=True, timeout=timeout, check=False, env=env
+    )
 
 
 @pytest.fixture
@@ -48,6 +55,6 @@ def gpupool_cli(cli_pool: LocalPool) -> RunCli:
     """Runs ``gpupool ARGS...`` against the module's pool."""
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return _run_gpupool(*args, coordinator=cli_pool.coordinator_address)
+        return _run_gpupool(*args, coordinator=cli_pool.coordinator_address, token=cli_pool.admin_token)
 
     return run

@@ -7,10 +7,8 @@ import socket
 import subprocess
 from collections.abc import Callable, Iterator
 
-import grpc
 import pytest
 
-from gpupool._proto.v1 import coordinator_pb2, coordinator_pb2_grpc
 from gpupool.local import LocalPool
 
 RunCli = Callable[..., subprocess.CompletedProcess[str]]
@@ -110,19 +108,17 @@ def test_status_summarises_the_pool(gpupool_cli: RunCli, cli_pool: LocalPool) ->
 
 
 def test_jobs_lists_client_sessions(gpupool_cli: RunCli, cli_pool: LocalPool) -> None:
-    with grpc.insecure_channel(cli_pool.coordinator_address) as channel:
-        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
-        session = stub.Connect(coordinator_pb2.ConnectRequest(client="tester@cli-test"), timeout=10).session
-        try:
-            rows = [line for line in ok(gpupool_cli("jobs")).splitlines() if session in line]
-            assert len(rows) == 1
-            assert "tester@cli-test" in rows[0]
-            assert "running" in rows[0]
-            jobs = json.loads(ok(gpupool_cli("jobs", "--json")))
-            assert any(j["jobId"] == session and j["client"] == "tester@cli-test" for j in jobs)
-        finally:
-            stub.Disconnect(coordinator_pb2.DisconnectRequest(session=session), timeout=10)
-    assert "ended" in next(line for line in ok(gpupool_cli("jobs")).splitlines() if session in line)
+    with cli_pool.connect(client="tester@cli-test") as pool:
+        session = pool.session
+        rows = [line for line in ok(gpupool_cli("jobs")).splitlines() if session in line]
+        assert len(rows) == 1
+        assert "tester@cli-test" in rows[0]
+        assert "running" in rows[0]
+        jobs = json.loads(ok(gpupool_cli("jobs", "--json")))
+        assert any(j["jobId"] == session and j["client"] == "tester@cli-test" for j in jobs)
+    row = next(line for line in ok(gpupool_cli("jobs")).splitlines() if session in line)
+    assert "ended" in row
+    assert "disconnected" in row
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> None:

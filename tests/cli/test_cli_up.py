@@ -58,6 +58,8 @@ def up_process(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
             "0",
             "--backend",
             "numpy",
+            "--state-dir",
+            str(tmp_path / "state"),
         ],
         stdout=subprocess.PIPE,
         stderr=log,
@@ -78,16 +80,31 @@ def up_process(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
 def test_up_serves_a_pool_until_interrupted(
-    up_process: subprocess.Popen[bytes], stop_signal: signal.Signals, run_gpupool: RunCli
+    up_process: subprocess.Popen[bytes], stop_signal: signal.Signals, run_gpupool: RunCli, tmp_path: Path
 ) -> None:
     banner = read_until_ready(up_process, timeout=60)
     match = re.search(r"coordinator\s+(127\.0\.0\.1:\d+)", banner)
     assert match, banner
     address = match[1]
     assert re.search(r"broker\s+mqtt://127\.0\.0\.1:\d+\s+\((mosquitto|amqtt), embedded\)", banner), banner
-    assert f"GPUPOOL_COORDINATOR={address} python -c" in banner
+    # The credentials: printed as an export line, and written to client.env and admin.env (mode 0600).
+    state = tmp_path / "state"
+    exported = re.search(rf"export GPUPOOL_COORDINATOR={re.escape(address)} GPUPOOL_TOKEN=(gpt_\S+)", banner)
+    assert exported, banner
+    env_files = {name: (state / name).read_text() for name in ("client.env", "admin.env")}
+    assert f"export GPUPOOL_TOKEN={exported[1]}\n" in env_files["client.env"]
+    admin = re.search(r"GPUPOOL_TOKEN=(\S+)", env_files["admin.env"])
+    assert admin
+    assert admin[1] != exported[1]
+    for name in ("client.env", "admin.env"):
+        assert (state / name).stat().st_mode & 0o777 == 0o600
+    assert "agents enrolled with the pool CA" in banner
 
-    listed = run_gpupool("agents", "--json", coordinator=address)
+    refused = run_gpupool("agents", coordinator=address)  # no token: refused, with what to do
+    assert refused.returncode == 1
+    assert "GPUPOOL_TOKEN" in refused.stderr
+    assert "client.env" in refused.stderr
+    listed = run_gpupool("agents", "--json", coordinator=address, token=exported[1])
     assert listed.returncode == 0, listed.stderr
     records = json.loads(listed.stdout)
     assert sorted(r["status"]["name"] for r in records) == ["agent-0", "agent-1"]
@@ -95,6 +112,13 @@ def test_up_serves_a_pool_until_interrupted(
     for record in records:
         assert record["status"]["agentId"] in banner
         assert record["status"]["endpoint"] in banner
+
+    # A client token cannot steer the pool; the admin token can.
+    cordon = run_gpupool("cordon", "agent-0", coordinator=address, token=exported[1])
+    assert cordon.returncode == 1
+    assert "needs a token of role admin" in cordon.stderr
+    cordon = run_gpupool("cordon", "agent-0", coordinator=address, token=admin[1])
+    assert cordon.returncode == 0, cordon.stderr
 
     children = psutil.Process(up_process.pid).children(recursive=True)
     assert len(children) >= 4  # broker, coordinator, two agents

@@ -9,21 +9,36 @@ from typing import Any, TypeVar
 
 import grpc
 
+from gpupool._process import Child
 from gpupool._proto.v1 import coordinator_pb2 as pb
 from gpupool._proto.v1 import coordinator_pb2_grpc
 from gpupool.protocol.errors import translate_rpc_error
+from gpupool.transport.rpc import bearer_metadata
 
 T = TypeVar("T")
 
 
 class CoordinatorClient:
-    """The coordinator's two services over one channel; failures raise gpupool's exceptions."""
+    """The coordinator's two services over one channel; failures raise gpupool's exceptions.
 
-    def __init__(self, address: str) -> None:
+    Args:
+        address: the coordinator's ``host:port``.
+        token: the bearer token every call carries ("" for none).
+    """
+
+    def __init__(self, address: str, token: str = "") -> None:
         self.address = address
+        self.token = token
         self._channel = grpc.aio.insecure_channel(address)
         self.coordinator = coordinator_pb2_grpc.CoordinatorStub(self._channel)
         self.admin = coordinator_pb2_grpc.AdminStub(self._channel)
+
+    @classmethod
+    def of(cls, coordinator: Child, token: str | None = None) -> CoordinatorClient:
+        """A client of a coordinator the fixture started, with its admin token unless ``token`` is given."""
+        return cls(
+            str(coordinator.ready["listen"]), str(coordinator.ready["token"]) if token is None else token
+        )
 
     async def __aenter__(self) -> CoordinatorClient:
         return self
@@ -34,7 +49,7 @@ class CoordinatorClient:
     async def call(self, method: Callable[..., Awaitable[T]], request: Any, deadline: float = 15.0) -> T:
         """Call ``method(request)`` with a deadline, translating a failure as the client library does."""
         try:
-            return await method(request, timeout=deadline)
+            return await method(request, timeout=deadline, metadata=bearer_metadata(self.token))
         except grpc.aio.AioRpcError as exc:
             raise translate_rpc_error(exc, peer=self.address) from exc
 

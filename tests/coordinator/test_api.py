@@ -26,7 +26,7 @@ def test_place_splits_rows_over_ready_agents_by_free_memory(
 
     async def body() -> None:
         async with (
-            CoordinatorClient(coordinator.ready["listen"]) as client,
+            CoordinatorClient.of(coordinator) as client,
             SimulatedAgent(system_broker_url, topics, "aaaa00000001", workers=[(3000, 0)]) as big,
             SimulatedAgent(system_broker_url, topics, "bbbb00000002", workers=[(2000, 1000)]),
             SimulatedAgent(system_broker_url, topics, "cccc00000003", workers=[(10**9, 0)], state=CORDONED),
@@ -74,7 +74,7 @@ def test_place_excludes_agents_the_client_names_and_splits_small_arrays_one_row_
 
     async def body() -> None:
         async with (
-            CoordinatorClient(coordinator.ready["listen"]) as client,
+            CoordinatorClient.of(coordinator) as client,
             SimulatedAgent(system_broker_url, topics, "aaaa00000001", workers=[(1000, 0), (1000, 0)]),
             SimulatedAgent(system_broker_url, topics, "bbbb00000002", workers=[(4000, 0)]),
         ):
@@ -101,7 +101,7 @@ def test_place_refuses_without_agents_sessions_or_a_known_dtype(
     coordinator = start_coordinator(system_broker_url, topic_prefix)
 
     async def body() -> None:
-        async with CoordinatorClient(coordinator.ready["listen"]) as client:
+        async with CoordinatorClient.of(coordinator) as client:
             session = await client.connect()
             with pytest.raises(PlacementError, match="no agent has registered"):
                 await client.place(session, "float32", (4, 4))
@@ -123,7 +123,7 @@ def test_cordon_uncordon_and_drain_round_trip_through_the_agent(
 
     async def body() -> None:
         async with (
-            CoordinatorClient(coordinator.ready["listen"]) as client,
+            CoordinatorClient.of(coordinator) as client,
             SimulatedAgent(broker_url, topics, "f00d00000001", name="rig-a") as agent,
             SimulatedAgent(broker_url, topics, "beef00000002", name="rig-b"),
         ):
@@ -161,7 +161,7 @@ def test_admin_refuses_unknown_ambiguous_and_offline_agents(
 
     async def body() -> None:
         async with (
-            CoordinatorClient(coordinator.ready["listen"]) as client,
+            CoordinatorClient.of(coordinator) as client,
             SimulatedAgent(system_broker_url, topics, "abc000000001"),
             SimulatedAgent(system_broker_url, topics, "abc000000002") as second,
         ):
@@ -186,7 +186,7 @@ def test_jobs_are_listed_with_their_placements(
 
     async def body() -> None:
         async with (
-            CoordinatorClient(coordinator.ready["listen"]) as client,
+            CoordinatorClient.of(coordinator) as client,
             SimulatedAgent(system_broker_url, topics, "aaaa00000001"),
         ):
             await eventually(lambda: _ready_count(client, 1), within=5.0, what="the agent")

@@ -31,7 +31,7 @@ def test_an_agent_is_listed_within_two_seconds_of_its_status(
     topics = Topics(topic_prefix)
 
     async def body() -> None:
-        async with CoordinatorClient(coordinator.ready["listen"]) as client:
+        async with CoordinatorClient.of(coordinator) as client:
             assert await client.agents() == {}
             async with SimulatedAgent(
                 broker_url, topics, "a1b2c3d4e5f6", name="rig-1", workers=[(4000, 1000)]
@@ -90,7 +90,7 @@ def test_a_dropped_agent_is_shown_offline_by_its_last_will(
     try:
 
         async def body() -> None:
-            async with CoordinatorClient(coordinator.ready["listen"]) as client:
+            async with CoordinatorClient.of(coordinator) as client:
                 await eventually(lambda: _get(client, "dead0000beef"), within=5.0, what="the agent listed")
                 holder.kill()  # SIGKILL: the socket closes with no MQTT DISCONNECT, so the will is sent
 
@@ -116,12 +116,12 @@ def test_a_restarted_coordinator_rebuilds_its_registry_from_retained_status(
         async with SimulatedAgent(broker_url, topics, "ab0000000001", name="kept") as agent:
             await agent.publish_status(state=CORDONED)
             first = start_coordinator(broker_url, topic_prefix)
-            async with CoordinatorClient(first.ready["listen"]) as client:
+            async with CoordinatorClient.of(first) as client:
                 await eventually(lambda: _get(client, "ab0000000001"), within=5.0, what="listed by the first")
             await asyncio.to_thread(first.stop)
             # The agent says nothing more: only its retained status can tell the new coordinator.
             second = start_coordinator(broker_url, topic_prefix)
-            async with CoordinatorClient(second.ready["listen"]) as client:
+            async with CoordinatorClient.of(second) as client:
                 record = await eventually(
                     lambda: _get(client, "ab0000000001"), within=5.0, what="listed again"
                 )
@@ -155,7 +155,7 @@ def test_malformed_payloads_are_skipped_and_the_coordinator_keeps_serving(
         await publish_garbage(retain=True)  # waiting for the coordinator when it starts
         coordinator = start_coordinator(broker_url, topic_prefix)
         try:
-            async with CoordinatorClient(coordinator.ready["listen"]) as client:
+            async with CoordinatorClient.of(coordinator) as client:
                 await publish_garbage(retain=False)  # and again while it runs
                 async with SimulatedAgent(broker_url, topics, "good00000001"):
                     await eventually(lambda: _get(client, "good00000001"), within=5.0, what="the good agent")

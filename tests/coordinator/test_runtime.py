@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
 
@@ -14,13 +15,15 @@ from gpupool.broker import free_port, start_broker
 from gpupool.coordinator import Coordinator
 from gpupool.protocol.topics import Topics
 
+from .conftest import admin_token
 from .simagent import CORDONED, OFFLINE, READY, SimulatedAgent
 from .support import CoordinatorClient, eventually, run
 
 
 def test_an_unconfirmed_command_is_refused_once_the_deadline_passes(
-    system_broker_url: str, topic_prefix: str
+    system_broker_url: str, topic_prefix: str, tmp_path: Path
 ):
+    token = admin_token(tmp_path)
     topics = Topics(topic_prefix)
 
     async def body() -> None:
@@ -29,11 +32,13 @@ def test_an_unconfirmed_command_is_refused_once_the_deadline_passes(
             listen="127.0.0.1:0",
             topics=topics,
             timeouts=Timeouts(command=0.5),
+            state_dir=tmp_path,
+            allow_unenrolled=True,
         ) as coordinator:
             runner = asyncio.create_task(coordinator.run())
             await coordinator.wait_connected()
             async with (
-                CoordinatorClient(coordinator.address) as client,
+                CoordinatorClient(coordinator.address, token) as client,
                 SimulatedAgent(system_broker_url, topics, "deaf00000001", answer_commands=False) as agent,
             ):
                 await eventually(lambda: _listed(client), within=5.0, what="the agent listed")
@@ -63,17 +68,27 @@ async def _state(client: CoordinatorClient, state: int) -> bool:
     return record is not None and record.status.state == state
 
 
-def test_without_a_broker_the_coordinator_still_serves_and_close_ends_run(topic_prefix: str):
+def test_without_a_broker_the_coordinator_still_serves_and_close_ends_run(topic_prefix: str, tmp_path: Path):
+    token = admin_token(tmp_path)
+
     async def body() -> None:
         broker = parse_broker_url(f"mqtt://127.0.0.1:{free_port()}")
         async with Coordinator(
-            broker=broker, listen="127.0.0.1:0", topics=Topics(topic_prefix), timeouts=Timeouts(connect=0.5)
+            broker=broker,
+            listen="127.0.0.1:0",
+            topics=Topics(topic_prefix),
+            timeouts=Timeouts(connect=0.5),
+            state_dir=tmp_path,
         ) as coordinator:
             runner = asyncio.create_task(coordinator.run())
             with pytest.raises(ConnectError):
                 await coordinator.wait_connected()
-            async with CoordinatorClient(coordinator.address) as client:
+            async with CoordinatorClient(coordinator.address, token) as client:
                 assert await client.agents() == {}
+                # ... but says that its registry is blind, rather than showing an empty, healthy pool.
+                reply = await client.call(client.coordinator.ListAgents, pb.ListAgentsRequest())
+                assert not reply.broker_connected
+                assert "cannot reach its MQTT broker" in reply.broker_detail
             await coordinator.close()
             async with asyncio.timeout(5):
                 await runner
@@ -81,19 +96,24 @@ def test_without_a_broker_the_coordinator_still_serves_and_close_ends_run(topic_
     run(body())
 
 
-def test_a_busy_address_is_a_connect_error(topic_prefix: str):
+def test_a_busy_address_is_a_connect_error(topic_prefix: str, tmp_path: Path):
     async def body() -> None:
         broker = parse_broker_url("mqtt://127.0.0.1:1")
-        async with Coordinator(broker=broker, listen="127.0.0.1:0", topics=Topics(topic_prefix)) as first:
+        async with Coordinator(
+            broker=broker, listen="127.0.0.1:0", topics=Topics(topic_prefix), state_dir=tmp_path / "a"
+        ) as first:
             with pytest.raises(ConnectError, match="cannot listen"):
-                async with Coordinator(broker=broker, listen=first.address, topics=Topics(topic_prefix)):
+                async with Coordinator(
+                    broker=broker, listen=first.address, topics=Topics(topic_prefix), state_dir=tmp_path / "b"
+                ):
                     pass
 
     run(body())
 
 
-def test_after_a_broker_restart_agents_not_heard_from_again_go_offline(topic_prefix: str):
+def test_after_a_broker_restart_agents_not_heard_from_again_go_offline(topic_prefix: str, tmp_path: Path):
     topics = Topics(topic_prefix)
+    token = admin_token(tmp_path)
     port = free_port()
     brokers = [start_broker("auto", port=port)]
     url = brokers[0].ready["url"]
@@ -107,11 +127,13 @@ def test_after_a_broker_restart_agents_not_heard_from_again_go_offline(topic_pre
             listen="127.0.0.1:0",
             topics=topics,
             timeouts=Timeouts(connect=0.5, heartbeat=0.2),
+            state_dir=tmp_path,
+            allow_unenrolled=True,
         ) as coordinator:
             runner = asyncio.create_task(coordinator.run())
             await coordinator.wait_connected()
             async with (
-                CoordinatorClient(coordinator.address) as client,
+                CoordinatorClient(coordinator.address, token) as client,
                 SimulatedAgent(url, topics, "live00000001"),
                 SimulatedAgent(url, topics, "dead00000001"),
             ):
