@@ -10,30 +10,38 @@ their fixture::
 Every part is a real program started with :func:`gpupool._process.spawn` and found through its ready
 line, so a pool here behaves like one spread over many hosts. Agents start in parallel. Once started,
 the pool waits until the coordinator lists every agent as READY.
+
+Credentials included (see :mod:`gpupool._localstate`): the pool's state dir holds the CA and tokens; the
+agents enrol with a join token, serve TLS and check capabilities; the embedded Mosquitto (with its
+dynamic-security plugin) admits only the coordinator and the enrolled agents. ``secure=False`` runs
+open agents (``--insecure``) instead, for tests of the open mode and for comparison in benchmarks.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Literal, Self, TypeVar
 
-import grpc
-
 from gpupool._config import DEFAULT_TOPIC_PREFIX, parse_broker_url
 from gpupool._errors import ConnectError, DeadlineExceeded, GpupoolError, UsageError
+from gpupool._localstate import LocalCredentials, prepare_local_state, write_env_files
 from gpupool._process import Child, spawn
-from gpupool._proto.v1 import control_pb2, coordinator_pb2, coordinator_pb2_grpc
-from gpupool.broker import BrokerKind, start_broker
-from gpupool.protocol.errors import translate_rpc_error
+from gpupool._proto.v1 import control_pb2, coordinator_pb2
+from gpupool.broker import BrokerKind, mosquitto_secure_available, start_broker
+from gpupool.client.pool import Pool, connect
+from gpupool.transport.coordinator import CoordinatorClient, PoolCredentials
 
 __all__ = ["Backend", "LocalPool"]
 
@@ -69,6 +77,10 @@ class LocalPool:
         stop_timeout: seconds each stage of :meth:`stop` waits before it kills what is left.
         rpc_timeout: the deadline of each call to the coordinator while waiting.
         stderr: where the children's logs go (inherited by default; ``subprocess.DEVNULL`` silences them).
+        state_dir: the pool's state dir (CA, tokens, agents' identities); None makes a temporary one,
+            removed on stop.
+        secure: enrolled agents with TLS and capabilities, and a dynamic-security Mosquitto when the
+            broker is embedded Mosquitto; False: open ``--insecure`` agents (tokens are still needed).
     """
 
     def __init__(
@@ -90,6 +102,8 @@ class LocalPool:
         stop_timeout: float = 10.0,
         rpc_timeout: float = 5.0,
         stderr: IO[bytes] | int | None = None,
+        state_dir: Path | None = None,
+        secure: bool = True,
     ) -> None:
         if agents < 0:
             raise UsageError(f"agents must be zero or more, not {agents}")
@@ -113,6 +127,11 @@ class LocalPool:
         self._stop_timeout = stop_timeout
         self._rpc_timeout = rpc_timeout
         self._stderr = stderr
+        self._temporary_state = state_dir is None
+        self.state_dir = state_dir or Path(tempfile.mkdtemp(prefix="gpupool-pool-"))
+        self.secure = secure
+        self.credentials: LocalCredentials | None = None
+        self._coordinator_client: CoordinatorClient | None = None
 
         self.broker: Child | None = None
         self.coordinator: Child | None = None
@@ -162,6 +181,35 @@ class LocalPool:
         return self._external_broker_url is None
 
     @property
+    def client_token(self) -> str:
+        """A client token of this pool (what ``client.env`` exports)."""
+        return self._credentials().client_token
+
+    @property
+    def admin_token(self) -> str:
+        """The operator's admin token (what ``admin.env`` exports)."""
+        return self._credentials().admin_token
+
+    def connect(self, **options: Any) -> Pool:
+        """A client session on this pool, with its client token (options go to :func:`gpupool.connect`)."""
+        options.setdefault("token", self.client_token)
+        return connect(self.coordinator_address, **options)
+
+    def _credentials(self) -> LocalCredentials:
+        if self.credentials is None:
+            raise UsageError("the pool has not started yet")
+        return self.credentials
+
+    def coordinator_client(self) -> CoordinatorClient:
+        """A client of the coordinator with the admin token (owned by the pool; do not close it)."""
+        if self._coordinator_client is None:
+            self._coordinator_client = CoordinatorClient(
+                PoolCredentials(address=self.coordinator_address, token=self.admin_token),
+                timeout=self._rpc_timeout,
+            )
+        return self._coordinator_client
+
+    @property
     def coordinator_address(self) -> str:
         """The coordinator's gRPC address (``127.0.0.1:PORT``).
 
@@ -193,9 +241,11 @@ class LocalPool:
             raise UsageError("a LocalPool starts once; make a new one")
         self._started = True
         try:
+            self.credentials = prepare_local_state(self.state_dir)
             if self._external_broker_url is None:
                 self._in_background(self._start_broker).result()
             self._in_background(self._start_coordinator).result()
+            write_env_files(self.credentials, self.coordinator_address)
             self._start_agents(self._initial_agents)
             self.wait_ready()
         except BaseException:
@@ -231,15 +281,40 @@ class LocalPool:
         return future
 
     def _start_broker(self) -> None:
-        self.broker = start_broker(self._broker_kind, timeout=self._start_timeout)
+        # A secure broker needs Mosquitto's dynamic-security plugin; amqtt (the fallback) has none.
+        secure = self.secure and self._broker_kind != "amqtt" and mosquitto_secure_available()
+        self.broker = start_broker(
+            self._broker_kind,
+            timeout=self._start_timeout,
+            secure=secure,
+            state_dir=self.state_dir / "broker" if secure else None,
+            topic_prefix=self.topic_prefix,
+        )
         self._broker_url = str(self.broker.ready["url"])
 
+    @property
+    def secure_broker(self) -> bool:
+        """Whether the pool's broker admits only its coordinator and enrolled agents."""
+        return self.broker is not None and bool(self.broker.ready.get("secure"))
+
     def _start_coordinator(self) -> None:
-        argv = [sys.executable, "-m", "gpupool.coordinator", "--broker", self.broker_url]
+        credentials = self._credentials()
+        broker_url = self.broker_url
+        env = dict(self._env)
+        argv = [sys.executable, "-m", "gpupool.coordinator"]
+        if self.secure_broker:
+            assert self.broker is not None
+            host_port = broker_url.removeprefix("mqtt://")
+            broker_url = f"mqtt://{self.broker.ready['admin_username']}@{host_port}"
+            env["GPUPOOL_BROKER_PASSWORD"] = str(self.broker.ready["admin_password"])  # not on argv
+            argv += ["--manage-mqtt-users"]
+        if not self.secure:
+            argv += ["--allow-unenrolled"]
+        argv += ["--broker", broker_url, "--state-dir", str(credentials.coordinator_dir)]
         argv += ["--listen", f"127.0.0.1:{self._port}", "--topic-prefix", self.topic_prefix]
         argv += self._coordinator_args
         self.coordinator = spawn(
-            "coordinator", argv, timeout=self._start_timeout, env=self._env, stderr=self._stderr
+            "coordinator", argv, timeout=self._start_timeout, env=env, stderr=self._stderr
         )
 
     def _start_agents(
@@ -265,6 +340,11 @@ class LocalPool:
     def _start_agent(self, name: str, args: Sequence[str]) -> Child:
         argv = [sys.executable, "-m", "gpupool.agent", "--broker", self.broker_url, "--listen", "127.0.0.1:0"]
         argv += ["--name", name, "--topic-prefix", self.topic_prefix, "--backend", self.backend]
+        if self.secure:
+            agent_dir = self._credentials().agent_dir(name)
+            argv += ["--state-dir", str(agent_dir), "--coordinator", self.coordinator_address]
+        else:
+            argv += ["--insecure"]
         if self._memory_limit is not None:
             argv += ["--memory-limit", self._memory_limit]
         argv += [*self._agent_args, *args]
@@ -275,6 +355,8 @@ class LocalPool:
 
     def _agent_env(self) -> dict[str, str]:
         env = dict(self._env)
+        if self.secure:
+            env["GPUPOOL_JOIN_TOKEN"] = self._credentials().join_token  # not on argv, where ps shows it
         threads = self._threads_per_agent
         if threads is None:
             threads = max(1, (os.cpu_count() or 1) // max(1, self._initial_agents))
@@ -293,15 +375,9 @@ class LocalPool:
             ConnectError, DeadlineExceeded: the coordinator did not answer.
         """
         self._check_running()
-        with grpc.insecure_channel(self.coordinator_address) as channel:
-            stub = coordinator_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
-            try:
-                reply = stub.ListAgents(
-                    coordinator_pb2.ListAgentsRequest(include_offline=include_offline),
-                    timeout=self._rpc_timeout,
-                )
-            except grpc.RpcError as exc:
-                raise _translate(exc, self.coordinator_address) from exc
+        reply = self.coordinator_client().call(
+            "ListAgents", coordinator_pb2.ListAgentsRequest(include_offline=include_offline)
+        )
         return list(reply.agents)
 
     def wait_ready(self, agents: Iterable[Child] | None = None, *, timeout: float | None = None) -> None:
@@ -317,45 +393,44 @@ class LocalPool:
         deadline = time.monotonic() + limit
         missing: set[str] = {str(agent.ready.get("agent_id", "")) for agent in awaited}
         last_error = ""
-        with grpc.insecure_channel(self.coordinator_address) as channel:
-            stub = coordinator_pb2_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
-            while True:
-                for agent in awaited:
-                    if not agent.alive():
-                        raise ConnectError(
-                            str(agent.ready.get("name", "agent")),
-                            f"exited with code {agent.process.returncode} before it was READY",
-                        )
-                if self.coordinator is not None and not self.coordinator.alive():
+        client = self.coordinator_client()
+        while True:
+            for agent in awaited:
+                if not agent.alive():
                     raise ConnectError(
-                        self.coordinator_address,
-                        f"coordinator exited with code {self.coordinator.process.returncode}",
+                        str(agent.ready.get("name", "agent")),
+                        f"exited with code {agent.process.returncode} before it was READY",
                     )
-                left = deadline - time.monotonic()
-                try:
-                    reply = stub.ListAgents(
-                        coordinator_pb2.ListAgentsRequest(include_offline=False),
-                        timeout=max(0.1, min(self._rpc_timeout, left)),
-                    )
-                except grpc.RpcError as exc:
-                    code = exc.code() if isinstance(exc, grpc.Call) else exc
-                    last_error = f"; last ListAgents error: {code}"
-                else:
-                    ready = {
-                        record.status.agent_id
-                        for record in reply.agents
-                        if record.status.state == control_pb2.AGENT_STATE_READY
-                    }
-                    missing -= ready
-                    if not missing:
-                        return
-                    last_error = ""
-                if time.monotonic() >= deadline:
-                    raise DeadlineExceeded(
-                        self.coordinator_address,
-                        f"agents {sorted(missing)} not READY within {limit:.0f} s{last_error}",
-                    )
-                time.sleep(0.05)
+            if self.coordinator is not None and not self.coordinator.alive():
+                raise ConnectError(
+                    self.coordinator_address,
+                    f"coordinator exited with code {self.coordinator.process.returncode}",
+                )
+            left = deadline - time.monotonic()
+            try:
+                reply = client.call(
+                    "ListAgents",
+                    coordinator_pb2.ListAgentsRequest(include_offline=False),
+                    timeout=max(0.1, min(self._rpc_timeout, left)),
+                )
+            except GpupoolError as exc:
+                last_error = f"; last ListAgents error: {exc}"
+            else:
+                ready = {
+                    record.status.agent_id
+                    for record in reply.agents
+                    if record.status.state == control_pb2.AGENT_STATE_READY
+                }
+                missing -= ready
+                if not missing:
+                    return
+                last_error = ""
+            if time.monotonic() >= deadline:
+                raise DeadlineExceeded(
+                    self.coordinator_address,
+                    f"agents {sorted(missing)} not READY within {limit:.0f} s{last_error}",
+                )
+            time.sleep(0.05)
 
     # -- faults and changes ---------------------------------------------------------------------------
 
@@ -370,6 +445,26 @@ class LocalPool:
         code = agent.stop(self._stop_timeout)
         self._close_pipes(agent)
         return code
+
+    def restart_coordinator(self, *, down_for: float = 0.0) -> None:
+        """Stop the coordinator (SIGTERM) and start it again on the same port and state dir.
+
+        Raises:
+            ConnectError: it did not come back.
+        """
+        self._check_running()
+        assert self.coordinator is not None
+        port = int(self.coordinator_address.rsplit(":", 1)[1])
+        old = self.coordinator
+        old.stop(self._stop_timeout)
+        self._close_pipes(old)
+        if down_for > 0:
+            time.sleep(down_for)
+        saved, self._port = self._port, port
+        try:
+            self._start_coordinator()
+        finally:
+            self._port = saved
 
     def restart_broker(self, *, down_for: float = 0.0) -> None:
         """Stop the embedded broker and start it again on the same port (retained state is lost).
@@ -414,11 +509,15 @@ class LocalPool:
             except Exception:  # TimeoutError: spawn is bounded, so this is a last resort
                 pass
         self._executor.shutdown(wait=False)
+        if self._coordinator_client is not None:
+            self._coordinator_client.close()
         self._stop_all(self.agents)
         if self.coordinator is not None:
             self._stop_all([self.coordinator])
         if self.broker is not None:
             self._stop_all([self.broker])
+        if self._temporary_state:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def _stop_all(self, children: Sequence[Child]) -> None:
         for child in children:
@@ -448,12 +547,3 @@ class LocalPool:
     def _check_running(self) -> None:
         if not self._started or self._stopped:
             raise UsageError("the pool is not running")
-
-
-def _translate(exc: grpc.RpcError, peer: str) -> GpupoolError:
-    """The gpupool exception for a failed sync call (same mapping as the async side)."""
-    if not isinstance(exc, grpc.Call):
-        return ConnectError(peer, str(exc))
-    trailing = grpc.aio.Metadata(*(exc.trailing_metadata() or ()))
-    aio_error = grpc.aio.AioRpcError(exc.code(), grpc.aio.Metadata(), trailing, exc.details(), None)
-    return translate_rpc_error(aio_error, peer=peer)

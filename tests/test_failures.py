@@ -39,7 +39,7 @@ def test_a_killed_agent_is_shown_offline_through_its_last_will(broker: str, syst
             topic_prefix=f"gpupool-test-{uuid.uuid4().hex[:10]}",
             coordinator_args=["--min-shard-bytes", "0"],
         ) as local,
-        gp.connect(local.coordinator_address) as pool,
+        local.connect() as pool,
     ):
         assert set(states(pool).values()) == {"ready"}
         victim = local.agents[0].ready["name"]
@@ -67,7 +67,7 @@ def test_agents_are_back_in_the_registry_after_a_broker_restart(broker_kind: str
             topic_prefix=f"gpupool-test-{uuid.uuid4().hex[:10]}",
             coordinator_args=["--min-shard-bytes", "0"],
         ) as local,
-        gp.connect(local.coordinator_address) as pool,
+        local.connect() as pool,
     ):
         a = np.arange(40.0).reshape(20, 2)
         x = pool.asarray(a)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from gpupool._config import DEFAULT_TOPIC_PREFIX, BrokerAddress, Timeouts
+from gpupool._config import DEFAULT_TOPIC_PREFIX, BrokerAddress, Timeouts, parse_memory_limit
+from gpupool.security.pki import AgentIdentity
 
 __all__ = ["DEFAULT_AGENT_PORT", "AgentConfig", "BackendChoice"]
 
@@ -30,10 +31,15 @@ class AgentConfig:
         backend: ``auto`` (CuPy where CUDA works, else NumPy), ``cupy`` (fail without CUDA) or ``numpy``.
         memory_limit: per worker, a percentage of the GPU's memory (of host RAM for a NumPy worker)
             or a size (``80%``, ``6GiB``, ``1000000``).
+        session_memory_limit: per worker, the most one session may hold there, resident and reserved:
+            a percentage of the worker's limit or a size (``50%``, ``512MiB``); empty for no cap.
         topic_prefix: the first MQTT topic level.
         heartbeat: seconds between telemetry reports.
         timeouts: deadlines for network waits.
         shutdown_grace: seconds in-flight calls get to finish on a clean stop.
+        identity: what enrolment gave the agent (its id, certificate, the coordinator's key); None for
+            an ``insecure`` agent, which serves plaintext and takes calls without capabilities.
+        insecure: allow no identity, and plaintext beyond loopback (development only).
     """
 
     broker: BrokerAddress
@@ -44,7 +50,20 @@ class AgentConfig:
     advertise: str = ""
     backend: BackendChoice = "auto"
     memory_limit: str = "80%"
+    session_memory_limit: str = ""
     topic_prefix: str = DEFAULT_TOPIC_PREFIX
     heartbeat: float = field(default_factory=lambda: Timeouts().heartbeat)
     timeouts: Timeouts = field(default_factory=Timeouts)
     shutdown_grace: float = 2.0
+    identity: AgentIdentity | None = None
+    insecure: bool = False
+
+    def session_limit(self, worker_limit: int) -> int | None:
+        """The cap on one session's bytes on a worker of ``worker_limit`` bytes; None for none.
+
+        Raises:
+            UsageError: an unreadable ``session_memory_limit``.
+        """
+        if not self.session_memory_limit:
+            return None
+        return parse_memory_limit(self.session_memory_limit, worker_limit)

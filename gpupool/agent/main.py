@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
 import socket
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from gpupool._config import (
     DEFAULT_TOPIC_PREFIX,
     Timeouts,
+    broker_with_password,
+    default_state_dir,
     parse_broker_url,
     parse_endpoint,
     parse_memory_limit,
@@ -28,6 +32,7 @@ from gpupool._ids import new_agent_id
 from gpupool._process import announce_ready
 from gpupool.agent._malloc import keep_chunk_memory
 from gpupool.agent.config import DEFAULT_AGENT_PORT, AgentConfig, BackendChoice
+from gpupool.agent.enrolment import load_or_enrol
 from gpupool.agent.runtime import Agent
 
 __all__ = ["build_parser", "config_from_args", "main", "serve"]
@@ -67,6 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
         default="80%",
         help="per worker: a share of GPU memory (host RAM for NumPy) or a size (default %(default)s)",
     )
+    parser.add_argument(
+        "--session-memory-limit",
+        default="",
+        help="per worker, the most one session may hold: a share of the worker's limit or a size "
+        "(e.g. 50%%, 512MiB; default: no cap beyond the worker's)",
+    )
+    parser.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=Timeouts().stall,
+        metavar="SECONDS",
+        help="longest wait for an upload's next chunk or a download's next read; a stalled stream "
+        "ends and its memory is freed (default %(default)s)",
+    )
     parser.add_argument("--name", default="", help="a human name (default: the hostname)")
     parser.add_argument(
         "--id",
@@ -84,6 +103,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=Timeouts().heartbeat,
         help="seconds between telemetry reports (default %(default)s)",
     )
+    parser.add_argument(
+        "--coordinator",
+        default=None,
+        help="the coordinator's HOST:PORT, to enrol (default $GPUPOOL_COORDINATOR, else 127.0.0.1:50051)",
+    )
+    parser.add_argument(
+        "--join-token",
+        default=None,
+        help="a token of role agent, presented once to enrol (default $GPUPOOL_JOIN_TOKEN; prefer the "
+        "variable: a command line is visible to every user of the host)",
+    )
+    parser.add_argument(
+        "--ca",
+        default=None,
+        help="the pool CA (PEM file) to check the coordinator's TLS certificate while enrolling "
+        "(default $GPUPOOL_CA)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        default=None,
+        help="where the agent keeps its key, certificate and id "
+        "(default $GPUPOOL_STATE_DIR, else ~/.local/state/gpupool/agent)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="run without an identity: plaintext, and any caller may use it (development only)",
+    )
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop (pip install 'gpupool[uvloop]')")
     return parser
@@ -97,13 +144,20 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
     """
     if not args.broker:
         raise UsageError("--broker is required (or set GPUPOOL_BROKER), e.g. --broker mqtt://10.0.0.2:1883")
+    if args.id and not args.insecure:
+        raise UsageError("--id is for --insecure agents only: an enrolled agent's id comes from enrolment")
     host, port = parse_endpoint(args.listen, default_port=DEFAULT_AGENT_PORT)
     parse_memory_limit(args.memory_limit, 1 << 40)  # refuse a bad limit before discovery
+    if args.session_memory_limit:
+        parse_memory_limit(args.session_memory_limit, 1 << 40)
     if not args.heartbeat > 0:
         raise UsageError(f"--heartbeat must be more than zero, not {args.heartbeat}")
+    if not args.stall_timeout > 0:
+        raise UsageError(f"--stall-timeout must be more than zero, not {args.stall_timeout}")
     backend: BackendChoice = args.backend
     return AgentConfig(
-        broker=parse_broker_url(args.broker),
+        broker=broker_with_password(parse_broker_url(args.broker)),
+        insecure=args.insecure,
         agent_id=args.id or new_agent_id(),
         name=args.name or socket.gethostname(),
         listen_host=host,
@@ -111,17 +165,53 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         advertise=args.advertise,
         backend=backend,
         memory_limit=args.memory_limit,
+        session_memory_limit=args.session_memory_limit,
         topic_prefix=args.topic_prefix,
         heartbeat=args.heartbeat,
+        timeouts=Timeouts(stall=args.stall_timeout),
     )
 
 
-async def serve(config: AgentConfig) -> None:
+async def with_identity(config: AgentConfig, args: argparse.Namespace) -> AgentConfig:
+    """``config`` with the agent's identity (kept, or from enrolment), id and broker credentials.
+
+    Raises:
+        UsageError: not enrolled and neither a join token nor --insecure.
+        AuthError, ConnectError, DeadlineExceeded: enrolment failed.
+    """
+    state_dir = Path(args.state_dir or default_state_dir("agent"))
+    identity = await load_or_enrol(
+        state_dir=state_dir,
+        join_token=(args.join_token or os.environ.get("GPUPOOL_JOIN_TOKEN", "")).strip(),
+        coordinator=args.coordinator,
+        ca=args.ca,
+        name=config.name,
+        insecure=config.insecure,
+    )
+    if identity is None:
+        log.warning("no identity: serving as an OPEN agent (--insecure); any caller may use it")
+        return config
+    broker = config.broker
+    if identity.mqtt_username:
+        broker = dataclasses.replace(broker, username=identity.mqtt_username, password=identity.mqtt_password)
+    return dataclasses.replace(
+        config,
+        agent_id=identity.agent_id,
+        identity=identity,
+        broker=broker,
+        topic_prefix=identity.topic_prefix or config.topic_prefix,
+    )
+
+
+async def serve(config: AgentConfig, args: argparse.Namespace | None = None) -> None:
     """Run an agent until SIGTERM or SIGINT, printing the ready line once it serves.
 
     Raises:
         UsageError: the agent cannot start as configured.
+        AuthError: enrolment was refused.
     """
+    if args is not None:
+        config = await with_identity(config, args)
     async with Agent(config) as agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -173,9 +263,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             except ImportError as exc:
                 raise UsageError("--uvloop needs uvloop: pip install 'gpupool[uvloop]'") from exc
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                runner.run(serve(config))
+                runner.run(serve(config, args))
         else:
-            asyncio.run(serve(config))
+            asyncio.run(serve(config, args))
     except UsageError as exc:
         print(f"gpupool-agent: error: {exc}", file=sys.stderr)
         return 2

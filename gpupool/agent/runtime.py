@@ -10,29 +10,44 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from types import TracebackType
 from typing import Final, TypeVar
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from gpupool._errors import GpupoolError, ProtocolError, UsageError
+from gpupool._config import parse_endpoint
+from gpupool._errors import ConnectError, GpupoolError, ProtocolError, UsageError
 from gpupool._proto.v1 import control_pb2
 from gpupool._version import __version__
 from gpupool.agent.buffers import BufferRegistry
 from gpupool.agent.config import AgentConfig
 from gpupool.agent.discovery import GpuTelemetry
-from gpupool.agent.service import SERVER_OPTIONS, AgentService, add_to_server
+from gpupool.agent.guard import Guard
+from gpupool.agent.service import AgentService, add_to_server
 from gpupool.agent.status import Counters, Identity, build_status, build_telemetry, now
 from gpupool.agent.workers import WorkerSetup, plan_workers
 from gpupool.protocol.codec import decode_json, encode_json
 from gpupool.protocol.topics import Topics
+from gpupool.security.capability import CapabilityVerifier
+from gpupool.security.pki import fingerprint, load_private_key, load_public_key
+from gpupool.security.signing import sign_message, verify_message
 from gpupool.transport.mqtt import LastWill, MqttSession
+from gpupool.transport.rpc import ServerTLS, format_endpoint, start_server
 
 __all__ = ["Agent", "advertised_host", "format_endpoint"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+SignedT = TypeVar("SignedT", control_pb2.AgentStatus, control_pb2.AgentTelemetry)
+
+#: Seconds an ended session's capabilities stay refused (the coordinator's capability lifetime).
+CAPABILITY_LIFETIME: Final = 600.0
+#: Seconds a signed command may be old (by this agent's clock) and still obeyed: commands are never
+#: retained, so an older one is a replay; ids seen are refused within this time too.
+COMMAND_MAX_AGE: Final = 300.0
 
 State = control_pb2.AgentState
 READY: Final = control_pb2.AGENT_STATE_READY
@@ -47,11 +62,6 @@ _COMMANDS: Final[dict[int, State]] = {
 }
 
 _ANY_INTERFACE: Final = frozenset({"", "0.0.0.0", "::", "[::]"})
-
-
-def format_endpoint(host: str, port: int) -> str:
-    """``host:port``, with brackets around an IPv6 host."""
-    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 def advertised_host(listen_host: str, advertise: str, broker_host: str) -> str:
@@ -101,6 +111,11 @@ class Agent:
         self._last_published: tuple[object, ...] = ()
         self._shut_down = False
         self._closed = False
+        self._signing_key: ec.EllipticCurvePrivateKey | None = None
+        self._fingerprint = ""
+        self._coordinator_key: ec.EllipticCurvePublicKey | None = None
+        self._verifier: CapabilityVerifier | None = None
+        self._seen_commands: dict[str, None] = {}  # ids of signed commands applied, oldest first
 
     # lifecycle
 
@@ -145,7 +160,18 @@ class Agent:
                 model,
                 worker.memory_limit,
             )
-        self._registry = BufferRegistry([worker.memory_limit for worker in setup.workers])
+        self._registry = BufferRegistry(
+            [worker.memory_limit for worker in setup.workers],
+            session_limits=[config.session_limit(worker.memory_limit) for worker in setup.workers],
+        )
+        identity = config.identity
+        if identity is not None:
+            self._signing_key = load_private_key(identity.key_pem)
+            self._fingerprint = fingerprint(identity.certificate_pem)
+            self._coordinator_key = load_public_key(identity.capability_key_pem)
+            self._verifier = CapabilityVerifier(self._coordinator_key, self.agent_id)
+        elif not config.insecure:
+            raise UsageError("an agent needs an identity (enrolment) unless it runs --insecure")
         service = AgentService(
             workers=setup.workers,
             registry=self._registry,
@@ -154,18 +180,22 @@ class Agent:
             status=self.status,
             timeouts=config.timeouts,
         )
-        server = grpc.aio.server(options=SERVER_OPTIONS)
-        add_to_server(service, server)
+        guard = Guard(self._verifier) if self._verifier is not None else None
+        tls = None
+        if identity is not None:
+            tls = ServerTLS(certificate_pem=identity.certificate_pem, key_pem=identity.key_pem)
         address = format_endpoint(config.listen_host, config.listen_port)
         try:
-            port = server.add_insecure_port(address)
-        except RuntimeError as exc:
-            port = 0
-            log.debug("bind %s: %s", address, exc)
-        if port == 0:
-            raise UsageError(f"cannot listen on {address} (in use, or not an address of this host)")
-        await server.start()
-        self._server = server
+            self._server, bound = await start_server(
+                address,
+                lambda server: add_to_server(service, server, guard),
+                tls=tls,
+                insecure=config.insecure,
+                what=f"agent {self.agent_id}",
+            )
+        except ConnectError as exc:
+            raise UsageError(f"cannot listen on {address} (in use, or not an address of this host)") from exc
+        port = parse_endpoint(bound)[1]
         host = advertised_host(config.listen_host, config.advertise, config.broker.host)
         self._identity = Identity(
             agent_id=self.agent_id,
@@ -185,7 +215,7 @@ class Agent:
             subscriptions=[self._topics.commands(self.agent_id)],
             on_message=self._on_message,
             on_connect=self._on_connect,
-            will=LastWill(self._topics.status(self.agent_id), encode_json(offline)),
+            will=LastWill(self._topics.status(self.agent_id), encode_json(self._signed(offline))),
             timeouts=config.timeouts,
         )
         log.info(
@@ -238,7 +268,8 @@ class Agent:
         self._shut_down = True
         self._state = OFFLINE
         if self._session is not None:
-            await self._session.close(final=(self._topics.status(self.agent_id), encode_json(self.status())))
+            final = encode_json(self._signed(self.status()))
+            await self._session.close(final=(self._topics.status(self.agent_id), final))
         if self._server is not None:
             await self._server.stop(self.config.shutdown_grace)
 
@@ -269,7 +300,7 @@ class Agent:
         return self._state
 
     def status(self) -> control_pb2.AgentStatus:
-        """The status as published now."""
+        """The status as published now (unsigned; :meth:`_signed` signs a copy to publish)."""
         return build_status(
             self._require(self._identity),
             self._state,
@@ -277,6 +308,15 @@ class Agent:
             self._require(self._registry),
             self._gpu_telemetry,
         )
+
+    def _signed(self, message: SignedT) -> SignedT:
+        """``message`` with the certificate fingerprint (statuses) and this agent's signature, if enrolled."""
+        if self._signing_key is None:
+            return message
+        if isinstance(message, control_pb2.AgentStatus):
+            message.certificate_fingerprint = self._fingerprint
+        sign_message(message, self._signing_key)
+        return message
 
     async def apply_command(self, kind: control_pb2.CommandKind, reason: str = "") -> None:
         """Apply DRAIN, CORDON or UNCORDON, then republish the status.
@@ -312,9 +352,44 @@ class Agent:
             return
         try:
             command = decode_json(payload, control_pb2.AgentCommand, what=topic)
-            await self.apply_command(command.kind, command.reason)
+            if self._coordinator_key is not None:
+                if not verify_message(command, self._coordinator_key):
+                    raise ProtocolError("it is not signed by this pool's coordinator")
+                if command.agent_id != self.agent_id:
+                    raise ProtocolError(f"it is for agent {command.agent_id[:64]!r}")
+                self._check_fresh(command)
+            if command.kind == control_pb2.COMMAND_KIND_END_SESSION:
+                self.end_session(command.session)
+            else:
+                await self.apply_command(command.kind, command.reason)
         except (ProtocolError, UsageError) as exc:
             log.warning("ignoring a command on %s: %s", topic, exc)
+
+    def _check_fresh(self, command: control_pb2.AgentCommand) -> None:
+        """Refuse a signed command seen before, or issued too long ago (a replay).
+
+        Raises:
+            ProtocolError: a repeated command id, or an issue time more than :data:`COMMAND_MAX_AGE`
+                from this agent's clock.
+        """
+        if command.command_id in self._seen_commands:
+            raise ProtocolError(f"command {command.command_id[:32]!r} was applied already (a replay?)")
+        age = time.time() - command.issued.ToNanoseconds() / 1e9
+        if abs(age) > COMMAND_MAX_AGE:
+            raise ProtocolError(f"it was issued {age:.0f} s ago (a replay, or a skewed clock?)")
+        self._seen_commands[command.command_id] = None
+        while len(self._seen_commands) > 4096:
+            del self._seen_commands[next(iter(self._seen_commands))]
+
+    def end_session(self, session: str) -> None:
+        """Free every buffer of an ended session and refuse its capabilities from now on."""
+        if not session:
+            raise UsageError("an END_SESSION command names no session")
+        freed, nbytes = self._require(self._registry).free_session(session)
+        if self._verifier is not None:
+            self._verifier.end_session(session, until=time.time() + CAPABILITY_LIFETIME)
+        self._status_dirty = True
+        log.info("session %s ended: freed %d buffer(s), %d bytes", session, freed, nbytes)
 
     async def _publish_status(self) -> None:
         """Publish the retained status; on failure, the telemetry loop retries at its next beat."""
@@ -322,7 +397,8 @@ class Agent:
         status = self.status()
         fingerprint = (status.state, *((w.memory_used, w.buffers) for w in status.workers))
         try:
-            await session.publish(self._topics.status(self.agent_id), encode_json(status), retain=True)
+            payload = encode_json(self._signed(status))
+            await session.publish(self._topics.status(self.agent_id), payload, retain=True)
         except GpupoolError as exc:
             self._status_dirty = True
             log.warning("status not published (%s); retrying at the next heartbeat", exc)
@@ -353,7 +429,9 @@ class Agent:
                 self._counters,
             )
             try:
-                await session.publish(self._topics.telemetry(self.agent_id), encode_json(report), qos=0)
+                await session.publish(
+                    self._topics.telemetry(self.agent_id), encode_json(self._signed(report)), qos=0
+                )
             except GpupoolError as exc:
                 log.debug("telemetry not published: %s", exc)
                 continue

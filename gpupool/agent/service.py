@@ -23,14 +23,15 @@ from gpupool._config import CHUNK_BYTES, MAX_MESSAGE_BYTES, Timeouts
 from gpupool._errors import FrameDecodeError, UnsupportedDType
 from gpupool._proto.v1 import agent_pb2, agent_pb2_grpc, control_pb2
 from gpupool.agent.buffers import BufferRegistry, Reservation
-from gpupool.agent.program import is_small, run_program
+from gpupool.agent.guard import Guard
+from gpupool.agent.program import estimate_work, forget_frames, is_small, run_program
 from gpupool.agent.status import Counters
 from gpupool.agent.workers import Worker
 from gpupool.protocol.codec import check_dtype, iter_chunks, meta_of, shape_of
 from gpupool.protocol.errors import RpcRefusal, abort
 from gpupool.protocol.rawstream import ACCEPTED, DOWNLOAD_RAW, SERVICE, UPLOAD_RAW, decode_message
 
-__all__ = ["SERVER_OPTIONS", "AgentService", "add_to_server"]
+__all__ = ["AgentService", "add_to_server"]
 
 log = logging.getLogger(__name__)
 
@@ -43,29 +44,61 @@ MAX_CHUNK_BYTES: Final = MAX_MESSAGE_BYTES - (1 << 16)
 #: Bytes of each of the two staging blocks an upload to a device fills in turn (page-locked for CUDA).
 STAGING_BYTES: Final = 8 << 20
 
-#: Options of the agent's gRPC server.
-SERVER_OPTIONS: Final = (
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.so_reuseport", 0),  # a second agent on a taken port must fail, not share it
-)
+#: A program's deadline is its work's (``Timeouts.for_work``) this many times over: the rest is for the
+#: turns other sessions' ops take in between, and for this session's earlier programs on the worker.
+QUEUE_ALLOWANCE: Final = 2.0
 
 
-def add_to_server(service: AgentService, server: grpc.aio.Server) -> None:
-    """Serve ``service`` on ``server``: the generated ``Agent`` methods and the raw twins of the byte path.
+Handler = Callable[..., Awaitable[Any]]
+
+
+def add_to_server(service: AgentService, server: grpc.aio.Server, guard: Guard | None = None) -> None:
+    """Serve ``service`` on ``server``: the ``Agent`` methods and the raw twins of the byte path.
 
     ``UploadRaw`` and ``DownloadRaw`` (:mod:`gpupool.protocol.rawstream`) have no serializers: their
-    handlers take and give ``bytes``, and encode or parse their one protobuf message themselves.
+    handlers take and give ``bytes``, and encode or parse their one protobuf message themselves. With a
+    ``guard`` every method but Health needs a capability, and sees only its session's buffers.
     """
-    agent_pb2_grpc.add_AgentServicer_to_server(service, server)  # type: ignore[no-untyped-call]
-    raw = grpc.method_handlers_generic_handler(
-        SERVICE,
-        {
-            UPLOAD_RAW.rsplit("/", 1)[1]: grpc.stream_unary_rpc_method_handler(service.upload_raw),
-            DOWNLOAD_RAW.rsplit("/", 1)[1]: grpc.unary_stream_rpc_method_handler(service.download_raw),
-        },
-    )
-    server.add_generic_rpc_handlers((raw,))
+    upload: Handler = service.Upload
+    upload_raw: Handler = service.upload_raw
+    download: Handler = service.Download
+    download_raw: Handler = service.download_raw
+    execute: Handler = service.Execute
+    free: Handler = service.Free
+    if guard is not None:
+        upload, upload_raw = guard.upload(upload), guard.upload_raw(upload_raw)
+        download, download_raw = guard.download(download), guard.download_raw(download_raw)
+        execute, free = guard.execute(execute), guard.free(free)
+    handlers = {
+        "Upload": grpc.stream_unary_rpc_method_handler(
+            upload,
+            request_deserializer=agent_pb2.UploadRequest.FromString,
+            response_serializer=agent_pb2.UploadReply.SerializeToString,
+        ),
+        "Download": grpc.unary_stream_rpc_method_handler(
+            download,
+            request_deserializer=agent_pb2.DownloadRequest.FromString,
+            response_serializer=agent_pb2.DownloadChunk.SerializeToString,
+        ),
+        "Execute": grpc.unary_unary_rpc_method_handler(
+            execute,
+            request_deserializer=agent_pb2.ExecuteRequest.FromString,
+            response_serializer=agent_pb2.ExecuteReply.SerializeToString,
+        ),
+        "Free": grpc.unary_unary_rpc_method_handler(
+            free,
+            request_deserializer=agent_pb2.FreeRequest.FromString,
+            response_serializer=agent_pb2.FreeReply.SerializeToString,
+        ),
+        "Health": grpc.unary_unary_rpc_method_handler(
+            service.Health,
+            request_deserializer=agent_pb2.HealthRequest.FromString,
+            response_serializer=agent_pb2.HealthReply.SerializeToString,
+        ),
+        UPLOAD_RAW.rsplit("/", 1)[1]: grpc.stream_unary_rpc_method_handler(upload_raw),
+        DOWNLOAD_RAW.rsplit("/", 1)[1]: grpc.unary_stream_rpc_method_handler(download_raw),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
 
 class AgentService(agent_pb2_grpc.AgentServicer):
@@ -78,7 +111,6 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         accepting: whether new uploads are taken now (False while draining or stopping).
         status: the agent's current status, for Health.
         timeouts: deadlines; an upload or download gets ``timeouts.for_stream(nbytes)``, the header ``rpc``.
-        execute_deadline: most seconds a program may take, queueing behind others included.
     """
 
     def __init__(
@@ -90,7 +122,6 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         accepting: Callable[[], bool],
         status: Callable[[], control_pb2.AgentStatus],
         timeouts: Timeouts = Timeouts(),
-        execute_deadline: float | None = None,
     ) -> None:
         self._workers = tuple(workers)
         self._registry = registry
@@ -98,7 +129,6 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         self._accepting = accepting
         self._status = status
         self._timeouts = timeouts
-        self._execute_deadline = execute_deadline or 10 * timeouts.rpc
 
     async def Upload(
         self, request_iterator: AsyncIterator[agent_pb2.UploadRequest], context: Context
@@ -136,8 +166,16 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         chunks: AsyncIterator[bytes],
         context: Context,
     ) -> agent_pb2.UploadReply:
-        """Both uploads: check the header, reserve, fill a preallocated host array, commit."""
+        """Both uploads: check the header, reserve, fill a preallocated host array, commit.
+
+        Each chunk must come within ``timeouts.stall`` of the one before (the first, of the go-ahead),
+        and all of them within ``timeouts.for_stream(nbytes)``; past either, the call ends with
+        DEADLINE_EXCEEDED and the reservation is released there and then.
+        """
         reservation: Reservation | None = None
+        array: Any = None
+        refusal: RpcRefusal | None = None
+        overdue = "the upload stream ran past its deadline"
         try:
             async with asyncio.timeout(self._timeouts.rpc):
                 header = await read_header()
@@ -152,23 +190,28 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             # The go-ahead: a client may wait for it before it sends data, so that a refusal above reaches
             # it as itself, not as the INTERNAL error of a write the refusal cut off (grpc/grpc#36066).
             await context.send_initial_metadata((ACCEPTED,))
+            paced = _paced(chunks, self._timeouts.stall)
+            overdue = f"the upload stream ran past its {self._timeouts.for_stream(nbytes):.0f} s deadline"
             async with asyncio.timeout(self._timeouts.for_stream(nbytes)):
                 if worker.backend.host_resident:
-                    await _receive_into(array, chunks, header.buffer_id)
+                    await _receive_into(array, paced, header.buffer_id)
                 else:
-                    await _receive_to_device(worker, array, nbytes, chunks, header.buffer_id)
+                    await _receive_to_device(worker, array, nbytes, paced, header.buffer_id)
             self._registry.commit(reservation, array)
             self._counters.bytes_received += nbytes
             return agent_pb2.UploadReply(buffer_id=header.buffer_id, nbytes=nbytes)
-        except RpcRefusal as refusal:
-            await abort(context, refusal)
-        except TimeoutError:
-            await context.abort(
-                grpc.StatusCode.DEADLINE_EXCEEDED, "the upload stream stalled past its deadline"
-            )
+        except RpcRefusal as exc:
+            refusal = _detached(exc)
+        except TimeoutError as exc:
+            overdue = str(exc) or overdue
         finally:
+            array = None  # this frame outlives the call in the abort's traceback: it must not hold the shard
             if reservation is not None:
                 self._registry.release(reservation)  # a no-op once committed
+        # Aborting here, outside the handlers, chains no exception (and its frames) to the abort's error.
+        if refusal is not None:
+            await abort(context, refusal)
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, overdue)
 
     def _check_header(
         self, header: agent_pb2.UploadHeader
@@ -220,7 +263,14 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         write: Callable[[agent_pb2.ArrayMeta | bytes], Awaitable[None]],
         context: Context,
     ) -> None:
-        """Both downloads: write the shard's meta, then a copy of each chunk sliced from the host array."""
+        """Both downloads: write the shard's meta, then a copy of each chunk sliced from the host array.
+
+        A reader that stops reading for :attr:`Timeouts.stall` seconds ends the call (DEADLINE_EXCEEDED),
+        as does the whole stream running past its overall deadline.
+        """
+        refusal: RpcRefusal | None = None
+        stalled = False
+        host: Any = None
         try:
             buffer = self._registry.get(request.buffer_id)
             worker = self._workers[buffer.worker]
@@ -228,48 +278,75 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             if not worker.backend.host_resident:
                 host = await worker.call(_to_host, worker, buffer.array, buffer.buffer_id)
             chunk_bytes = min(max(request.chunk_bytes or CHUNK_BYTES, MIN_CHUNK_BYTES), MAX_CHUNK_BYTES)
+            stall = self._timeouts.stall
             async with asyncio.timeout(self._timeouts.for_stream(host.nbytes)):
                 await write(meta_of(host.dtype, tuple(host.shape)))
                 for piece in iter_chunks(host, chunk_bytes):
-                    await write(bytes(piece))  # gRPC sends bytes only: the one copy a sender must make
+                    async with asyncio.timeout(stall):
+                        await write(bytes(piece))  # gRPC sends bytes only: the one copy a sender must make
                     self._counters.bytes_sent += len(piece)
-        except RpcRefusal as refusal:
-            await abort(context, refusal)
+        except RpcRefusal as exc:
+            refusal = _detached(exc)
         except TimeoutError:
+            stalled = True
+        finally:
+            host = None  # a device shard's host copy goes now, whatever happened
+        # Aborted outside the handlers, so the abort's error keeps no frame (and no host copy) alive.
+        if refusal is not None:
+            await abort(context, refusal)
+        if stalled:
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED, "the download stream stalled past its deadline"
             )
 
     async def Execute(self, request: agent_pb2.ExecuteRequest, context: Context) -> agent_pb2.ExecuteReply:
-        """Run a program on one worker, all or nothing."""
+        """Run a program on one worker, all or nothing, within a deadline that grows with its work.
+
+        Programs of different sessions are in flight on a worker at once and their ops take turns (see
+        :class:`~gpupool.agent.workers.Worker`); a session's programs run one after another.
+        """
+        refusal: RpcRefusal | None = None
+        deadline = 0.0
         try:
             self._registry.check_worker(request.worker)
             worker = self._workers[request.worker]
             if worker.idle_for_inline(is_small(request, self._registry.nbytes_of)):
                 # A few microseconds of work: run it here, with no thread hop, timer or cancel flag.
                 reply = run_program(request, backend=worker.backend, registry=self._registry)
-                self._counters.ops_executed += len(request.ops)
-                self._counters.bytes_sent += sum(len(fetched.data) for fetched in reply.fetched)
+                self._count_program(request, reply)
                 return reply
+            deadline = _program_deadline(self._timeouts, request, self._registry.nbytes_of)
             cancelled = threading.Event()
             program = functools.partial(
-                run_program, request, backend=worker.backend, registry=self._registry, cancelled=cancelled
+                run_program,
+                request,
+                backend=worker.backend,
+                registry=self._registry,
+                cancelled=cancelled,
+                turn=functools.partial(worker.turn, request.session),
             )
             try:
-                async with asyncio.timeout(self._execute_deadline):
+                async with asyncio.timeout(deadline), worker.lane(request.session):
                     reply = await worker.call(program)
             except BaseException:
                 cancelled.set()  # whatever stopped us (timeout, the caller gone): keep nothing
                 raise
-            self._counters.ops_executed += len(request.ops)
-            self._counters.bytes_sent += sum(len(fetched.data) for fetched in reply.fetched)
+            self._count_program(request, reply)
             return reply
-        except RpcRefusal as refusal:
-            await abort(context, refusal)
+        except RpcRefusal as exc:
+            refusal = _detached(exc)
         except TimeoutError:
-            await context.abort(
-                grpc.StatusCode.DEADLINE_EXCEEDED, f"the program ran past {self._execute_deadline:.0f} s"
-            )
+            pass
+        # Aborting here, outside the handlers, chains no exception (and its frames) to the abort's error.
+        if refusal is not None:
+            await abort(context, refusal)
+        await context.abort(
+            grpc.StatusCode.DEADLINE_EXCEEDED, f"the program ran past its {deadline:.0f} s deadline"
+        )
+
+    def _count_program(self, request: agent_pb2.ExecuteRequest, reply: agent_pb2.ExecuteReply) -> None:
+        self._counters.ops_executed += len(request.ops)
+        self._counters.bytes_sent += sum(len(fetched.data) for fetched in reply.fetched)
 
     async def Free(self, request: agent_pb2.FreeRequest, context: Context) -> agent_pb2.FreeReply:
         """Free buffers by id (unknown ids skipped), or every buffer of a session."""
@@ -284,6 +361,26 @@ class AgentService(agent_pb2_grpc.AgentServicer):
     async def Health(self, request: agent_pb2.HealthRequest, context: Context) -> agent_pb2.HealthReply:
         """The agent's status."""
         return agent_pb2.HealthReply(status=self._status())
+
+
+def _program_deadline(
+    timeouts: Timeouts, request: agent_pb2.ExecuteRequest, resident_nbytes: Callable[[str], int]
+) -> float:
+    """Seconds a program may take on the agent: its work at :meth:`Timeouts.for_work`'s floors, times
+    :data:`QUEUE_ALLOWANCE` for the turns other sessions' ops and this session's earlier programs take."""
+    nbytes, flops = estimate_work(request, resident_nbytes)
+    return QUEUE_ALLOWANCE * timeouts.for_work(nbytes, flops)
+
+
+def _detached(refusal: RpcRefusal) -> RpcRefusal:
+    """A copy of ``refusal`` with no traceback, cause or context: what a call aborts with.
+
+    gRPC keeps the error an abort raises in the call's state, in a reference cycle with the handler's
+    frame; chained to the original refusal, it would keep every frame that refusal passed through, and
+    a failed program's arrays with them, until the cyclic collector ran.
+    """
+    forget_frames(refusal)
+    return RpcRefusal(refusal.kind, refusal.message, buffer_id=refusal.buffer_id, extra=refusal.extra)
 
 
 def _allocate(dtype: np.dtype[Any], shape: tuple[int, ...], buffer_id: str) -> np.ndarray:
@@ -301,6 +398,24 @@ async def _chunks_of(requests: AsyncIterator[agent_pb2.UploadRequest]) -> AsyncI
         if request.WhichOneof("kind") != "chunk":
             raise RpcRefusal("bad-request", "a second header in one upload")
         yield request.chunk
+
+
+async def _paced(chunks: AsyncIterator[bytes], stall: float) -> AsyncIterator[bytes]:
+    """``chunks``, each within ``stall`` seconds of the one before.
+
+    Raises:
+        TimeoutError: a chunk took longer (its message says so).
+    """
+    iterator = aiter(chunks)
+    while True:
+        try:
+            async with asyncio.timeout(stall):
+                chunk = await anext(iterator)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise TimeoutError(f"the upload stream stalled: no data for {stall:g} s") from None
+        yield chunk
 
 
 async def _receive_into(host: np.ndarray, chunks: AsyncIterator[bytes], buffer_id: str) -> None:

@@ -8,27 +8,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 
-from gpupool._config import CHUNK_BYTES, MAX_MESSAGE_BYTES, Timeouts
-from gpupool._errors import FrameDecodeError, StreamClosed
+from gpupool._config import CHUNK_BYTES, Timeouts
+from gpupool._errors import AgentLost, FrameDecodeError, GpupoolError, StreamClosed
 from gpupool._proto.v1 import agent_pb2, agent_pb2_grpc
 from gpupool.protocol.codec import array_from_bytes, check_dtype, iter_chunks, meta_of, shape_of
 from gpupool.protocol.errors import translate_rpc_error
 from gpupool.protocol.rawstream import ACCEPTED, DOWNLOAD_RAW, UPLOAD_RAW, decode_message
+from gpupool.security.pki import agent_dns_name
+from gpupool.transport.rpc import CHANNEL_OPTIONS, aio_channel
 
-__all__ = ["CHANNEL_OPTIONS", "AgentChannel"]
+__all__ = ["CHANNEL_OPTIONS", "AgentChannel", "Metadata"]
 
-CHANNEL_OPTIONS = (
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-)
+Metadata = tuple[tuple[str, str], ...]
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +37,64 @@ class AgentChannel:
     """Calls to one agent. Create and use it on the pool's event loop only.
 
     Args:
-        agent_id: the agent's id, for error messages.
+        agent_id: the agent's id, for error messages (and, with TLS, the name its certificate must carry).
         endpoint: ``host:port`` of its data plane.
         timeouts: deadlines.
+        ca_pem: the pool CA: given, the agent is dialled with TLS and must present a certificate for
+            ``<agent_id>.agent.gpupool`` (so an endpoint someone else answers gets no bytes).
+        metadata: called before each call for its metadata (the session's capability on this agent).
     """
 
-    def __init__(self, agent_id: str, endpoint: str, timeouts: Timeouts) -> None:
+    def __init__(
+        self,
+        agent_id: str,
+        endpoint: str,
+        timeouts: Timeouts,
+        *,
+        ca_pem: bytes | None = None,
+        metadata: Callable[[], Metadata] | None = None,
+    ) -> None:
         self.agent_id = agent_id
         self.endpoint = endpoint
         self._timeouts = timeouts
-        self._channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+        self._metadata = metadata or (lambda: ())
+        server_name = agent_dns_name(agent_id) if ca_pem is not None else ""
+        self._channel = aio_channel(endpoint, ca_pem=ca_pem, server_name=server_name)
+        self.lost = False
+        self._calls: set[asyncio.Task[Any]] = set()
+        self._abandoned: set[asyncio.Task[Any]] = set()
         self._stub = agent_pb2_grpc.AgentStub(self._channel)  # type: ignore[no-untyped-call]
         # The raw byte streams (gpupool.protocol.rawstream): no serializers, bytes in and out.
         self._upload_raw = self._channel.stream_unary(UPLOAD_RAW, None, None)
         self._download_raw = self._channel.unary_stream(DOWNLOAD_RAW, None, None)
         self._raw = True  # False once the agent answered UNIMPLEMENTED (it predates them)
+
+    def mark_lost(self) -> None:
+        """The coordinator shows the agent offline: abandon every call waiting on it, refuse new ones."""
+        self.lost = True
+        for task in list(self._calls):
+            self._abandoned.add(task)
+            task.cancel()
+
+    async def _watched(self, call: Awaitable[T]) -> T:
+        """Await ``call``, unless the agent is (or goes) lost: then raise :class:`AgentLost`."""
+        if self.lost:
+            if inspect.iscoroutine(call):
+                call.close()
+            raise AgentLost(self.agent_id)
+        task = asyncio.current_task()
+        assert task is not None
+        self._calls.add(task)
+        try:
+            return await call
+        except asyncio.CancelledError:
+            if task not in self._abandoned:
+                raise
+            task.uncancel()
+            raise AgentLost(self.agent_id) from None
+        finally:
+            self._calls.discard(task)
+            self._abandoned.discard(task)
 
     def _error(self, exc: grpc.aio.AioRpcError) -> Exception:
         return translate_rpc_error(exc, peer=self.endpoint, agent_id=self.agent_id)
@@ -62,7 +105,11 @@ class AgentChannel:
         Raises:
             DeviceOutOfMemory, AgentNotAccepting, RemoteError: the agent refused it.
             DeadlineExceeded, ConnectError: the network failed.
+            AgentLost: the coordinator showed the agent offline meanwhile.
         """
+        await self._watched(self._upload(buffer_id, worker, host, session))
+
+    async def _upload(self, buffer_id: str, worker: int, host: np.ndarray, session: str) -> None:
         header = agent_pb2.UploadHeader(
             buffer_id=buffer_id, worker=worker, meta=meta_of(host.dtype, host.shape), session=session
         )
@@ -81,7 +128,7 @@ class AgentChannel:
                 yield agent_pb2.UploadRequest(chunk=bytes(chunk))
 
         try:
-            await self._stub.Upload(requests(), timeout=timeout)
+            await self._stub.Upload(requests(), timeout=timeout, metadata=self._metadata())
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
 
@@ -91,19 +138,26 @@ class AgentChannel:
         Raises:
             BufferNotFound: the agent does not hold it.
             StreamClosed: the stream ended early or carried the wrong size.
+            AgentLost: the coordinator showed the agent offline meanwhile.
         """
+        await self._watched(self._download_into(buffer_id, out))
+
+    async def _download_into(self, buffer_id: str, out: np.ndarray) -> None:
         request = agent_pb2.DownloadRequest(buffer_id=buffer_id, chunk_bytes=CHUNK_BYTES)
         timeout = self._timeouts.for_stream(out.nbytes)
         if self._raw:
             try:
-                call = self._download_raw(request.SerializeToString(), timeout=timeout)
+                call = self._download_raw(
+                    request.SerializeToString(), timeout=timeout, metadata=self._metadata()
+                )
                 await self._fill(buffer_id, out, self._raw_messages(call))
                 return
             except grpc.aio.AioRpcError as exc:
                 if not self._lacks_raw(exc):
                     raise self._error(exc) from exc
         try:
-            await self._fill(buffer_id, out, _framed_messages(self._stub.Download(request, timeout=timeout)))
+            call = self._stub.Download(request, timeout=timeout, metadata=self._metadata())
+            await self._fill(buffer_id, out, _framed_messages(call))
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
 
@@ -122,7 +176,9 @@ class AgentChannel:
         Raises:
             grpc.aio.AioRpcError: the agent refused the upload, or the call failed.
         """
-        call = self._upload_raw(None, timeout=seconds)  # no iterator: written below
+        call = self._upload_raw(
+            None, timeout=seconds, metadata=self._metadata()
+        )  # no iterator: written below
         try:
             await call.write(header.SerializeToString())
             if host.nbytes > CHUNK_BYTES and ACCEPTED not in tuple(await call.initial_metadata() or ()):
@@ -194,25 +250,38 @@ class AgentChannel:
         session: str,
         fetch: Sequence[str] = (),
         free: Sequence[str] = (),
+        timeout: float | None = None,  # noqa: ASYNC109 - a gRPC deadline, sized to the program's work
     ) -> dict[str, np.ndarray]:
         """Run a program on ``worker``; returns the fetched buffers as host arrays.
 
         Raises:
             RemoteKernelError, DeviceOutOfMemory, BufferNotFound: the agent refused the program
                 (and kept nothing it created).
+            AgentLost: the coordinator showed the agent offline meanwhile.
         """
         request = agent_pb2.ExecuteRequest(worker=worker, ops=ops, fetch=fetch, free=free, session=session)
+        return await self._watched(self._execute(request, timeout))
+
+    async def _execute(
+        self,
+        request: agent_pb2.ExecuteRequest,
+        timeout: float | None,  # noqa: ASYNC109 - a gRPC deadline
+    ) -> dict[str, np.ndarray]:
         try:
-            reply = await self._stub.Execute(request, timeout=self._timeouts.rpc)
+            reply = await self._stub.Execute(
+                request, timeout=timeout or self._timeouts.rpc, metadata=self._metadata()
+            )
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
-        return {item.buffer_id: array_from_bytes(item.data, item.meta) for item in reply.fetched}
+        return fetched_arrays(reply, peer=self.endpoint)
 
     async def free(self, buffer_ids: Sequence[str] = (), *, session: str = "") -> int:
         """Free buffers (or, with only ``session``, all of that session's); returns how many went."""
         try:
             reply = await self._stub.Free(
-                agent_pb2.FreeRequest(buffer_ids=buffer_ids, session=session), timeout=self._timeouts.rpc
+                agent_pb2.FreeRequest(buffer_ids=buffer_ids, session=session),
+                timeout=self._timeouts.rpc,
+                metadata=self._metadata(),
             )
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
@@ -221,6 +290,18 @@ class AgentChannel:
     async def close(self) -> None:
         """Close the channel."""
         await self._channel.close(grace=None)
+
+
+def fetched_arrays(reply: agent_pb2.ExecuteReply, *, peer: str) -> dict[str, np.ndarray]:
+    """The arrays an Execute reply carries inline.
+
+    Raises:
+        FrameDecodeError: a reply whose meta and data do not make an array (a broken or hostile agent).
+    """
+    try:
+        return {item.buffer_id: array_from_bytes(item.data, item.meta) for item in reply.fetched}
+    except (GpupoolError, ValueError, TypeError, KeyError) as exc:
+        raise FrameDecodeError(f"an Execute reply from {peer}", str(exc)) from exc
 
 
 async def _framed_messages(

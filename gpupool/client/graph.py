@@ -12,12 +12,14 @@ they are computed again if they are used later (as in Dask).
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 import numpy as np
 
+from gpupool._errors import AgentLost
 from gpupool._proto.v1 import agent_pb2
 from gpupool.client.operands import buffer_operand
 from gpupool.client.pool import Piece, Pool
@@ -47,13 +49,23 @@ class Node:
 
 @dataclass(slots=True)
 class Program:
-    """The ops for one shard, and what they create, fetch and free."""
+    """The ops for one shard, and what they create, fetch and free; and the work they amount to, which
+    sizes the program's deadline (:meth:`gpupool.Timeouts.for_work`)."""
 
     place: Piece
     ops: list[agent_pb2.Op] = field(default_factory=list)
     fetch: list[str] = field(default_factory=list)
     free: list[str] = field(default_factory=list)
     creates: list[Piece] = field(default_factory=list)
+    work_bytes: int = 0
+    work_flops: int = 0
+
+
+def program_deadline(pool: Pool, programs: Sequence[Program]) -> float:
+    """The deadline of running ``programs`` together: the largest one's work, at the pool's floors."""
+    return max(
+        (pool.timeouts.for_work(p.work_bytes, p.work_flops) for p in programs), default=pool.timeouts.rpc
+    )
 
 
 def layout_key(pieces: Sequence[Piece]) -> tuple[tuple[tuple[str, int], int, int], ...]:
@@ -115,6 +127,12 @@ class ProgramBuilder:
         self.program.ops.append(
             make_op(node.op, inputs, out, array.dtype, (rows, *array.shape[1:]), node.axis)
         )
+        elements = rows * math.prod(array.shape[1:])
+        self.program.work_bytes += elements * array.dtype.itemsize * (1 + len(node.args))
+        if node.op == "matmul":
+            left = node.args[0]
+            inner = left.shape[-1] if not callable(left) and left.shape else 1
+            self.program.work_flops += 2 * elements * inner
         if keep:
             self.program.creates.append(self.piece.with_buffer(out))
         else:
@@ -141,21 +159,33 @@ def run_programs(pool: Pool, programs: Sequence[Program], *, what: str) -> list[
     if len(busy) == 1:
         program = busy[0]
         try:
-            fetched = pool.execute_now(program.place, program.ops, fetch=program.fetch, free=frees[0])
+            fetched = pool.execute_now(
+                program.place,
+                program.ops,
+                fetch=program.fetch,
+                free=frees[0],
+                timeout=program_deadline(pool, [program]),
+            )
         except BaseException:
             place, carried_ids = program.place, frees[0][len(program.free) :]  # not freed: queue them again
             pool.release(Piece(place.agent_id, place.endpoint, 0, 0, 0, b) for b in carried_ids)
             raise
         return [fetched if p is program else {} for p in programs]
 
+    deadline = program_deadline(pool, busy)
+
     async def go() -> list[dict[str, np.ndarray]]:
         calls = [
             pool.channel(p.place.agent_id, p.place.endpoint).execute(
-                p.place.worker, p.ops, session=pool.session, fetch=p.fetch, free=free
+                p.place.worker, p.ops, session=pool.session, fetch=p.fetch, free=free, timeout=deadline
             )
             for p, free in zip(busy, frees, strict=True)
         ]
-        results = await asyncio.gather(*calls, return_exceptions=True)
+        results: list[object] = list(await asyncio.gather(*calls, return_exceptions=True))
+        results = [
+            r.with_rows(p.place.start, p.place.stop) if isinstance(r, AgentLost) else r
+            for p, r in zip(busy, results, strict=True)
+        ]
         for p, free, result in zip(busy, frees, results, strict=True):
             if isinstance(result, BaseException):  # its frees did not happen: queue them again
                 pool.release(
@@ -165,7 +195,7 @@ def run_programs(pool: Pool, programs: Sequence[Program], *, what: str) -> list[
         by_program = iter(r for r in results if isinstance(r, dict))
         return [next(by_program) if (p.ops or p.fetch or p.free) else {} for p in programs]
 
-    return pool.run(go(), timeout=pool.timeouts.rpc, what=what)
+    return pool.run(go(), timeout=deadline + pool.timeouts.connect, what=what)
 
 
 def materialize(pool: Pool, arrays: Sequence[RemoteArray]) -> None:

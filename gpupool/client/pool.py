@@ -8,6 +8,7 @@ import itertools
 import logging
 import socket
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
@@ -16,16 +17,19 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 import numpy as np
 
-from gpupool._config import Timeouts, coordinator_address
-from gpupool._errors import ArrayFreed, ConnectError, DeadlineExceeded, UsageError
+from gpupool._config import Timeouts
+from gpupool._errors import AgentLost, ArrayFreed, ConnectError, DeadlineExceeded, GpupoolError, UsageError
 from gpupool._ids import new_buffer_id
-from gpupool._proto.v1 import agent_pb2, agent_pb2_grpc, coordinator_pb2, coordinator_pb2_grpc
+from gpupool._proto.v1 import agent_pb2, agent_pb2_grpc, coordinator_pb2
 from gpupool._version import __version__
 from gpupool.client._loop import LoopThread
-from gpupool.client.channels import CHANNEL_OPTIONS, AgentChannel
+from gpupool.client.channels import AgentChannel, Metadata, fetched_arrays
 from gpupool.client.types import AgentInfo, agent_info_from_record
-from gpupool.protocol.codec import array_from_bytes, check_dtype, meta_of
+from gpupool.protocol.codec import check_dtype, meta_of
 from gpupool.protocol.errors import translate_rpc_error
+from gpupool.security.pki import agent_dns_name
+from gpupool.transport.coordinator import CoordinatorClient, PoolCredentials
+from gpupool.transport.rpc import CAPABILITY_KEY, sync_channel
 
 if TYPE_CHECKING:
     from gpupool.client.array import RemoteArray
@@ -34,6 +38,8 @@ __all__ = ["FREE_DELAY", "Piece", "Pool", "connect"]
 
 #: Seconds a garbage-collected array's buffers wait for a program to carry their free (else a Free call).
 FREE_DELAY = 0.05
+#: Seconds between the client's looks at which agents the coordinator shows offline (a Renew call).
+WATCH_INTERVAL = 1.0
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -66,15 +72,23 @@ class Pool:
     Use :func:`connect` to make one; close it (or use it as a context manager) to free every buffer it made.
 
     Args:
-        address: the coordinator's ``host:port``.
+        credentials: the coordinator's address, this user's token, and the pool CA if the coordinator
+            serves TLS.
         timeouts: deadlines for every call.
         client: how the coordinator lists this session in ``gpupool jobs``.
     """
 
-    def __init__(self, address: str, *, timeouts: Timeouts = Timeouts(), client: str | None = None) -> None:
-        self.address = address
+    def __init__(
+        self, credentials: PoolCredentials, *, timeouts: Timeouts = Timeouts(), client: str | None = None
+    ) -> None:
+        self.address = credentials.address
         self.timeouts = timeouts
-        self._loop = LoopThread(f"gpupool[{address}].loop")
+        self._rpc = CoordinatorClient(credentials, timeout=timeouts.rpc)
+        self._capabilities: dict[str, tuple[str, float]] = {}
+        self._agent_ca: bytes | None = None
+        self.lease = 0.0
+        self.offline_agents: frozenset[str] = frozenset()
+        self._loop = LoopThread(f"gpupool[{self.address}].loop")
         self._channels: dict[str, AgentChannel] = {}
         self._serial = itertools.count(1)
         self._pending_free: dict[str, list[str]] = defaultdict(list)
@@ -84,8 +98,6 @@ class Pool:
         self._sync_stubs: dict[str, agent_pb2_grpc.AgentStub] = {}
         self._sync_channels: list[grpc.Channel] = []
         self._closed = False
-        self._coordinator: coordinator_pb2_grpc.CoordinatorStub | None = None
-        self._coordinator_channel: grpc.aio.Channel | None = None
         try:
             reply = self.run(
                 self._connect(client or f"{getpass.getuser()}@{socket.gethostname()}"),
@@ -95,7 +107,7 @@ class Pool:
         except DeadlineExceeded as exc:
             self._loop.stop()
             raise ConnectError(
-                address,
+                self.address,
                 f"no coordinator answered within {timeouts.connect:.0f} s "
                 "(is `gpupool up` or `gpupool coordinator` running there?)",
             ) from exc
@@ -104,6 +116,10 @@ class Pool:
             raise
         self.session: str = reply.session
         self.coordinator_version: str = reply.coordinator_version
+        self._agent_ca = reply.ca_certificate.encode() or None
+        self.lease = reply.lease_seconds
+        if self.lease > 0:
+            self._loop.call_soon(self._start_heartbeat)
 
     # -- plumbing ---------------------------------------------------------------------------------
     def run(self, awaitable: Awaitable[T], *, timeout: float, what: str) -> T:
@@ -115,14 +131,94 @@ class Pool:
         return self._loop.run(wrapped(), timeout=timeout, what=what)
 
     def channel(self, agent_id: str, endpoint: str) -> AgentChannel:
-        """The channel to an agent (loop thread only)."""
+        """The channel to an agent (loop thread only); TLS, checked against the agent's id, if enrolled."""
         channel = self._channels.get(endpoint)
-        if channel is None:
-            channel = self._channels[endpoint] = AgentChannel(agent_id, endpoint, self.timeouts)
+        if channel is None or channel.agent_id != agent_id:
+            channel = self._channels[endpoint] = AgentChannel(
+                agent_id,
+                endpoint,
+                self.timeouts,
+                ca_pem=self._agent_ca if agent_id in self._capabilities else None,
+                metadata=lambda: self.capability_metadata(agent_id),
+            )
         return channel
 
+    def capability_metadata(self, agent_id: str) -> Metadata:
+        """The metadata that carries this session's capability on ``agent_id`` (none for an open agent)."""
+        held = self._capabilities.get(agent_id)
+        return ((CAPABILITY_KEY, held[0]),) if held is not None else ()
+
+    def _keep_capabilities(self, shards: Iterable[coordinator_pb2.ShardPlacement]) -> None:
+        for shard in shards:
+            if shard.HasField("capability") and shard.capability.token:
+                self._capabilities[shard.agent_id] = (shard.capability.token, shard.capability.expires)
+
+    def _start_heartbeat(self) -> None:
+        task = asyncio.ensure_future(self._heartbeat())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _heartbeat(self) -> None:
+        """Renew the session's lease, learn which agents went offline (abandoning calls waiting on them),
+        and renew capabilities before they are half spent.
+
+        Every :data:`WATCH_INTERVAL` seconds (at most a third of the lease): the coordinator's view of
+        dead agents reaches a waiting call within about that.
+        """
+        interval = max(0.1, min(WATCH_INTERVAL, self.lease / 3))
+        while not self._closed:
+            await asyncio.sleep(interval)
+            try:
+                reply = await self._rpc.acall(
+                    "Renew",
+                    coordinator_pb2.RenewRequest(session=self.session),
+                    timeout=max(1.0, self.lease / 3),
+                )
+                self._note_offline(frozenset(reply.offline_agents))
+                now = time.time()
+                stale = [a for a, (_, expires) in self._capabilities.items() if expires - now < 300]
+                if stale:
+                    granted = await self._rpc.acall(
+                        "Grant",
+                        coordinator_pb2.GrantRequest(session=self.session, agent_ids=stale),
+                        wait_for_ready=True,
+                    )
+                    self._keep_capabilities_granted(granted.capabilities)
+            except GpupoolError as exc:  # a restarting coordinator: the next beat tries again
+                log.warning("session %s: heartbeat: %s", self.session, exc)
+
+    def _note_offline(self, offline: frozenset[str]) -> None:
+        self.offline_agents = offline
+        for channel in self._channels.values():
+            lost = channel.agent_id in offline
+            if lost and not channel.lost:
+                log.warning("agent %s is offline: abandoning calls waiting on it", channel.agent_id)
+                channel.mark_lost()
+            elif not lost:
+                channel.lost = False  # back (a resumed rig): its buffers may be too
+
+    async def grant(self, agent_ids: Sequence[str]) -> None:
+        """Get this session's capabilities on ``agent_ids`` from the coordinator (loop thread only).
+
+        Raises:
+            PlacementError: an agent that is not an enrolled agent of the pool.
+        """
+        reply = await self._call_coordinator(
+            "Grant", coordinator_pb2.GrantRequest(session=self.session, agent_ids=list(agent_ids))
+        )
+        self._keep_capabilities_granted(reply.capabilities)
+
+    def _keep_capabilities_granted(self, capabilities: Iterable[coordinator_pb2.Capability]) -> None:
+        for capability in capabilities:
+            self._capabilities[capability.agent_id] = (capability.token, capability.expires)
+
     def execute_now(
-        self, place: Piece, ops: Sequence[agent_pb2.Op], *, fetch: Sequence[str], free: Sequence[str]
+        self,
+        place: Piece,
+        ops: Sequence[agent_pb2.Op],
+        *,
+        fetch: Sequence[str],
+        free: Sequence[str],
+        timeout: float | None = None,
     ) -> dict[str, np.ndarray]:
         """Run one program from the calling thread, over a synchronous channel (see :meth:`channel`)."""
         self.check_open()
@@ -130,18 +226,36 @@ class Pool:
         if stub is None:
             with self._free_lock:
                 if place.endpoint not in self._sync_stubs:
-                    channel = grpc.insecure_channel(place.endpoint, options=CHANNEL_OPTIONS)
+                    tls = place.agent_id in self._capabilities
+                    channel = sync_channel(
+                        place.endpoint,
+                        ca_pem=self._agent_ca if tls else None,
+                        server_name=agent_dns_name(place.agent_id) if tls else "",
+                    )
                     self._sync_channels.append(channel)
                     self._sync_stubs[place.endpoint] = agent_pb2_grpc.AgentStub(channel)  # type: ignore[no-untyped-call]
                 stub = self._sync_stubs[place.endpoint]
         request = agent_pb2.ExecuteRequest(
             worker=place.worker, ops=ops, fetch=fetch, free=free, session=self.session
         )
+        if place.agent_id in self.offline_agents:
+            raise AgentLost(place.agent_id, (place.start, place.stop))
+        call = stub.Execute.future(
+            request, timeout=timeout or self.timeouts.rpc, metadata=self.capability_metadata(place.agent_id)
+        )
         try:
-            reply = stub.Execute(request, timeout=self.timeouts.rpc)
+            # Wait in slices, so that an agent the coordinator shows offline is not waited on to the end.
+            while True:
+                try:
+                    reply = call.result(timeout=WATCH_INTERVAL)
+                    break
+                except grpc.FutureTimeoutError:
+                    if place.agent_id in self.offline_agents:
+                        call.cancel()
+                        raise AgentLost(place.agent_id, (place.start, place.stop)) from None
         except grpc.RpcError as exc:
-            raise translate_rpc_error(exc, peer=place.endpoint, agent_id=place.agent_id) from exc  # type: ignore[arg-type]
-        return {item.buffer_id: array_from_bytes(item.data, item.meta) for item in reply.fetched}
+            raise translate_rpc_error(exc, peer=place.endpoint, agent_id=place.agent_id) from exc
+        return fetched_arrays(reply, peer=place.endpoint)
 
     def new_buffer_id(self) -> str:
         """A buffer id unique to this session."""
@@ -158,26 +272,17 @@ class Pool:
             raise ArrayFreed("the pool this array belongs to is closed")
 
     async def _connect(self, client: str) -> coordinator_pb2.ConnectReply:
-        self._coordinator_channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
-        self._coordinator = coordinator_pb2_grpc.CoordinatorStub(  # type: ignore[no-untyped-call]
-            self._coordinator_channel
-        )
         request = coordinator_pb2.ConnectRequest(client=client, client_version=__version__)
-        reply: coordinator_pb2.ConnectReply = await self._call_coordinator(
-            "Connect", request, wait_for_ready=True
+        # No wait_for_ready: a refused port fails at once, with a clear message, not after the deadline.
+        reply: coordinator_pb2.ConnectReply = await self._rpc.acall(
+            "Connect", request, timeout=self.timeouts.connect
         )
         return reply
 
-    async def _call_coordinator(self, method: str, request: Any, *, wait_for_ready: bool = False) -> Any:
-        assert self._coordinator is not None
-        try:
-            return await getattr(self._coordinator, method)(
-                request,
-                timeout=self.timeouts.rpc if not wait_for_ready else self.timeouts.connect,
-                wait_for_ready=wait_for_ready or None,
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise translate_rpc_error(exc, peer=self.address) from exc
+    async def _call_coordinator(self, method: str, request: Any) -> Any:
+        # Once connected, a coordinator that is restarting is waited for (up to the call's deadline):
+        # the session and its capabilities outlive the restart, so the user sees nothing of it.
+        return await self._rpc.acall(method, request, wait_for_ready=True)
 
     # -- the public API ---------------------------------------------------------------------------
     def agents(self, *, include_offline: bool = False) -> list[AgentInfo]:
@@ -232,6 +337,7 @@ class Pool:
     async def _upload(self, host: np.ndarray) -> list[Piece]:
         request = coordinator_pb2.PlaceRequest(session=self.session, meta=meta_of(host.dtype, host.shape))
         reply = await self._call_coordinator("Place", request)
+        self._keep_capabilities(reply.shards)
         pieces = [
             Piece(s.agent_id, s.endpoint, s.worker, s.start, s.stop, self.new_buffer_id())
             for s in sorted(reply.shards, key=lambda s: s.start)
@@ -241,7 +347,7 @@ class Pool:
 
     async def upload_pieces(self, host: np.ndarray, pieces: Sequence[Piece]) -> None:
         """Upload each piece's rows of ``host``; on any failure free what arrived and re-raise."""
-        results = await asyncio.gather(
+        results: list[object] = await asyncio.gather(
             *(
                 self.channel(p.agent_id, p.endpoint).upload(
                     p.buffer_id, p.worker, host[p.start : p.stop], self.session
@@ -250,6 +356,10 @@ class Pool:
             ),
             return_exceptions=True,
         )
+        results = [
+            r.with_rows(p.start, p.stop) if isinstance(r, AgentLost) else r
+            for r, p in zip(results, pieces, strict=True)
+        ]
         await self.raise_after_cleanup(results, [[p] for p in pieces])
 
     async def raise_after_cleanup(
@@ -334,14 +444,12 @@ class Pool:
         channels = list(self._channels.values())
         await asyncio.gather(*(c.free(session=self.session) for c in channels), return_exceptions=True)
         try:
-            await self._call_coordinator(
-                "Disconnect", coordinator_pb2.DisconnectRequest(session=self.session)
-            )
+            # Not waited for if unreachable: an ended lease frees the session's buffers anyway.
+            await self._rpc.acall("Disconnect", coordinator_pb2.DisconnectRequest(session=self.session))
         except Exception as exc:
             log.warning("disconnect: %s", exc)
         await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
-        if self._coordinator_channel is not None:
-            await self._coordinator_channel.close(grace=None)
+        await self._rpc.aclose()
 
     def __enter__(self) -> Pool:
         return self
@@ -354,14 +462,28 @@ class Pool:
         return f"<gpupool.Pool {self.address} session={getattr(self, 'session', '?')}{closed}>"
 
 
-def connect(address: str | None = None, *, timeouts: Timeouts | None = None) -> Pool:
+def connect(
+    address: str | None = None,
+    *,
+    token: str | None = None,
+    ca: str | bytes | None = None,
+    timeouts: Timeouts | None = None,
+    client: str | None = None,
+) -> Pool:
     """Connect to a pool's coordinator.
 
     Args:
         address: ``host:port``; default ``$GPUPOOL_COORDINATOR``, else ``127.0.0.1:50051``.
+        token: a client token; default ``$GPUPOOL_TOKEN`` (``gpupool up`` writes one to
+            ``<state-dir>/client.env``).
+        ca: the pool CA (a PEM file's path, or its bytes) for a coordinator that serves TLS; default
+            ``$GPUPOOL_CA``.
         timeouts: deadlines for every call (defaults: :class:`gpupool.Timeouts`).
+        client: how ``gpupool jobs`` lists this session (default ``user@host``).
 
     Raises:
-        ConnectError, DeadlineExceeded: no coordinator answered within the connect deadline.
+        ConnectError: nothing listens at the address (at once), or no coordinator answered in time.
+        AuthError: the coordinator refused the token (missing, unknown, revoked, expired).
     """
-    return Pool(coordinator_address(address), timeouts=timeouts or Timeouts())
+    credentials = PoolCredentials.from_env(address, token=token, ca=ca)
+    return Pool(credentials, timeouts=timeouts or Timeouts(), client=client)

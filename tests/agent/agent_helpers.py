@@ -19,11 +19,12 @@ from gpupool._process import Child, spawn
 from gpupool._proto.v1 import agent_pb2, agent_pb2_grpc, control_pb2
 from gpupool.agent.backend import ArrayBackend, NumpyBackend
 from gpupool.agent.buffers import BufferRegistry
-from gpupool.agent.service import SERVER_OPTIONS, AgentService, add_to_server
+from gpupool.agent.service import AgentService, add_to_server
 from gpupool.agent.status import Counters
 from gpupool.agent.workers import Worker
 from gpupool.protocol.codec import array_from_bytes, decode_json, iter_chunks, meta_of
 from gpupool.protocol.errors import ERROR_KEY
+from gpupool.transport.rpc import SERVER_OPTIONS
 
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)
@@ -65,6 +66,9 @@ def start_agent(broker_url: str, prefix: str, *extra: str, name: str = "test-age
         name,
         "--heartbeat",
         "0.5",
+        # An open agent (no enrolment): these tests are about the data plane itself; the guarded,
+        # enrolled agent is tested in tests/security.
+        "--insecure",
         *extra,
     ]
     return spawn("agent", argv, timeout=60)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import aiomqtt
 import grpc
@@ -179,6 +180,17 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def test_an_agent_never_enrolled_needs_a_join_token_or_insecure(tmp_path: Path) -> None:
+    done = run_cli("--broker", "mqtt://127.0.0.1:1", "--listen", "127.0.0.1:0", "--state-dir", str(tmp_path))
+    assert done.returncode == 2
+    assert "this agent is not enrolled" in done.stderr
+    assert "--join-token" in done.stderr
+    assert "--insecure" in done.stderr
+    done = run_cli("--broker", "mqtt://127.0.0.1:1", "--id", "abc", "--state-dir", str(tmp_path))
+    assert done.returncode == 2
+    assert "--id is for --insecure agents only" in done.stderr
+
+
 def test_usage_errors_exit_non_zero_with_a_message() -> None:
     done = run_cli("--listen", "127.0.0.1:0")
     assert done.returncode == 2
@@ -196,7 +208,9 @@ def test_backend_cupy_without_cuda_exits_non_zero() -> None:
         pytest.skip("CUDA works here")
     except CudaUnavailable:
         pass
-    done = run_cli("--broker", "mqtt://127.0.0.1:1", "--listen", "127.0.0.1:0", "--backend", "cupy")
+    done = run_cli(
+        "--broker", "mqtt://127.0.0.1:1", "--listen", "127.0.0.1:0", "--backend", "cupy", "--insecure"
+    )
     assert done.returncode == 2
     assert "--backend cupy, but CUDA is not usable here" in done.stderr
 
@@ -206,7 +220,13 @@ def test_a_taken_port_is_refused(system_broker_url: str, topic_prefix: str) -> N
     try:
         port = agent.ready["endpoint"].rsplit(":", 1)[1]
         done = run_cli(
-            "--broker", system_broker_url, "--listen", f"127.0.0.1:{port}", "--topic-prefix", topic_prefix
+            "--broker",
+            system_broker_url,
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--topic-prefix",
+            topic_prefix,
+            "--insecure",
         )
         assert done.returncode == 2
         assert "cannot listen on 127.0.0.1:" in done.stderr

@@ -33,5 +33,5 @@ def local_pool(system_broker_url: str) -> Iterator[LocalPool]:
 @pytest.fixture(scope="module")
 def pool(local_pool: LocalPool) -> Iterator[gp.Pool]:
     """A client session on the shared pool."""
-    with gp.connect(local_pool.coordinator_address) as session:
+    with local_pool.connect() as session:
         yield session

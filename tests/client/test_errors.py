@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
 import gpupool as gp
-from gpupool.client.channels import AgentChannel
 from gpupool.local import LocalPool
 
 from .conftest import AGENT_MEMORY
@@ -75,11 +76,8 @@ def test_an_upload_over_the_agent_limit_is_refused_with_out_of_memory(pool: gp.P
     host = np.zeros(AGENT_MEMORY // 8 + 1024, np.float64)
 
     async def upload() -> None:
-        channel = AgentChannel(agent.id, agent.endpoint, pool.timeouts)
-        try:
-            await channel.upload(pool.new_buffer_id(), 0, host, pool.session)
-        finally:
-            await channel.close()
+        await pool.grant([agent.id])  # the capability this session needs on that agent
+        await pool.channel(agent.id, agent.endpoint).upload(pool.new_buffer_id(), 0, host, pool.session)
 
     with pytest.raises(gp.DeviceOutOfMemory, match=agent.id):
         pool.run(upload(), timeout=30, what="upload")
@@ -143,15 +141,19 @@ def test_a_program_the_agent_rejects_is_a_remote_kernel_error(pool: gp.Pool) -> 
 
 def test_closing_one_session_leaves_another_sessions_data_alone(local_pool: LocalPool) -> None:
     a = np.arange(60, dtype=np.float64).reshape(20, 3)
-    with gp.connect(local_pool.coordinator_address) as mine:
+    with local_pool.connect() as mine:
         x = mine.asarray(a)
-        with gp.connect(local_pool.coordinator_address) as theirs:
+        with local_pool.connect() as theirs:
             theirs.asarray(a * 2)
         np.testing.assert_array_equal(x.get(), a)
     with pytest.raises(gp.ArrayFreed):
         x.get()
 
 
-def test_no_coordinator_is_a_connect_error() -> None:
+def test_no_coordinator_is_a_connect_error_at_once() -> None:
+    started = time.monotonic()
     with pytest.raises(gp.ConnectError, match=r"127\.0\.0\.1:9"):
-        gp.connect("127.0.0.1:9", timeouts=gp.Timeouts(connect=1.0))
+        gp.connect("127.0.0.1:9", token="gpt_00000000_x", timeouts=gp.Timeouts(connect=60.0))
+    elapsed = time.monotonic() - started
+    print(f"a refused port failed gp.connect in {elapsed * 1000:.0f} ms")
+    assert elapsed < 30.0  # not the 60 s connect deadline: a refused port is not waited on

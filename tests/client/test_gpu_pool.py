@@ -24,7 +24,7 @@ def gpu_pool(system_broker_url: str) -> Iterator[gp.Pool]:
             backend="cupy",
             topic_prefix=f"gpupool-test-{uuid.uuid4().hex[:10]}",
         ) as local,
-        gp.connect(local.coordinator_address) as pool,
+        local.connect() as pool,
     ):
         yield pool
 

@@ -1,0 +1,83 @@
+"""Sessions as leases across faults: a coordinator restart, a frozen agent, a lease that runs out."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+
+import gpupool as gp
+from gpupool._proto.v1 import coordinator_pb2
+from gpupool.local import LocalPool
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def short_pool() -> Iterator[LocalPool]:
+    """Two enrolled agents; the coordinator shows an agent offline after 2 s of silence."""
+    with LocalPool(
+        agents=2,
+        port=0,
+        backend="numpy",
+        memory_limit="128MiB",
+        topic_prefix=f"gpupool-test-{uuid.uuid4().hex[:10]}",
+        coordinator_args=["--min-shard-bytes", "0", "--liveness", "2"],
+        agent_args=["--heartbeat", "0.3"],
+    ) as local:
+        yield local
+
+
+def test_a_client_carries_on_across_a_coordinator_restart(short_pool: LocalPool) -> None:
+    host = np.arange(4000, dtype=np.float64).reshape(1000, 4)
+    with short_pool.connect() as pool:
+        x = pool.asarray(host)
+        session = pool.session
+        short_pool.restart_coordinator(down_for=0.5)
+        # The session lives in the coordinator's store, the capabilities were signed with its kept key,
+        # and the agents re-register from their retained statuses: nothing for the user to do.
+        np.testing.assert_allclose(float((x * 2).sum()), float((host * 2).sum()))
+        y = pool.asarray(host + 1)  # Place needs the restarted coordinator to know the session
+        np.testing.assert_array_equal(y.get(), host + 1)
+        assert pool.session == session
+        jobs = short_pool.coordinator_client().call("ListJobs", coordinator_pb2.ListJobsRequest(all=True))
+        assert any(j.job_id == session and j.state == "running" for j in jobs.jobs)
+
+
+def test_a_frozen_agent_is_not_waited_on_once_the_coordinator_shows_it_offline(short_pool: LocalPool) -> None:
+    host = np.arange(8000, dtype=np.float32).reshape(2000, 4)
+    victim = short_pool.agents[0]
+    with short_pool.connect() as pool:
+        x = pool.asarray(host)
+        piece = next(s for s in x.shards if s.agent_id == victim.ready["agent_id"])
+        os.kill(victim.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(gp.AgentLost) as info:
+                float((x + 1).sum())  # the default program deadline is 30 s
+            waited = time.monotonic() - started
+            print(f"gave up on the frozen agent after {waited:.1f} s")
+            assert info.value.agent_id == victim.ready["agent_id"]
+            assert info.value.rows == (piece.start, piece.stop)
+            assert f"rows {piece.start}:{piece.stop}" in str(info.value)
+        finally:
+            os.kill(victim.pid, signal.SIGCONT)
+        # Resumed: its telemetry brings it back, and its rows were never lost.
+        wait_until(
+            lambda: {a.state for a in pool.agents()} == {"ready"} and len(pool.agents()) == 2,
+            15,
+            "the resumed agent ready again",
+        )
+        wait_until(lambda: victim.ready["agent_id"] not in pool.offline_agents, 5, "the client sees it back")
+        np.testing.assert_allclose(float((x + 1).sum()), float((host + 1).sum(dtype=np.float64)), rtol=1e-6)
