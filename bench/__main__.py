@@ -1,6 +1,7 @@
 """``scripts/bench``: every section in one run, a table on stdout, JSON with ``--json PATH``.
 
-Sections: transfer, overhead, workloads, fleet, gpu (skipped without CuPy and a CUDA device).
+Sections: transfer, overhead, tls (a secure pool against an open one), workloads, fleet, gpu (skipped
+without CuPy and a CUDA device).
 Every figure is a median over repeated runs; every comparison is a ratio against a baseline measured in
 the same run, on the same machine.
 """
@@ -15,7 +16,7 @@ import traceback
 
 from bench.common import Context, Result, machine, render, write_json
 
-SECTIONS = ("transfer", "overhead", "workloads", "fleet", "gpu")
+SECTIONS = ("transfer", "overhead", "tls", "workloads", "fleet", "gpu")
 
 
 def main() -> int:

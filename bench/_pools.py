@@ -17,7 +17,7 @@ def local_gpupool(agents: int = 2, backend: str = "numpy", **kwargs: object) -> 
     """A local pool (its own embedded broker, one BLAS thread per agent on 2 cores) and a session on it."""
     with (
         LocalPool(agents=agents, port=0, backend=backend, stderr=subprocess.DEVNULL, **kwargs) as local,  # type: ignore[arg-type]
-        gp.connect(local.coordinator_address) as pool,
+        local.connect() as pool,
     ):
         yield pool
 

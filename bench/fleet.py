@@ -64,6 +64,8 @@ from gpupool.broker import start_broker
 from gpupool.placement import WorkerCapacity, place_rows, split_rows
 from gpupool.protocol.codec import encode_json
 from gpupool.protocol.topics import Topics
+from gpupool.security.store import StateStore
+from gpupool.transport.rpc import bearer_metadata
 
 __all__ = ["FleetFigures", "measure", "results", "run"]
 
@@ -149,11 +151,17 @@ def measure(
         stderr = stack.enter_context(open(logs / "coordinator.log", "wb"))
         argv = ["--broker", broker_url, "--listen", "127.0.0.1:0", "--topic-prefix", figures.prefix]
         argv += ["--min-shard-bytes", "0"]  # one shard on every worker, however small: the cost measured
+        # The simulated agents never enrol: the coordinator believes their unsigned statuses (a signed
+        # status costs the coordinator ~60 us more to verify; bench/transfer.py measures the data plane).
+        state_dir = logs / "state"
+        with StateStore.open(state_dir) as store:
+            token, _ = store.create_token(role="client", name="bench", ttl=None, now=time.time())
+        argv += ["--state-dir", str(state_dir), "--allow-unenrolled"]
         coordinator = spawn(
             "coordinator", [sys.executable, "-m", "gpupool.coordinator", *argv], stderr=stderr
         )
         stack.callback(coordinator.stop)
-        scenario = _Scenario(figures, broker_url, run_id, coordinator, logs, telemetry_every)
+        scenario = _Scenario(figures, broker_url, run_id, coordinator, logs, telemetry_every, token)
         asyncio.run(scenario.run(place_calls, clear_retained=shared))
     shutil.rmtree(logs, ignore_errors=True)
     return figures
@@ -271,8 +279,10 @@ class _Scenario:
         coordinator: Child,
         logs: Path,
         telemetry_every: float,
+        token: str,
     ) -> None:
         self.figures = figures
+        self.metadata = bearer_metadata(token)
         self.broker_url = broker_url
         self.run_id = run_id
         self.topics = Topics(figures.prefix)
@@ -299,8 +309,12 @@ class _Scenario:
             str(self.coordinator.ready["listen"]), options=options
         ) as channel:
             self.stub = stub = coordinator_pb2_grpc.CoordinatorStub(channel)
-            session = (await stub.Connect(pb.ConnectRequest(client="bench@fleet"), timeout=10)).session
-            await stub.ListAgents(pb.ListAgentsRequest(), timeout=10)
+            session = (
+                await stub.Connect(
+                    pb.ConnectRequest(client="bench@fleet"), timeout=10, metadata=self.metadata
+                )
+            ).session
+            await stub.ListAgents(pb.ListAgentsRequest(), timeout=10, metadata=self.metadata)
             f.rss_empty = _rss(self.coordinator.pid)
             f.place_two = await self._place_over_two(session, place_calls)
 
@@ -333,7 +347,9 @@ class _Scenario:
             )
             rows = f.agents * ROWS_PER_WORKER
             f.place_fleet, f.place_fleet_shards = await self._time_place(session, rows, place_calls)
-            f.list_agents = await _timed(lambda: stub.ListAgents(pb.ListAgentsRequest(), timeout=10), 20)
+            f.list_agents = await _timed(
+                lambda: stub.ListAgents(pb.ListAgentsRequest(), timeout=10, metadata=self.metadata), 20
+            )
             f.rss_full = _rss(self.coordinator.pid)
             f.place_rows, f.split_rows = _time_placement(self.run_id, f.agents, rows, max(200, place_calls))
 
@@ -394,8 +410,8 @@ class _Scenario:
         request = pb.PlaceRequest(session=session)
         request.meta.dtype = "float32"
         request.meta.shape.extend([rows, ROW_ELEMENTS])
-        shards = len((await place(request, timeout=10)).shards)
-        samples = await _timed(lambda: place(request, timeout=10), calls, warmup=4)
+        shards = len((await place(request, timeout=10, metadata=self.metadata)).shards)
+        samples = await _timed(lambda: place(request, timeout=10, metadata=self.metadata), calls, warmup=4)
         return samples, shards
 
     async def _start_simulators(self) -> None:
@@ -451,7 +467,9 @@ class _Scenario:
         started = time.perf_counter()
         request = pb.ListAgentsRequest(include_offline=include_offline)
         while True:
-            got = check(list((await self.stub.ListAgents(request, timeout=10)).agents))
+            got = check(
+                list((await self.stub.ListAgents(request, timeout=10, metadata=self.metadata)).agents)
+            )
             if curve is not None:
                 curve.append((time.perf_counter() - started, got))
             if got == wanted:

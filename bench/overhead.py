@@ -14,6 +14,10 @@ import gpupool as gp
 from bench._pools import bare_server, local_gpupool
 from bench.common import Context, Result, percentile
 
+#: The op measured: ``(x + 1).persist()`` on this many float32 elements, after this many untimed ones.
+OP_ELEMENTS = 1000
+WARMUP_OPS = 200
+
 
 def _bare_round_trips(port: int, calls: int) -> list[float]:
     async def go() -> list[float]:
@@ -32,6 +36,20 @@ def _bare_round_trips(port: int, calls: int) -> list[float]:
     return asyncio.run(go())
 
 
+def time_ops(x: gp.RemoteArray, calls: int) -> list[float]:
+    """Seconds of each of ``calls`` ops ``(x + 1).persist()``, one after another: the op latency measured.
+
+    The tls section times its ops with it too; both time them on ``OP_ELEMENTS`` float32 ones, after
+    ``WARMUP_OPS`` untimed ops.
+    """
+    samples = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        (x + 1).persist()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
 def run(ctx: Context) -> list[Result]:
     """The section's figures."""
     calls = 200 if ctx.quick else 2000
@@ -39,16 +57,13 @@ def run(ctx: Context) -> list[Result]:
         bare = _bare_round_trips(int(server.ready["port"]), calls)
     bare_p50, bare_p99 = statistics.median(bare), percentile(bare, 99)
     results: list[Result] = []
-    with local_gpupool() as pool:
-        x = pool.asarray(np.ones(1000, np.float32))
+    # Open agents (plaintext, no capabilities), like for like with the plaintext bare gRPC baseline; the tls
+    # section measures what the default, secure pool costs on top.
+    with local_gpupool(secure=False) as pool:
+        x = pool.asarray(np.ones(OP_ELEMENTS, np.float32))
         shards = len(x.shards)
-        for _ in range(200):
-            (x + 1).persist()
-        samples = []
-        for _ in range(calls):
-            start = time.perf_counter()
-            (x + 1).persist()
-            samples.append(time.perf_counter() - start)
+        time_ops(x, WARMUP_OPS)
+        samples = time_ops(x, calls)
         fetch_samples = []
         for _ in range(calls // 4):
             start = time.perf_counter()

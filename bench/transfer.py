@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+import gpupool as gp
 from bench.common import Context, Result
 from gpupool._process import Child, spawn
 from gpupool.agent._malloc import MMAP_THRESHOLD, TRIM_THRESHOLD
@@ -44,7 +45,8 @@ def run(ctx: Context) -> list[Result]:
     """Upload and download through gpupool, bare gRPC and raw TCP; GB/s and the ratios."""
     mib = 16 if ctx.quick else 256
     host = _sample(mib << 20)
-    with _Gpupool(host) as ours, _BareGrpc(host) as bare, _RawTcp(host) as tcp:
+    # Open agents, like for like with the plaintext baselines; the tls section measures TLS's cost.
+    with _Gpupool(host, secure=False) as ours, _BareGrpc(host) as bare, _RawTcp(host) as tcp:
         contenders = (ours, bare, tcp)
         samples: dict[tuple[str, str], list[float]] = {}
         # Rounds interleave the contenders, so a spell of load from elsewhere on the machine lands on all.
@@ -90,25 +92,29 @@ def _gbps(nbytes: int, samples: list[float]) -> float:
 
 
 class _Gpupool:
-    """``pool.asarray`` and ``x.get()`` on a LocalPool of two NumPy agents."""
+    """``pool.asarray`` and ``x.get()`` on a LocalPool of two NumPy agents.
+
+    ``secure`` is the LocalPool's: enrolled agents serving TLS and checking capabilities (the default),
+    or open ``--insecure`` ones (the tls section compares the two).
+    """
 
     name = "gpupool"
 
-    def __init__(self, host: np.ndarray) -> None:
+    def __init__(self, host: np.ndarray, *, secure: bool = True) -> None:
         self._host = host
+        self._secure = secure
         self._stack = contextlib.ExitStack()
         self._checked_upload = False
         self._last: np.ndarray | None = None
 
     def __enter__(self) -> _Gpupool:
-        import gpupool as gp
         from gpupool.local import LocalPool
 
         with self._stack as stack:
             local = stack.enter_context(
-                LocalPool(agents=2, port=0, backend="numpy", stderr=subprocess.DEVNULL)
+                LocalPool(agents=2, port=0, backend="numpy", stderr=subprocess.DEVNULL, secure=self._secure)
             )
-            self._pool = stack.enter_context(gp.connect(local.coordinator_address))
+            self._pool = stack.enter_context(local.connect())
             self._resident = self._pool.asarray(self._host)  # what downloads fetch
             if len(self._resident.shards) != 2:
                 raise RuntimeError(f"gpupool: expected 2 shards, got {self._resident.shards}")
@@ -117,6 +123,11 @@ class _Gpupool:
 
     def __exit__(self, *exc_info: object) -> None:
         self._stack.close()
+
+    @property
+    def pool(self) -> gp.Pool:
+        """The session on the pool, for other measures on the same pool."""
+        return self._pool
 
     def upload(self) -> float:
         start = time.perf_counter()
