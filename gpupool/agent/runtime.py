@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from gpupool._config import parse_endpoint
 from gpupool._errors import ConnectError, GpupoolError, ProtocolError, UsageError
 from gpupool._proto.v1 import control_pb2
+from gpupool._ratelog import RateLimitedLog
 from gpupool._version import __version__
 from gpupool.agent.buffers import BufferRegistry
 from gpupool.agent.config import AgentConfig
@@ -116,6 +117,7 @@ class Agent:
         self._coordinator_key: ec.EllipticCurvePublicKey | None = None
         self._verifier: CapabilityVerifier | None = None
         self._seen_commands: dict[str, None] = {}  # ids of signed commands applied, oldest first
+        self._ignored = RateLimitedLog(log.warning)
 
     # lifecycle
 
@@ -363,7 +365,8 @@ class Agent:
             else:
                 await self.apply_command(command.kind, command.reason)
         except (ProtocolError, UsageError) as exc:
-            log.warning("ignoring a command on %s: %s", topic, exc)
+            # Anyone on an open broker can send these: one line per kind of refusal a minute.
+            self._ignored.emit(type(exc).__name__ + str(exc)[:40], f"ignoring a command on {topic}: {exc}")
 
     def _check_fresh(self, command: control_pb2.AgentCommand) -> None:
         """Refuse a signed command seen before, or issued too long ago (a replay).

@@ -26,6 +26,7 @@ from gpupool._config import parse_endpoint
 from gpupool._errors import GpupoolError, ProtocolError, UsageError
 from gpupool._proto.v1 import control_pb2
 from gpupool._proto.v1.control_pb2 import AgentStatus, AgentTelemetry
+from gpupool._ratelog import RateLimitedLog
 from gpupool.protocol.codec import decode_json
 from gpupool.security.pki import load_certificate
 from gpupool.security.signing import verify_message
@@ -105,6 +106,17 @@ class Admission:
         self._checked_missing.pop(agent_id, None)
         self._latest.pop(agent_id, None)
         self._telemetry_times.pop(agent_id, None)
+
+    def check_forgettable(self, agent_id: str) -> None:
+        """Whether an empty (cleared) status may remove the agent: only one not enrolled, or revoked.
+
+        Raises:
+            Dropped: the agent is enrolled and not revoked (anyone on an open broker can clear a topic;
+                ``gpupool forget`` revokes the enrolment first).
+        """
+        known = self._enrolment(agent_id)
+        if known is not None and not known.revoked:
+            raise Dropped(agent_id, "an empty status for an enrolled agent (gpupool forget removes one)")
 
     def _enrolment(self, agent_id: str) -> _Known | None:
         now = self._clock()
@@ -252,21 +264,11 @@ class DropLog:
         interval: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._log = log
-        self._interval = interval
-        self._clock = clock
-        self._last: dict[tuple[str, str], float] = {}
+        self._lines = RateLimitedLog(log, interval=interval, clock=clock)
         self.dropped = 0
 
     def record(self, dropped: Dropped) -> None:
         """Count a dropped payload; log it unless it is a harmless repeat or was logged lately."""
         self.dropped += 1
-        if dropped.quiet:
-            return
-        key = (dropped.agent_id[:64], dropped.reason)
-        now = self._clock()
-        if now - self._last.get(key, -1e18) >= self._interval:
-            if len(self._last) > 10_000:
-                self._last.clear()
-            self._last[key] = now
-            self._log(str(dropped))
+        if not dropped.quiet:
+            self._lines.emit((dropped.agent_id[:64], dropped.reason), str(dropped))

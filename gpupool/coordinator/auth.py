@@ -16,6 +16,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 
 from gpupool._errors import AuthError
+from gpupool._ratelog import RateLimitedLog
 from gpupool.protocol.errors import RpcRefusal, abort
 from gpupool.security.store import StateStore, TokenRecord
 from gpupool.security.tokens import Role, role_allows
@@ -29,6 +30,9 @@ Context = grpc.aio.ServicerContext[Any, Any]
 S = TypeVar("S", bound="_HasAuth")
 Req = TypeVar("Req")
 Rep = TypeVar("Rep")
+
+#: Refusals, which any caller can provoke: one line per method and kind a minute.
+_refusals = RateLimitedLog(log.info)
 
 #: Seconds a token that authenticated is trusted without asking the store again (a revocation made
 #: with ``gpupool token revoke`` takes effect within this).
@@ -106,7 +110,10 @@ def requires(
                     )
                 return await handler(self, request, context, caller)
             except RpcRefusal as refusal:
-                log.info("refused %s: %s (%s)", handler.__name__, refusal.message, refusal.kind)
+                _refusals.emit(
+                    (handler.__name__, refusal.kind),
+                    f"refused {handler.__name__}: {refusal.message} ({refusal.kind})",
+                )
                 await abort(context, refusal)
 
         return wrapper

@@ -39,8 +39,8 @@ class Jobs:
             session_id=session_id,
             token_id=caller.token_id,
             token_name=caller.name,
-            client=client or "unknown",
-            client_version=client_version,
+            client=client[:128] or "unknown",
+            client_version=client_version[:32],
             now=now,
         )
         record = self._store.get_session(session_id)

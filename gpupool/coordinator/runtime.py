@@ -365,6 +365,7 @@ class Coordinator:
         now = time.monotonic()
         if channel == "status":
             if not payload:
+                self._admission.check_forgettable(agent_id)  # only `gpupool forget` removes an enrolled agent
                 self._admission.forget(agent_id)
                 return self.registry.forget(agent_id)
             return self.registry.apply_status(self._admission.status(agent_id, payload), now=now)

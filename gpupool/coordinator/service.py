@@ -193,11 +193,11 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         job = self._jobs.connect(caller, request.client, request.client_version, now=time.time())
         ready = self._registry.count_by_state().get("ready", 0)
         log.info(
-            "job %s started by %s with token %s (gpupool %s)",
+            "job %s started by %r with token %s (gpupool %r)",  # %r: a client's words cannot forge log lines
             job.session_id,
-            job.client,
+            job.client[:128],
             caller.token_id,
-            request.client_version or "?",
+            request.client_version[:32] or "?",
         )
         return ConnectReply(
             session=job.session_id,

@@ -81,8 +81,8 @@ def check_dtype(dtype: object) -> np.dtype[np.generic]:
 def _check_dtype(dtype: object) -> np.dtype[np.generic]:
     try:
         resolved: np.dtype[np.generic] = np.dtype(dtype)  # type: ignore[call-overload]
-    except TypeError as exc:
-        raise UnsupportedDType(str(dtype), SUPPORTED_DTYPES) from exc
+    except (TypeError, ValueError, SyntaxError) as exc:  # NumPy parses strings like "01" or "(9,9)f8" too
+        raise UnsupportedDType(str(dtype)[:64], SUPPORTED_DTYPES) from exc
     if resolved.name not in SUPPORTED_DTYPES or resolved.byteorder == ">":
         raise UnsupportedDType(resolved.str if resolved.byteorder == ">" else resolved.name, SUPPORTED_DTYPES)
     return resolved

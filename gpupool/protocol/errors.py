@@ -8,6 +8,7 @@ The client turns that back into the precise exception with :func:`translate_rpc_
 from __future__ import annotations
 
 from typing import Final, Literal, NoReturn
+from urllib.parse import quote
 
 import grpc
 
@@ -85,10 +86,19 @@ class RpcRefusal(Exception):
         return _CODES[self.kind]
 
 
+def metadata_value(text: str) -> str:
+    """``text`` as a metadata value may carry it: printable ASCII kept, anything else percent-encoded
+    (a value gRPC cannot send would turn a precise refusal into INTERNAL)."""
+    if text.isascii() and text.isprintable():
+        return text
+    return quote(text, safe="")
+
+
 async def abort(context: grpc.aio.ServicerContext[object, object], refusal: RpcRefusal) -> NoReturn:
     """End the call with the refusal's status and metadata."""
-    extra = tuple((f"gpupool-{key}", value) for key, value in refusal.extra.items())
-    context.set_trailing_metadata(((ERROR_KEY, refusal.kind), (BUFFER_KEY, refusal.buffer_id), *extra))
+    extra = tuple((f"gpupool-{key}", metadata_value(value)) for key, value in refusal.extra.items())
+    buffer_id = metadata_value(refusal.buffer_id)
+    context.set_trailing_metadata(((ERROR_KEY, refusal.kind), (BUFFER_KEY, buffer_id), *extra))
     await context.abort(refusal.code, refusal.message)
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
