@@ -14,6 +14,7 @@ import pytest
 import gpupool as gp
 from gpupool._proto.v1 import coordinator_pb2
 from gpupool.local import LocalPool
+from gpupool.security.store import StateStore
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -81,3 +82,22 @@ def test_a_frozen_agent_is_not_waited_on_once_the_coordinator_shows_it_offline(s
         )
         wait_until(lambda: victim.ready["agent_id"] not in pool.offline_agents, 5, "the client sees it back")
         np.testing.assert_allclose(float((x + 1).sum()), float((host + 1).sum(dtype=np.float64)), rtol=1e-6)
+
+
+def test_a_restarted_agent_keeps_its_id_and_needs_no_token(short_pool: LocalPool) -> None:
+    first = short_pool.agents[1]
+    name, agent_id = str(first.ready["name"]), str(first.ready["agent_id"])
+    short_pool.stop_agent(1)
+    # The join token made for this start is revoked: the agent must not need it again.
+    with StateStore.open(short_pool.credentials.coordinator_dir) as store:  # type: ignore[union-attr]
+        join = next(t for t in store.list_tokens() if t.role == "agent" and t.revoked is None)
+        store.revoke_token(join.token_id, now=time.time())
+    again = short_pool.add_agent(name=name)
+    assert again.ready["agent_id"] == agent_id  # no ghost: the same agent, back
+    with short_pool.connect() as pool:
+        ready = [a for a in pool.agents() if a.state == "ready"]
+        live = sorted(str(child.ready["agent_id"]) for child in short_pool.live_agents())
+        assert sorted(a.id for a in ready) == live
+        x = pool.asarray(np.arange(40.0).reshape(20, 2))
+        assert agent_id in {s.agent_id for s in x.shards}
+        np.testing.assert_array_equal(x.get(), np.arange(40.0).reshape(20, 2))

@@ -156,9 +156,13 @@ def start_broker(
         directory.mkdir(parents=True, exist_ok=True)
         config = directory / "mosquitto.conf"
         config.write_text(mosquitto_config(host, port))
-    process = subprocess.Popen(
-        [mosquitto, "-c", str(config)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
-    )
+    # Its log goes to a file beside its config (as root it warns on every start that it runs as root);
+    # a failure to start quotes the file's end.
+    log_path = directory / "mosquitto.log"
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [mosquitto, "-c", str(config)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log
+        )
     child = Child("broker", process)
     try:
         wait_for_port(host, port, timeout)
@@ -166,9 +170,10 @@ def start_broker(
             raise ConnectError(f"{host}:{port}", f"mosquitto exited with code {process.returncode}")
         if secure:
             _check_admin(host, port, str(ready["admin_username"]), str(ready["admin_password"]), timeout)
-    except ConnectError:
+    except ConnectError as exc:
         child.kill()
-        raise
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+        raise ConnectError(exc.peer, f"{exc.detail} ({log_path}: {' | '.join(tail) or 'empty'})") from exc
     child.ready = {
         "event": "ready",
         "role": "broker",
@@ -176,6 +181,7 @@ def start_broker(
         "url": f"mqtt://{host}:{port}",
         "host": host,
         "port": port,
+        "log": str(log_path),
         **ready,
     }
     return child
@@ -195,5 +201,5 @@ def _check_admin(host: str, port: int, username: str, password: str, timeout: fl
         raise ConnectError(
             f"{host}:{port}",
             f"mosquitto refused the coordinator's user (CONNACK {code}); its dynamic-security plugin "
-            "may have failed to load its file (see the broker's log on stderr)",
+            "may have failed to load its file",
         )

@@ -22,22 +22,33 @@ from gpupool.security.tokens import ROLES, parse_ttl
 __all__ = ["add_arguments", "run"]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``gpupool token``."""
+def _state_dir_option(*, suppress: bool) -> argparse.ArgumentParser:
+    """``--state-dir``, accepted before and after the action (``token --state-dir D list``, ``token list
+    --state-dir D``)."""
+    parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument(
         "--state-dir",
-        default=None,
+        default=argparse.SUPPRESS if suppress else None,
         help="the coordinator's state dir (default $GPUPOOL_STATE_DIR or ~/.local/state/gpupool/coordinator)",
     )
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``gpupool token``."""
+    parser.add_argument("--state-dir", default=None, help=argparse.SUPPRESS)
+    state = _state_dir_option(suppress=True)
     actions = parser.add_subparsers(dest="token_action", metavar="ACTION", required=True)
-    create = actions.add_parser("create", help="make a token and print it (once)")
+    create = actions.add_parser("create", parents=[state], help="make a token and print it (once)")
     create.add_argument("--role", choices=ROLES, required=True, help="client, agent (to enrol rigs) or admin")
     create.add_argument("--name", default="", help="a note for the list, e.g. who holds it")
     create.add_argument("--ttl", default="", help="lifetime: 30d, 12h, 90m, seconds; default: never expires")
     create.add_argument("--json", action="store_true", help="print JSON")
-    listing = actions.add_parser("list", help="tokens and their state (never their secrets)")
+    listing = actions.add_parser("list", parents=[state], help="tokens and their state (never their secrets)")
     listing.add_argument("--json", action="store_true", help="print JSON")
-    revoke = actions.add_parser("revoke", help="revoke a token by id (or a unique id prefix)")
+    revoke = actions.add_parser(
+        "revoke", parents=[state], help="revoke a token by id (or a unique id prefix)"
+    )
     revoke.add_argument("token_id", metavar="ID")
 
 
