@@ -98,6 +98,7 @@ def test_a_restarted_agent_keeps_its_id_and_needs_no_token(short_pool: LocalPool
         ready = [a for a in pool.agents() if a.state == "ready"]
         live = sorted(str(child.ready["agent_id"]) for child in short_pool.live_agents())
         assert sorted(a.id for a in ready) == live
+        assert all(a.enrolled for a in ready)
         x = pool.asarray(np.arange(40.0).reshape(20, 2))
         assert agent_id in {s.agent_id for s in x.shards}
         np.testing.assert_array_equal(x.get(), np.arange(40.0).reshape(20, 2))

@@ -43,7 +43,9 @@ class AgentInfo:
     """One agent in the pool's registry.
 
     Memory figures are the sums over the agent's workers: ``memory_limit`` is what the agent lets gpupool
-    hold, ``memory_used`` what resident buffers take.
+    hold, ``memory_used`` what resident buffers take. ``enrolled`` says whether it holds a certificate of
+    the pool CA (its fingerprint is ``certificate``): such an agent is dialled with TLS, checked against its
+    id, and takes calls only with capabilities; an agent run ``--insecure`` is open to anyone.
     """
 
     id: str
@@ -59,6 +61,12 @@ class AgentInfo:
     memory_used: int
     seconds_since_seen: float
     note: str
+    certificate: str = ""
+
+    @property
+    def enrolled(self) -> bool:
+        """Whether the agent enrolled with the pool CA (rather than running ``--insecure``)."""
+        return bool(self.certificate)
 
     @property
     def memory_free(self) -> int:
@@ -118,4 +126,5 @@ def agent_info_from_record(record: coordinator_pb2.AgentRecord) -> AgentInfo:
         memory_used=sum(used.values()),
         seconds_since_seen=record.seconds_since_seen,
         note=status.note,
+        certificate=status.certificate_fingerprint,
     )

@@ -16,11 +16,11 @@ from typing import Any, Final, Self
 import grpc
 
 from gpupool._config import DEFAULT_COORDINATOR, coordinator_address
-from gpupool._errors import UsageError
+from gpupool._errors import ConnectError, GpupoolError, UsageError
 from gpupool._proto.v1 import coordinator_pb2_grpc
 from gpupool.protocol.errors import translate_rpc_error
 from gpupool.security.pki import COORDINATOR_DNS_NAME
-from gpupool.transport.rpc import aio_channel, bearer_metadata, sync_channel
+from gpupool.transport.rpc import aio_channel, bearer_metadata, is_loopback, sync_channel
 
 __all__ = ["ADMIN_METHODS", "CoordinatorClient", "PoolCredentials"]
 
@@ -132,7 +132,7 @@ class CoordinatorClient:
                 wait_for_ready=wait_for_ready or None,
             )
         except grpc.RpcError as exc:
-            raise translate_rpc_error(exc, peer=self.address) from exc
+            raise self._translate(exc) from exc
 
     async def acall(
         self,
@@ -151,7 +151,19 @@ class CoordinatorClient:
                 wait_for_ready=wait_for_ready or None,
             )
         except grpc.aio.AioRpcError as exc:
-            raise translate_rpc_error(exc, peer=self.address) from exc
+            raise self._translate(exc) from exc
+
+    def _translate(self, exc: grpc.RpcError) -> GpupoolError:
+        error = translate_rpc_error(exc, peer=self.address)
+        host = self.address.rsplit(":", 1)[0]
+        if isinstance(error, ConnectError) and self.credentials.ca_pem is None and not is_loopback(host):
+            # A plaintext client and a TLS coordinator look to each other like a dead peer.
+            return ConnectError(
+                self.address,
+                f"{error.detail} (if the coordinator serves TLS, as it does beyond loopback, set GPUPOOL_CA "
+                "to the pool CA, its <state-dir>/ca.pem)",
+            )
+        return error
 
     def close(self) -> None:
         """Close the blocking channel (the asyncio one closes with :meth:`aclose`)."""
