@@ -32,7 +32,7 @@ from gpupool._config import CHUNK_BYTES, parse_broker_url
 from gpupool._proto.v1 import agent_pb2, agent_pb2_grpc, control_pb2, coordinator_pb2, coordinator_pb2_grpc
 from gpupool.protocol.codec import array_from_bytes, decode_json, encode_json, iter_chunks, meta_of
 from gpupool.protocol.errors import ERROR_KEY
-from gpupool.protocol.rawstream import DOWNLOAD_RAW, UPLOAD_RAW
+from gpupool.protocol.rawstream import ACCEPTED, DOWNLOAD_RAW, UPLOAD_RAW
 from gpupool.security.capability import issue_capability
 from gpupool.security.pki import PoolAuthority, agent_dns_name, load_private_key, new_key_and_csr
 from gpupool.security.store import StateStore
@@ -308,18 +308,28 @@ class AgentCalls:
     async def upload_raw(
         self, buffer_id: str, array: np.ndarray, *, session: str = "", worker: int = 0
     ) -> agent_pb2.UploadReply:
-        """Upload ``array`` as ``buffer_id`` with ``UploadRaw``."""
+        """Upload ``array`` as ``buffer_id`` with ``UploadRaw``, waiting for the agent's go-ahead before the
+        data (as gpupool's client does): a refusal then arrives as itself, not as the INTERNAL of a write the
+        refusal cut off (grpc/grpc#36066)."""
         header = agent_pb2.UploadHeader(
             buffer_id=buffer_id, worker=worker, meta=meta_of(array.dtype, array.shape), session=session
         )
-
-        async def messages() -> AsyncIterator[bytes]:
-            yield header.SerializeToString()
+        call = self.upload_raw_call(None, timeout=30, metadata=self.metadata)
+        try:
+            await call.write(header.SerializeToString())
+            if ACCEPTED not in tuple(await call.initial_metadata() or ()):
+                await call  # refused: this raises the agent's status
             for chunk in iter_chunks(array):
-                yield bytes(chunk)
-
-        reply = await self.upload_raw_call(messages(), timeout=30, metadata=self.metadata)
-        return agent_pb2.UploadReply.FromString(reply)
+                await call.write(bytes(chunk))
+            await call.done_writing()
+        except asyncio.InvalidStateError:
+            pass  # the agent ended the call: awaiting it below raises its status
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.INTERNAL:
+                raise
+            await call  # a write lost the race with the agent's refusal: the call carries the refusal
+            raise
+        return agent_pb2.UploadReply.FromString(await call)
 
     async def download(self, buffer_id: str) -> np.ndarray:
         """Fetch a buffer with the protobuf ``Download``."""
