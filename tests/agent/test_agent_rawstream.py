@@ -96,14 +96,23 @@ def raw_header(buffer_id: str, array: np.ndarray, session: str) -> bytes:
 
 
 async def raw_upload(endpoint: str, messages: list[bytes]) -> agent_pb2.UploadReply:
-    """Send exactly ``messages`` to UploadRaw."""
+    """Send exactly ``messages`` to UploadRaw; a refusal comes back as the call's own status.
 
-    async def stream() -> AsyncIterator[bytes]:
-        for message in messages:
-            yield message
-
+    A write that loses the race with the agent's refusal reports INTERNAL in grpc.aio (grpc/grpc#36066):
+    the call itself carries the refusal then, as gpupool's client reads it.
+    """
     async with grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS) as channel:
-        reply = await channel.stream_unary(UPLOAD_RAW, None, None)(stream(), timeout=10)
+        call = channel.stream_unary(UPLOAD_RAW, None, None)(None, timeout=10)
+        try:
+            for message in messages:
+                await call.write(message)
+            await call.done_writing()
+        except asyncio.InvalidStateError:
+            pass  # the agent ended the call: awaiting it raises its status
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.INTERNAL:
+                raise
+        reply = await call
     return agent_pb2.UploadReply.FromString(reply)
 
 
