@@ -1,4 +1,9 @@
-"""RemoteArray: a handle to an array whose row shards stay resident on the pool's agents."""
+"""RemoteArray: a handle to an array whose row shards stay resident on the pool's agents.
+
+This is the one module that makes remote arrays, with :func:`from_spec`: from the
+:class:`~gpupool.client.graph.ArraySpec` an operation (:mod:`~gpupool.client.dispatch`) or an upload hands
+back.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +15,18 @@ from typing import Any
 import numpy as np
 
 from gpupool._errors import ArrayFreed, UsageError
-from gpupool.client import dispatch, graph
-from gpupool.client.pool import Piece, Pool
+from gpupool.client import dispatch
+from gpupool.client.graph import MAX_DEPTH, ArraySpec, GraphArray, Node, materialize
+from gpupool.client.layout import Piece, Place
+from gpupool.client.session import Session
 from gpupool.client.types import Shard
 from gpupool.protocol.codec import check_dtype
 from gpupool.protocol.opnames import ELEMENTWISE, REDUCTIONS
 
-__all__ = ["RemoteArray", "persist"]
+__all__ = ["RemoteArray", "from_spec", "persist"]
 
 
-class RemoteArray:
+class RemoteArray(GraphArray):
     """An array in the pool: shape and dtype here, the data in row shards on the agents.
 
     NumPy code works on it: ufuncs (``np.tanh(x)``, ``x * 2 + 1``, ``x > 0``) run where the shards live and
@@ -38,7 +45,7 @@ class RemoteArray:
         "_replicas",
         "dtype",
         "node",
-        "pool",
+        "session",
         "shape",
     )
     __array_priority__ = 100.0
@@ -46,30 +53,25 @@ class RemoteArray:
 
     def __init__(
         self,
-        pool: Pool,
+        session: Session,
         shape: tuple[int, ...],
         dtype: np.dtype[Any],
         layout: Sequence[Piece],
         *,
-        node: graph.Node | None = None,
+        node: Node | None = None,
     ) -> None:
-        self.pool = pool
+        self.session = session
         self.shape = tuple(int(n) for n in shape)
         self.dtype = np.dtype(dtype)
         self.node = node
         self._pieces = tuple(layout)
         self._freed = False
-        self._replicas: dict[tuple[str, int], Piece] = {}
+        self._replicas: dict[Place, Piece] = {}
         self._finalizer: weakref.finalize[Any, Any] | None = None
         if node is None:
-            self._finalizer = weakref.finalize(self, pool.release, self._pieces)
+            self._finalizer = weakref.finalize(self, session.release, self._pieces)
 
     # -- description ------------------------------------------------------------------------------
-    @property
-    def ndim(self) -> int:
-        """Number of dimensions."""
-        return len(self.shape)
-
     @property
     def size(self) -> int:
         """Number of elements."""
@@ -83,7 +85,7 @@ class RemoteArray:
     @property
     def shards(self) -> list[Shard]:
         """Where each block of rows lives (or will live, for a pending array)."""
-        return [Shard(p.agent_id, p.start, p.stop, p.worker) for p in self._pieces]
+        return [Shard(agent_id=p.agent_id, start=p.start, stop=p.stop, worker=p.worker) for p in self._pieces]
 
     @property
     def layout(self) -> tuple[Piece, ...]:
@@ -101,11 +103,6 @@ class RemoteArray:
         """Whether the array is still to be computed (see :meth:`persist`)."""
         return self.node is not None
 
-    @property
-    def depth(self) -> int:
-        """How many deferred ops stand between this array and resident data."""
-        return self.node.depth if self.node is not None else 0
-
     def __len__(self) -> int:
         return self.shape[0]
 
@@ -118,7 +115,7 @@ class RemoteArray:
         """Raise :class:`ArrayFreed` if this array or its pool is gone."""
         if self._freed:
             raise ArrayFreed(f"{self!r} was freed")
-        self.pool.check_open()
+        self.session.check_open()
 
     # -- computing and data movement --------------------------------------------------------------
     def persist(self) -> RemoteArray:
@@ -130,31 +127,30 @@ class RemoteArray:
         """
         self.check()
         if self.node is not None:
-            graph.materialize(self.pool, [self])
+            _commit(materialize(self.session, [self]))
         return self
 
     def commit(self, pieces: Sequence[Piece]) -> None:
-        """Make a pending array resident in ``pieces`` (called by :func:`graph.materialize`)."""
+        """Make a pending array resident in ``pieces`` (what :func:`graph.materialize` computed)."""
         self._pieces = tuple(pieces)
         self.node = None
-        self._finalizer = weakref.finalize(self, self.pool.release, self._pieces)
+        self._finalizer = weakref.finalize(self, self.session.release, self._pieces)
 
     def get(self) -> np.ndarray:
         """The whole array as a NumPy array (shards are fetched concurrently)."""
         pieces = self.pieces
         out = np.empty(self.shape, self.dtype)
+        session = self.session
 
         async def fetch() -> None:
             await asyncio.gather(
                 *(
-                    self.pool.channel(p.agent_id, p.endpoint).download_into(
-                        p.buffer_id, out[p.start : p.stop]
-                    )
+                    session.channel(p.agent_id, p.endpoint).download_into(p.buffer_id, out[p.start : p.stop])
                     for p in pieces
                 )
             )
 
-        self.pool.run(fetch(), timeout=self.pool.timeouts.for_stream(self.nbytes), what="download")
+        session.run(fetch(), timeout=session.timeouts.for_stream(self.nbytes), what="download")
         return out
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
@@ -172,24 +168,19 @@ class RemoteArray:
         pieces += list(self._replicas.values())
         self.node = None
         self._replicas.clear()
-        if pieces and not self.pool.closed:
-            self.pool.run(self.pool.free_now(pieces), timeout=self.pool.timeouts.rpc, what="free")
+        if pieces and not self.session.closed:
+            self.session.run(self.session.free_now(pieces), timeout=self.session.timeouts.rpc, what="free")
 
-    def replicate_to(self, places: Sequence[Piece]) -> dict[tuple[str, int], str]:
+    def replicate_to(self, places: Sequence[Piece]) -> dict[Place, str]:
         """Whole copies of this array on the workers of ``places`` (made once, kept until freed)."""
         self.check()
         missing = [p for p in places if p.place not in self._replicas]
         if missing:
-            made = dispatch.replicate(self.pool, self.get(), missing)
-            by_place = {p.place: p for p in missing}
-            for place, buffer_id in made.items():
-                self._replicas[place] = Piece(
-                    by_place[place].agent_id, place[0], place[1], 0, self.shape[0], buffer_id
-                )
+            self._replicas.update(dispatch.replicate(self.session, self.get(), missing))
             if self._finalizer is not None:
                 self._finalizer.detach()
             self._finalizer = weakref.finalize(
-                self, self.pool.release, self._pieces + tuple(self._replicas.values())
+                self, self.session.release, self._pieces + tuple(self._replicas.values())
             )
         return {place: piece.buffer_id for place, piece in self._replicas.items()}
 
@@ -198,7 +189,7 @@ class RemoteArray:
         target = check_dtype(dtype)
         if target == self.dtype:
             return self
-        return dispatch.cast(self, target)
+        return from_spec(dispatch.cast(self, target))
 
     # -- NumPy protocols --------------------------------------------------------------------------
     def __array_ufunc__(self, ufunc: np.ufunc, method: str, *inputs: Any, **kwargs: Any) -> Any:
@@ -208,11 +199,11 @@ class RemoteArray:
             return NotImplemented
         if ufunc.__name__ == "matmul":
             if inputs[0] is self:
-                return dispatch.matmul(self, inputs[1])
+                return from_spec(dispatch.matmul(self, inputs[1]))
             return NotImplemented
         if ufunc.__name__ not in ELEMENTWISE:
             return NotImplemented
-        return dispatch.elementwise(ufunc.__name__, inputs)
+        return from_spec(dispatch.elementwise(ufunc.__name__, inputs))
 
     def __array_function__(self, func: Any, types: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
         name = getattr(func, "__name__", "")
@@ -220,9 +211,9 @@ class RemoteArray:
         if name in REDUCTIONS and args and args[0] is self:
             return getattr(self, name)(*args[1:], **kwargs)
         if name == "dot" and len(args) == 2 and args[0] is self and not kwargs:
-            return dispatch.matmul(self, args[1])
+            return from_spec(dispatch.matmul(self, args[1]))
         if name == "where" and len(args) == 3 and not kwargs:
-            return dispatch.elementwise("where", args)
+            return from_spec(dispatch.elementwise("where", args))
         return NotImplemented
 
     # -- reductions -------------------------------------------------------------------------------
@@ -231,7 +222,8 @@ class RemoteArray:
             raise UsageError(f"{op}: keepdims=True is not supported on remote arrays")
         if isinstance(axis, tuple):
             raise UsageError(f"{op}: reduce over one axis or all of them, not a tuple of axes")
-        return dispatch.reduce(self, op, axis)
+        result = dispatch.reduce(self, op, axis)
+        return from_spec(result) if isinstance(result, ArraySpec) else result
 
     def sum(self, axis: int | None = None, *, keepdims: bool = False) -> Any:
         """Sum over all elements (a NumPy scalar), over axis 0 (a NumPy array) or another axis (remote)."""
@@ -305,7 +297,7 @@ class RemoteArray:
         return np.power(other, self)
 
     def __matmul__(self, other: Any) -> Any:
-        return dispatch.matmul(self, other)
+        return from_spec(dispatch.matmul(self, other))
 
     def __neg__(self) -> Any:
         return np.negative(self)
@@ -348,6 +340,15 @@ class RemoteArray:
         return float(self.get().reshape(()))
 
 
+def from_spec(spec: ArraySpec) -> RemoteArray:
+    """The array ``spec`` describes; a pending one whose chain reached :data:`~gpupool.client.graph.MAX_DEPTH`
+    is computed at once, so programs and client-side recursion stay bounded."""
+    array = RemoteArray(spec.session, spec.shape, spec.dtype, spec.layout, node=spec.node)
+    if spec.node is not None and spec.node.depth >= MAX_DEPTH:
+        array.persist()
+    return array
+
+
 def persist(*arrays: RemoteArray) -> tuple[RemoteArray, ...]:
     """Compute pending arrays together: one round of programs per pool, one program per shard, so many
     small independent ops cost one round trip; returns the arrays.
@@ -355,10 +356,15 @@ def persist(*arrays: RemoteArray) -> tuple[RemoteArray, ...]:
     Raises:
         RemoteError: an agent refused a program; none of the arrays is changed.
     """
-    by_pool: dict[int, list[RemoteArray]] = {}
+    by_session: dict[int, list[RemoteArray]] = {}
     for array in arrays:
         array.check()
-        by_pool.setdefault(id(array.pool), []).append(array)
-    for members in by_pool.values():
-        graph.materialize(members[0].pool, members)
+        by_session.setdefault(id(array.session), []).append(array)
+    for members in by_session.values():
+        _commit(materialize(members[0].session, members))
     return arrays
+
+
+def _commit(computed: Sequence[tuple[RemoteArray, Sequence[Piece]]]) -> None:
+    for array, pieces in computed:
+        array.commit(pieces)

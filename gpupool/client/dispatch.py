@@ -1,75 +1,90 @@
 """How array operations become deferred nodes, and reductions become programs.
 
 Every operation follows one pattern: pick the *lead* operand (the remote array whose rows the result's
-rows follow), turn the other operands into per-shard operands, and return a pending remote array with the
-lead's row layout (see :mod:`gpupool.client.graph`). Reductions over all elements or over rows build one
-program per shard that computes the pending graph and a partial, fetch the partials and combine them here.
+rows follow), turn the other operands into per-shard operands, and return the spec of a pending array with
+the lead's row layout (see :mod:`gpupool.client.graph`), which :mod:`gpupool.client.array` makes an array
+of. Reductions over all elements or over rows build one program per shard that computes the pending graph
+and a partial, fetch the partials and combine them here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+import weakref
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 import numpy as np
 
 from gpupool._errors import ShapeMismatch, UsageError
 from gpupool._proto.v1 import agent_pb2
 from gpupool.client.graph import (
-    MAX_DEPTH,
+    ArraySpec,
+    GraphArray,
     Node,
     PieceOperand,
     ProgramBuilder,
-    layout_key,
     make_op,
     run_programs,
 )
-from gpupool.client.operands import INLINE_LIMIT, buffer_operand, constant_operand, is_scalar, scalar_operand
-from gpupool.client.pool import Piece, Pool
+from gpupool.client.layout import Piece, Place, layout_key, whole_copies
+from gpupool.client.operands import (
+    INLINE_LIMIT,
+    buffer_operand,
+    constant_operand,
+    is_scalar,
+    native_contiguous,
+    scalar_operand,
+)
+from gpupool.client.session import Session
 from gpupool.protocol.codec import check_dtype
-
-if TYPE_CHECKING:
-    from gpupool.client.array import RemoteArray
 
 __all__ = ["cast", "elementwise", "matmul", "reduce", "replicate"]
 
 
-def replicate(pool: Pool, host: np.ndarray, pieces: Sequence[Piece]) -> dict[tuple[str, int], str]:
-    """Upload a whole copy of ``host`` to each distinct worker of ``pieces``; returns place -> buffer id."""
-    first = {piece.place: piece for piece in pieces}
-    copies = [
-        Piece(p.agent_id, p.endpoint, p.worker, 0, host.shape[0], pool.new_buffer_id())
-        for p in first.values()
-    ]
-    pool.run(
-        pool.upload_pieces(host, copies),
-        timeout=pool.timeouts.for_stream(host.nbytes * len(copies)),
+def replicate(session: Session, host: np.ndarray, places: Sequence[Piece]) -> dict[Place, Piece]:
+    """Upload a whole copy of ``host`` to each distinct worker of ``places``; returns the copies by place.
+
+    The caller owns the copies (and frees them).
+    """
+    copies = whole_copies(places, host.shape[0], session.new_buffer_id)
+    session.run(
+        session.upload_pieces(host, copies),
+        timeout=session.timeouts.for_stream(host.nbytes * len(copies)),
         what="replicate",
     )
-    return {copy.place: copy.buffer_id for copy in copies}
+    return {copy.place: copy for copy in copies}
 
 
-def _pending(
-    pool: Pool, shape: tuple[int, ...], dtype: np.dtype[Any], lead: RemoteArray, node: Node
-) -> RemoteArray:
-    from gpupool.client.array import RemoteArray
+def _held(session: Session, pieces: Sequence[Piece], key: Callable[[Piece], Hashable]) -> PieceOperand:
+    """A per-shard operand: the buffer among ``pieces`` whose ``key`` is the shard's. The buffers belong to
+    the operand: they are released when it is garbage-collected (with the last node that holds it)."""
+    buffers = {key(p): p.buffer_id for p in pieces}
 
-    result = RemoteArray(pool, shape, dtype, lead.layout, node=node)
-    if node.depth >= MAX_DEPTH:
-        result.persist()
-    return result
+    def operand(piece: Piece) -> agent_pb2.Operand:
+        return buffer_operand(buffers[key(piece)])
+
+    weakref.finalize(operand, session.release, tuple(pieces))
+    return operand
+
+
+def _rows(piece: Piece) -> Hashable:
+    return piece.place, piece.start, piece.stop
+
+
+def _place(piece: Piece) -> Hashable:
+    return piece.place
+
+
+def _pending(shape: tuple[int, ...], dtype: np.dtype[Any], lead: GraphArray, node: Node) -> ArraySpec:
+    return ArraySpec(session=lead.session, shape=shape, dtype=dtype, layout=lead.layout, node=node)
 
 
 def _depth(args: Sequence[object]) -> int:
-    from gpupool.client.array import RemoteArray
-
-    return 1 + max((a.depth for a in args if isinstance(a, RemoteArray)), default=0)
+    return 1 + max((a.depth for a in args if isinstance(a, GraphArray)), default=0)
 
 
 def _normalize(value: object) -> object:
-    from gpupool.client.array import RemoteArray
-
-    if isinstance(value, RemoteArray):
+    if isinstance(value, GraphArray):
         value.check()
         return value
     if is_scalar(value):
@@ -118,11 +133,9 @@ def _probe(value: object) -> object:
     return np.zeros((), dtype) if dtype is not None and not isinstance(value, np.generic) else value
 
 
-def _argument(lead: RemoteArray, value: object, *, aligned: bool) -> RemoteArray | PieceOperand:
+def _argument(lead: GraphArray, value: object, *, aligned: bool) -> GraphArray | PieceOperand:
     """``value`` as an argument of a node led by ``lead``: a remote array with its layout, or an operand."""
-    from gpupool.client.array import RemoteArray
-
-    if isinstance(value, RemoteArray):
+    if isinstance(value, GraphArray):
         if aligned and layout_key(value.layout) == layout_key(lead.layout):
             return value
         value = value.get()  # another layout, or a broadcast operand: bring it over once
@@ -140,10 +153,18 @@ def _argument(lead: RemoteArray, value: object, *, aligned: bool) -> RemoteArray
         return lambda piece: constant
     if host.nbytes <= INLINE_LIMIT:
         return lambda piece: constant_operand(host[piece.start : piece.stop])
-    return lead.pool.asarray_like(host, lead)  # large and row-aligned: upload it with the lead's layout
+    # Large and row-aligned: upload it with the lead's layout, held by the operand.
+    session = lead.session
+    pieces = [p.with_buffer(session.new_buffer_id()) for p in lead.layout]
+    session.run(
+        session.upload_pieces(host, pieces),
+        timeout=session.timeouts.for_stream(host.nbytes) * 2,
+        what="upload",
+    )
+    return _held(session, pieces, _rows)
 
 
-def elementwise(name: str, inputs: Sequence[object]) -> RemoteArray:
+def elementwise(name: str, inputs: Sequence[object]) -> ArraySpec:
     """Apply the NumPy ufunc or function ``name`` elementwise, with NumPy broadcasting and promotion.
 
     The result is pending: it runs, fused with what follows, when a result is needed.
@@ -152,12 +173,10 @@ def elementwise(name: str, inputs: Sequence[object]) -> RemoteArray:
         ShapeMismatch: the operands do not broadcast, or broadcasting would move the sharded axis.
         UnsupportedDType: an operand or the result has a dtype gpupool does not carry.
     """
-    from gpupool.client.array import RemoteArray
-
     values = [_normalize(v) for v in inputs]
-    remotes = [v for v in values if isinstance(v, RemoteArray)]
-    pool = remotes[0].pool
-    if any(r.pool is not pool for r in remotes):
+    remotes = [v for v in values if isinstance(v, GraphArray)]
+    session = remotes[0].session
+    if any(r.session is not session for r in remotes):
         raise UsageError(f"{name}: operands live in different pools")
     shapes = tuple(_shape(v) for v in values)
     try:
@@ -179,19 +198,19 @@ def elementwise(name: str, inputs: Sequence[object]) -> RemoteArray:
             "operand first",
         )
     args = tuple(_argument(lead, v, aligned=carries_rows(v) and rows > 1) for v in values)
-    return _pending(pool, result_shape, dtype, lead, Node(name, args, depth=_depth(args)))
+    return _pending(result_shape, dtype, lead, Node(name, args, depth=_depth(args)))
 
 
 def _reduced_dtype(op: str, dtype: np.dtype[Any]) -> np.dtype[Any]:
     return np.asarray(getattr(np, op)(np.zeros((1,), dtype))).dtype
 
 
-def reduce(array: RemoteArray, op: str, axis: int | None) -> Any:
+def reduce(array: GraphArray, op: str, axis: int | None) -> Any:
     """``array.<op>(axis=axis)`` for sum, prod, max, min, mean, any and all.
 
     Over all elements or over axis 0 (the sharded one), each shard computes what is pending and reduces it
     to a partial in the same program; the client combines the partials: the result is a NumPy scalar or
-    array. Over another axis the result is a pending remote array, sharded like ``array``.
+    array. Over another axis the result is the spec of a pending array, sharded like ``array``.
 
     Raises:
         numpy.exceptions.AxisError: an axis ``array`` does not have.
@@ -199,7 +218,7 @@ def reduce(array: RemoteArray, op: str, axis: int | None) -> Any:
         RemoteError: an agent refused the program.
     """
     array.check()
-    pool, shape = array.pool, array.shape
+    session, shape = array.session, array.shape
     result_dtype = _reduced_dtype(op, array.dtype)
     if axis is not None:
         if not -len(shape) <= axis < len(shape):
@@ -208,7 +227,7 @@ def reduce(array: RemoteArray, op: str, axis: int | None) -> Any:
     if axis is not None and axis > 0:
         out_shape = shape[:axis] + shape[axis + 1 :]
         node = Node(op, (array,), axis=axis, depth=_depth([array]))
-        return _pending(pool, out_shape, result_dtype, array, node)
+        return _pending(out_shape, result_dtype, array, node)
     partial_op = "sum" if op == "mean" else op
     partial_dtype = np.dtype(np.float64) if op == "mean" else result_dtype  # means add up in float64
     nonempty = [(i, p) for i, p in enumerate(array.layout) if p.stop > p.start]
@@ -217,16 +236,16 @@ def reduce(array: RemoteArray, op: str, axis: int | None) -> Any:
     partial_shape = () if axis is None else shape[1:]
     programs = []
     for index, piece in nonempty:
-        builder = ProgramBuilder(pool, index, piece)
+        builder = ProgramBuilder(session, index, piece)
         source = builder.emit(array)
-        partial = pool.new_buffer_id()
+        partial = session.new_buffer_id()
         builder.program.ops.append(
             make_op(partial_op, [buffer_operand(source)], partial, partial_dtype, partial_shape, axis)
         )
         builder.program.fetch.append(partial)
         builder.program.free.append(partial)
         programs.append(builder.program)
-    fetched = run_programs(pool, programs, what=op)
+    fetched = run_programs(session, programs, what=op)
     partials = np.stack([f[p.fetch[-1]] for f, p in zip(fetched, programs, strict=True)])
     combine: Callable[..., Any] = getattr(np, "sum" if op == "mean" else op)
     combined = combine(partials, axis=0)
@@ -237,20 +256,18 @@ def reduce(array: RemoteArray, op: str, axis: int | None) -> Any:
     return result[()] if axis is None else result
 
 
-def matmul(x: RemoteArray, w: object) -> RemoteArray:
+def matmul(x: GraphArray, w: object) -> ArraySpec:
     """``x @ w`` for a row-sharded 2-D ``x`` and a small ``w`` (host or remote), sent to each worker once.
 
     Raises:
         ShapeMismatch: ``x`` is not 2-D, ``w`` is not 1-D or 2-D, or the inner dimensions differ.
     """
-    from gpupool.client.array import RemoteArray
-
     x.check()
-    pool = x.pool
+    session = x.session
     if is_scalar(w):
         raise ShapeMismatch("matmul", (x.shape, ()), "matmul does not take scalars; use *")
     w_value = _normalize(w)
-    assert isinstance(w_value, RemoteArray | np.ndarray)  # scalars were turned away above
+    assert isinstance(w_value, GraphArray | np.ndarray)  # scalars were turned away above
     w_shape = _shape(w_value)
     if x.ndim != 2 or len(w_shape) not in (1, 2) or x.shape[1] != w_shape[0]:
         raise ShapeMismatch("matmul", (x.shape, w_shape), "need (n, k) @ (k, m) or (n, k) @ (k,)")
@@ -261,19 +278,22 @@ def matmul(x: RemoteArray, w: object) -> RemoteArray:
     if isinstance(w_value, np.ndarray) and w_value.nbytes <= INLINE_LIMIT:
         constant = constant_operand(np.asarray(w_value, order="C"))
         argument = lambda piece: constant  # noqa: E731 - a per-shard operand, as the graph expects
+    elif isinstance(w_value, np.ndarray):
+        # A copy on each worker, held by the operand (so by the nodes that use it).
+        copies = replicate(session, native_contiguous(w_value), x.layout)
+        argument = _held(session, list(copies.values()), _place)
     else:
-        # Copies on each worker, made once and kept with w (a large host w gets a remote twin for this).
-        remote_w = w_value if isinstance(w_value, RemoteArray) else pool.asarray(w_value)
-        buffers = remote_w.replicate_to(x.layout)
+        # Copies on each worker, made once and kept with w.
+        buffers = w_value.replicate_to(x.layout)
 
-        def argument(piece: Piece, remote_w: RemoteArray = remote_w) -> agent_pb2.Operand:
+        def argument(piece: Piece, remote_w: GraphArray = w_value) -> agent_pb2.Operand:
             return buffer_operand(buffers[piece.place])
 
     node = Node("matmul", (x, argument), depth=_depth([x]))
-    return _pending(pool, (x.shape[0], *w_shape[1:]), dtype, x, node)
+    return _pending((x.shape[0], *w_shape[1:]), dtype, x, node)
 
 
-def cast(array: RemoteArray, dtype: np.dtype[Any]) -> RemoteArray:
+def cast(array: GraphArray, dtype: np.dtype[Any]) -> ArraySpec:
     """``array.astype(dtype)``, converted where the shards live (pending, like any elementwise op)."""
     array.check()
-    return _pending(array.pool, array.shape, dtype, array, Node("astype", (array,), depth=_depth([array])))
+    return _pending(array.shape, dtype, array, Node("astype", (array,), depth=_depth([array])))

@@ -1,12 +1,16 @@
 """Deferred work: elementwise ops, matmuls and per-row reductions are recorded, then run as one program
 per shard when a result is needed.
 
-A pending :class:`~gpupool.client.array.RemoteArray` holds a :class:`Node` (an op and its arguments) and
-its row layout, but no buffers. :func:`materialize` turns any number of pending arrays into resident ones:
-for each shard it walks the graph, emits every op once, keeps the targets' outputs and frees the
-intermediates at the end of the same program, so a chain such as ``((x * 2 + 1) ** 2).sum()`` is a
-single round trip per shard that the agent can fuse. Intermediates the caller still holds are not kept:
-they are computed again if they are used later (as in Dask).
+A pending array (a :class:`GraphArray`) holds a :class:`Node` (an op and its arguments) and its row layout,
+but no buffers. :func:`materialize` computes any number of pending arrays: for each shard it walks the
+graph, emits every op once, keeps the targets' outputs and frees the intermediates at the end of the same
+program, so a chain such as ``((x * 2 + 1) ** 2).sum()`` is a single round trip per shard that the agent
+can fuse. Intermediates the caller still holds are not kept: they are computed again if they are used
+later (as in Dask).
+
+This module and :mod:`~gpupool.client.dispatch` never make arrays: operations hand back an
+:class:`ArraySpec`, and :mod:`gpupool.client.array` turns it into a
+:class:`~gpupool.client.array.RemoteArray`.
 """
 
 from __future__ import annotations
@@ -15,20 +19,29 @@ import asyncio
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, TypeAlias
+from typing import Any, Final, TypeAlias, TypeVar
 
 import numpy as np
 
 from gpupool._errors import AgentLost
 from gpupool._proto.v1 import agent_pb2
+from gpupool.client.layout import LayoutKey, Piece, Place, layout_key
 from gpupool.client.operands import buffer_operand
-from gpupool.client.pool import Piece, Pool
+from gpupool.client.session import Session
 from gpupool.protocol.codec import meta_of
 
-if TYPE_CHECKING:
-    from gpupool.client.array import RemoteArray
-
-__all__ = ["MAX_DEPTH", "Node", "Program", "ProgramBuilder", "layout_key", "materialize", "run_programs"]
+__all__ = [
+    "MAX_DEPTH",
+    "ArraySpec",
+    "GraphArray",
+    "Node",
+    "PieceOperand",
+    "Program",
+    "ProgramBuilder",
+    "make_op",
+    "materialize",
+    "run_programs",
+]
 
 #: Longer chains are materialized as they grow, so programs and client-side recursion stay bounded.
 MAX_DEPTH: Final = 48
@@ -36,15 +49,74 @@ MAX_DEPTH: Final = 48
 PieceOperand: TypeAlias = Callable[[Piece], agent_pb2.Operand]
 
 
+class GraphArray:
+    """A remote array as the graph sees it: the base of :class:`~gpupool.client.array.RemoteArray`, which
+    is the only implementation.
+
+    The contract: ``session`` holds its buffers; ``shape`` and ``dtype`` describe it; ``node`` is how to
+    compute it while it is pending, ``None`` once resident. :attr:`layout` has one piece per row shard, in
+    row order (buffer ids are valid only when resident). :meth:`check` raises ``ArrayFreed`` once the array
+    or its session is gone; :meth:`get` brings the data back; :meth:`replicate_to` makes whole copies on
+    the workers of some pieces and returns their buffer ids by place.
+    """
+
+    __slots__ = ()
+
+    session: Session
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    node: Node | None
+
+    @property
+    def ndim(self) -> int:
+        """Number of dimensions."""
+        return len(self.shape)
+
+    @property
+    def depth(self) -> int:
+        """How many deferred ops stand between this array and resident data."""
+        return self.node.depth if self.node is not None else 0
+
+    @property
+    def layout(self) -> tuple[Piece, ...]:
+        """The shards' places and rows."""
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Raise ``ArrayFreed`` if this array or its session is gone."""
+        raise NotImplementedError
+
+    def get(self) -> np.ndarray:
+        """The whole array as a NumPy array."""
+        raise NotImplementedError
+
+    def replicate_to(self, places: Sequence[Piece]) -> dict[Place, str]:
+        """Buffer ids of whole copies of this array on the workers of ``places``, by place."""
+        raise NotImplementedError
+
+
 @dataclass(frozen=True, slots=True)
 class Node:
-    """A deferred op: its arguments are remote arrays with the result's row layout, or per-shard operands
-    (scalars, inline constants, replicated buffers)."""
+    """A deferred op: its arguments are arrays with the result's row layout, or per-shard operands
+    (scalars, inline constants, replicated or row-aligned buffers)."""
 
     op: str
-    args: tuple[RemoteArray | PieceOperand, ...]
+    args: tuple[GraphArray | PieceOperand, ...]
     axis: int | None = None
     depth: int = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ArraySpec:
+    """An operation's result, for :func:`gpupool.client.array.from_spec` to make an array of: pending
+    (``node`` says how to compute it over ``layout``'s rows and places) or resident (in ``layout``'s
+    buffers, owned by the array made from it)."""
+
+    session: Session
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    layout: tuple[Piece, ...]
+    node: Node | None = None
 
 
 @dataclass(slots=True)
@@ -61,16 +133,10 @@ class Program:
     work_flops: int = 0
 
 
-def program_deadline(pool: Pool, programs: Sequence[Program]) -> float:
-    """The deadline of running ``programs`` together: the largest one's work, at the pool's floors."""
-    return max(
-        (pool.timeouts.for_work(p.work_bytes, p.work_flops) for p in programs), default=pool.timeouts.rpc
-    )
-
-
-def layout_key(pieces: Sequence[Piece]) -> tuple[tuple[tuple[str, int], int, int], ...]:
-    """What two arrays must share for their shards to meet in one program."""
-    return tuple((p.place, p.start, p.stop) for p in pieces)
+def program_deadline(session: Session, programs: Sequence[Program]) -> float:
+    """The deadline of running ``programs`` together: the largest one's work, at the session's floors."""
+    timeouts = session.timeouts
+    return max((timeouts.for_work(p.work_bytes, p.work_flops) for p in programs), default=timeouts.rpc)
 
 
 def make_op(
@@ -95,14 +161,14 @@ def make_op(
 class ProgramBuilder:
     """Emits the ops that compute pending arrays on one shard (index ``index`` of their common layout)."""
 
-    def __init__(self, pool: Pool, index: int, piece: Piece) -> None:
-        self.pool = pool
+    def __init__(self, session: Session, index: int, piece: Piece) -> None:
+        self.session = session
         self.index = index
         self.piece = piece
         self.program = Program(piece)
         self._emitted: dict[int, str] = {}
 
-    def emit(self, array: RemoteArray, *, keep: bool = False) -> str:
+    def emit(self, array: GraphArray, *, keep: bool = False) -> str:
         """The buffer id holding ``array``'s rows on this shard, emitting ops as needed.
 
         With ``keep``, the output survives the program (it becomes the array's buffer); otherwise it is freed
@@ -122,7 +188,7 @@ class ProgramBuilder:
         inputs = [
             buffer_operand(self.emit(arg)) if not callable(arg) else arg(self.piece) for arg in node.args
         ]
-        out = self.pool.new_buffer_id()
+        out = self.session.new_buffer_id()
         rows = self.piece.stop - self.piece.start
         self.program.ops.append(
             make_op(node.op, inputs, out, array.dtype, (rows, *array.shape[1:]), node.axis)
@@ -141,11 +207,11 @@ class ProgramBuilder:
         return out
 
 
-def run_programs(pool: Pool, programs: Sequence[Program], *, what: str) -> list[dict[str, np.ndarray]]:
+def run_programs(session: Session, programs: Sequence[Program], *, what: str) -> list[dict[str, np.ndarray]]:
     """Run programs concurrently; returns each one's fetched arrays (``{}`` for empty programs).
 
     Buffers garbage-collected since the last call ride along in the programs' free lists. A single program
-    goes straight from the calling thread (no hop to the pool's event loop: it is the common case, and
+    goes straight from the calling thread (no hop to the session's event loop: it is the common case, and
     per-op latency is what it costs).
 
     Raises:
@@ -154,30 +220,29 @@ def run_programs(pool: Pool, programs: Sequence[Program], *, what: str) -> list[
     busy = [p for p in programs if p.ops or p.fetch or p.free]
     carried: dict[str, list[str]] = {}
     for p in busy:
-        carried.setdefault(p.place.endpoint, []).extend(pool.take_pending_frees(p.place.endpoint))
+        carried.setdefault(p.place.endpoint, []).extend(session.take_pending_frees(p.place.endpoint))
     frees = [[*p.free, *carried.pop(p.place.endpoint, ())] for p in busy]
     if len(busy) == 1:
         program = busy[0]
         try:
-            fetched = pool.execute_now(
+            fetched = session.execute_now(
                 program.place,
                 program.ops,
                 fetch=program.fetch,
                 free=frees[0],
-                timeout=program_deadline(pool, [program]),
+                timeout=program_deadline(session, [program]),
             )
         except BaseException:
-            place, carried_ids = program.place, frees[0][len(program.free) :]  # not freed: queue them again
-            pool.release(Piece(place.agent_id, place.endpoint, 0, 0, 0, b) for b in carried_ids)
+            _requeue(session, program, frees[0])
             raise
         return [fetched if p is program else {} for p in programs]
 
-    deadline = program_deadline(pool, busy)
+    deadline = program_deadline(session, busy)
 
     async def go() -> list[dict[str, np.ndarray]]:
         calls = [
-            pool.channel(p.place.agent_id, p.place.endpoint).execute(
-                p.place.worker, p.ops, session=pool.session, fetch=p.fetch, free=free, timeout=deadline
+            session.channel(p.place.agent_id, p.place.endpoint).execute(
+                p.place.worker, p.ops, session=session.id, fetch=p.fetch, free=free, timeout=deadline
             )
             for p, free in zip(busy, frees, strict=True)
         ]
@@ -187,45 +252,50 @@ def run_programs(pool: Pool, programs: Sequence[Program], *, what: str) -> list[
             for p, r in zip(busy, results, strict=True)
         ]
         for p, free, result in zip(busy, frees, results, strict=True):
-            if isinstance(result, BaseException):  # its frees did not happen: queue them again
-                pool.release(
-                    Piece(p.place.agent_id, p.place.endpoint, 0, 0, 0, b) for b in free[len(p.free) :]
-                )
-        await pool.raise_after_cleanup(results, [p.creates for p in busy])
+            if isinstance(result, BaseException):
+                _requeue(session, p, free)
+        await session.raise_after_cleanup(results, [p.creates for p in busy])
         by_program = iter(r for r in results if isinstance(r, dict))
         return [next(by_program) if (p.ops or p.fetch or p.free) else {} for p in programs]
 
-    return pool.run(go(), timeout=deadline + pool.timeouts.connect, what=what)
+    return session.run(go(), timeout=deadline + session.timeouts.connect, what=what)
 
 
-def materialize(pool: Pool, arrays: Sequence[RemoteArray]) -> None:
-    """Compute every pending array in ``arrays`` and keep the results resident, in one round of programs
-    (one per shard and layout, all concurrent).
+def _requeue(session: Session, program: Program, free: Sequence[str]) -> None:
+    """Queue again the frees a failed ``program`` carried for others (its own ``free`` list leads)."""
+    session.release(program.place.with_buffer(b) for b in free[len(program.free) :])
+
+
+A = TypeVar("A", bound=GraphArray)
+
+
+def materialize(session: Session, arrays: Sequence[A]) -> list[tuple[A, list[Piece]]]:
+    """Compute every pending array in ``arrays``, in one round of programs (one per shard and layout, all
+    concurrent); returns each computed array with the pieces that now hold it, for the caller to commit.
 
     Raises:
-        RemoteError: an agent refused a program; no array is changed and nothing created is kept.
+        RemoteError: an agent refused a program; nothing created is kept.
     """
-    targets: list[RemoteArray] = []
+    targets: list[A] = []
     for array in arrays:
         if array.node is not None and all(array is not t for t in targets):
             targets.append(array)
     if not targets:
-        return
-    groups: dict[tuple[Any, ...], list[RemoteArray]] = {}
+        return []
+    groups: dict[LayoutKey, list[A]] = {}
     for array in targets:
         groups.setdefault(layout_key(array.layout), []).append(array)
     programs: list[Program] = []
-    outputs: list[tuple[RemoteArray, list[Piece]]] = []
+    outputs: list[tuple[A, list[Piece]]] = []
     for members in groups.values():
         layout = members[0].layout
         kept: dict[int, list[Piece]] = {id(a): [] for a in members}
         for index, piece in enumerate(layout):
-            builder = ProgramBuilder(pool, index, piece)
+            builder = ProgramBuilder(session, index, piece)
             for array in members:
                 out = builder.emit(array, keep=True)
                 kept[id(array)].append(piece.with_buffer(out))
             programs.append(builder.program)
         outputs.extend((a, kept[id(a)]) for a in members)
-    run_programs(pool, programs, what="compute")
-    for array, pieces in outputs:
-        array.commit(pieces)
+    run_programs(session, programs, what="compute")
+    return outputs

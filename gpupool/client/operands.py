@@ -1,4 +1,4 @@
-"""Turning Python and NumPy values into program operands, and the client's op vocabulary."""
+"""Turning Python and NumPy values into program operands, and host arrays into what travels."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ __all__ = [
     "buffer_operand",
     "constant_operand",
     "is_scalar",
+    "native_contiguous",
     "scalar_operand",
 ]
 
@@ -71,3 +72,8 @@ def constant_operand(host: np.ndarray) -> agent_pb2.Operand:
 def buffer_operand(buffer_id: str) -> agent_pb2.Operand:
     """A resident buffer of the worker that runs the program."""
     return agent_pb2.Operand(buffer=buffer_id)
+
+
+def native_contiguous(host: np.ndarray) -> np.ndarray:
+    """``host`` as it is uploaded: C-contiguous, in native byte order (a copy only where needed)."""
+    return np.ascontiguousarray(host, dtype=host.dtype.newbyteorder("="))

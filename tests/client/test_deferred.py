@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import gc
+import time
+
 import numpy as np
 import pytest
 
 import gpupool as gp
+from gpupool.client.operands import INLINE_LIMIT
 
 
 def used(pool: gp.Pool) -> int:
@@ -93,3 +97,22 @@ def test_freeing_an_input_of_a_pending_array_is_caught(pool: gp.Pool) -> None:
     x.free()
     with pytest.raises(gp.ArrayFreed):
         y.get()
+
+
+def test_large_host_operands_are_uploaded_once_and_freed_with_the_nodes_that_hold_them(pool: gp.Pool) -> None:
+    rows = INLINE_LIMIT // (8 * 64) + 8  # a float64 operand of 64 columns is then over the inline limit
+    rng = np.random.default_rng(21)
+    a, b = rng.standard_normal((rows, 64)), rng.standard_normal((rows, 64))
+    w = rng.standard_normal((64 + INLINE_LIMIT // (8 * 64), 64))  # too large to send with each program
+    x = pool.asarray(a)
+    small = pool.asarray(a[:4, :1].repeat(w.shape[0], axis=1))
+    before = used(pool)
+    y = x + b  # row-aligned with x: uploaded once, in x's layout
+    np.testing.assert_allclose(y.get(), a + b)
+    np.testing.assert_allclose((small @ w).get(), a[:4, :1].repeat(w.shape[0], axis=1) @ w)
+    del y
+    gc.collect()
+    deadline = time.monotonic() + 15
+    while used(pool) != before:  # what agents report lags by a heartbeat
+        assert time.monotonic() < deadline, f"{used(pool) - before} bytes still held"
+        time.sleep(0.2)

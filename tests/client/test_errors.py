@@ -75,12 +75,14 @@ def test_an_upload_over_the_agent_limit_is_refused_with_out_of_memory(pool: gp.P
     agent = next(a for a in pool.agents() if a.state == "ready")
     host = np.zeros(AGENT_MEMORY // 8 + 1024, np.float64)
 
+    session = pool._session  # the plumbing: the raw channel to one agent, with this session's capability
+
     async def upload() -> None:
-        await pool.grant([agent.id])  # the capability this session needs on that agent
-        await pool.channel(agent.id, agent.endpoint).upload(pool.new_buffer_id(), 0, host, pool.session)
+        await session.grant([agent.id])  # the capability this session needs on that agent
+        await session.channel(agent.id, agent.endpoint).upload(session.new_buffer_id(), 0, host, session.id)
 
     with pytest.raises(gp.DeviceOutOfMemory, match=agent.id):
-        pool.run(upload(), timeout=30, what="upload")
+        session.run(upload(), timeout=30, what="upload")
     still_serving(pool)
 
 
@@ -98,7 +100,8 @@ def test_a_call_for_a_buffer_the_agent_freed_raises_buffer_not_found(pool: gp.Po
     a = np.arange(20, dtype=np.int64).reshape(10, 2)
     x = pool.asarray(a)
     other = pool.asarray(a * 7)
-    pool.run(pool.free_now(x.pieces), timeout=10, what="free")  # gone on the agents, not on the handle
+    session = pool._session
+    session.run(session.free_now(x.pieces), timeout=10, what="free")  # gone on the agents, not on the handle
     with pytest.raises(gp.BufferNotFound) as info:
         (x * 2).persist()
     assert info.value.buffer_id in {p.buffer_id for p in x.pieces}
@@ -127,13 +130,15 @@ def test_a_program_the_agent_rejects_is_a_remote_kernel_error(pool: gp.Pool) -> 
         expect=agent_pb2.ArrayMeta(dtype="float32", shape=[piece.stop - piece.start, 2]),
     )
 
+    session = pool._session
+
     async def send() -> object:
-        return await pool.channel(piece.agent_id, piece.endpoint).execute(
-            piece.worker, [bad], session=pool.session
+        return await session.channel(piece.agent_id, piece.endpoint).execute(
+            piece.worker, [bad], session=session.id
         )
 
     with pytest.raises(gp.RemoteKernelError, match="no_such_op") as info:
-        pool.run(send(), timeout=10, what="execute")
+        session.run(send(), timeout=10, what="execute")
     assert info.value.agent_id == piece.agent_id
     np.testing.assert_array_equal(x.get(), np.ones((8, 2), np.float32))
     still_serving(pool)

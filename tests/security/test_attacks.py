@@ -989,7 +989,7 @@ import gpupool as gp
 pool = gp.connect(sys.argv[1], token=sys.argv[2])
 x = pool.asarray(np.ones((int(sys.argv[3]), 1024), np.float64))
 pieces = [[p.agent_id, p.endpoint, p.buffer_id] for p in x.layout]
-capabilities = {p[0]: pool.capability_metadata(p[0])[0][1] for p in pieces}
+capabilities = {p[0]: pool._session.capability_metadata(p[0])[0][1] for p in pieces}
 print(json.dumps({"session": pool.session, "pieces": pieces, "capabilities": capabilities}), flush=True)
 sys.stdin.read()  # until killed
 """

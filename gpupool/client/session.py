@@ -1,0 +1,375 @@
+"""The plumbing under a :class:`~gpupool.client.pool.Pool`: one coordinator session and what it talks over.
+
+A :class:`Session` owns the private event loop (:class:`~gpupool.client._loop.LoopThread`), the coordinator
+client, this session's capabilities, lease and view of offline agents (a
+:class:`~gpupool.client.lease.LeaseKeeper`), the channels to agents, and the operations every remote array
+is built from: upload, execute, free. It knows nothing of arrays: callers hand it host data and
+:class:`~gpupool.client.layout.Piece`\\ s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import itertools
+import logging
+import socket
+import threading
+from collections import defaultdict
+from collections.abc import Awaitable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from gpupool._config import Timeouts
+from gpupool._errors import AgentLost, ArrayFreed, ConnectError, DeadlineExceeded
+from gpupool._ids import new_buffer_id
+from gpupool._proto.v1 import agent_pb2, agent_pb2_grpc, coordinator_pb2
+from gpupool._version import __version__
+from gpupool.client._loop import LoopThread
+from gpupool.client.channels import AgentChannel, Metadata, fetched_arrays
+from gpupool.client.layout import Piece, by_endpoint, pieces_from_placement
+from gpupool.client.lease import WATCH_INTERVAL, LeaseKeeper
+from gpupool.protocol.codec import meta_of
+from gpupool.protocol.errors import translate_rpc_error
+from gpupool.security.pki import agent_dns_name
+from gpupool.transport.coordinator import CoordinatorClient, PoolCredentials
+from gpupool.transport.rpc import sync_channel
+
+__all__ = ["FREE_DELAY", "Session"]
+
+#: Seconds a garbage-collected array's buffers wait for a program to carry their free (else a Free call).
+FREE_DELAY = 0.05
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Session:
+    """A session with a pool's coordinator, and the channels to its agents.
+
+    Connects on construction; :meth:`close` frees every buffer the session made and ends it. Blocking
+    methods may be called from any thread but the loop's own; the ``async`` ones and :meth:`channel` run
+    on the loop only (through :meth:`run`).
+
+    Args:
+        credentials: the coordinator's address, this user's token, and the pool CA if the coordinator
+            serves TLS.
+        timeouts: deadlines for every call.
+        client: how the coordinator lists this session in ``gpupool jobs``.
+
+    Raises:
+        ConnectError: nothing listens at the address (at once), or no coordinator answered in time.
+        AuthError: the coordinator refused the token.
+    """
+
+    def __init__(
+        self, credentials: PoolCredentials, *, timeouts: Timeouts = Timeouts(), client: str | None = None
+    ) -> None:
+        self.address = credentials.address
+        self.timeouts = timeouts
+        self._rpc = CoordinatorClient(credentials, timeout=timeouts.rpc)
+        self._loop = LoopThread(f"gpupool[{self.address}].loop")
+        self._channels: dict[str, AgentChannel] = {}
+        self._serial = itertools.count(1)
+        self._pending_free: dict[str, list[str]] = defaultdict(list)
+        self._free_lock = threading.Lock()
+        self._agent_of: dict[str, str] = {}
+        self._flush_scheduled = False
+        self._sync_stubs: dict[str, agent_pb2_grpc.AgentStub] = {}
+        self._sync_channels: list[grpc.Channel] = []
+        self._closed = False
+        try:
+            reply = self.run(
+                self._connect(client or f"{getpass.getuser()}@{socket.gethostname()}"),
+                timeout=timeouts.connect + 1,
+                what="connect",
+            )
+        except DeadlineExceeded as exc:
+            self._loop.stop()
+            raise ConnectError(
+                self.address,
+                f"no coordinator answered within {timeouts.connect:.0f} s "
+                "(is `gpupool up` or `gpupool coordinator` running there?)",
+            ) from exc
+        except BaseException:
+            self._loop.stop()
+            raise
+        self.id: str = reply.session
+        self.coordinator_version: str = reply.coordinator_version
+        self.lease: float = reply.lease_seconds
+        self._agent_ca: bytes | None = reply.ca_certificate.encode() or None
+        self._keeper = LeaseKeeper(
+            self._rpc, session=self.id, lease=self.lease, on_offline=self._note_offline
+        )
+        self._loop.call_soon(self._start_heartbeat)
+
+    async def _connect(self, client: str) -> coordinator_pb2.ConnectReply:
+        request = coordinator_pb2.ConnectRequest(client=client, client_version=__version__)
+        # No wait_for_ready: a refused port fails at once, with a clear message, not after the deadline.
+        reply: coordinator_pb2.ConnectReply = await self._rpc.acall(
+            "Connect", request, timeout=self.timeouts.connect
+        )
+        return reply
+
+    async def _call_coordinator(self, method: str, request: Any) -> Any:
+        # Once connected, a coordinator that is restarting is waited for (up to the call's deadline):
+        # the session and its capabilities outlive the restart, so the user sees nothing of it.
+        return await self._rpc.acall(method, request, wait_for_ready=True)
+
+    def _start_heartbeat(self) -> None:
+        task = asyncio.ensure_future(self._keeper.run())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    # -- the loop and the channels ----------------------------------------------------------------
+    def run(self, awaitable: Awaitable[T], *, timeout: float, what: str) -> T:
+        """Run a coroutine on the session's loop and wait for its result (see :meth:`LoopThread.run`)."""
+
+        async def wrapped() -> T:
+            return await awaitable
+
+        return self._loop.run(wrapped(), timeout=timeout, what=what)
+
+    def channel(self, agent_id: str, endpoint: str) -> AgentChannel:
+        """The channel to an agent (loop thread only); TLS, checked against the agent's id, if enrolled."""
+        channel = self._channels.get(endpoint)
+        if channel is None or channel.agent_id != agent_id:
+            channel = self._channels[endpoint] = AgentChannel(
+                agent_id,
+                endpoint,
+                self.timeouts,
+                ca_pem=self._agent_ca if self._keeper.holds(agent_id) else None,
+                metadata=lambda: self.capability_metadata(agent_id),
+            )
+        return channel
+
+    def new_buffer_id(self) -> str:
+        """A buffer id unique to this session."""
+        return new_buffer_id(self.id, next(self._serial))
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    def check_open(self) -> None:
+        """Raise :class:`ArrayFreed` once the session is closed."""
+        if self._closed:
+            raise ArrayFreed("the pool this array belongs to is closed")
+
+    # -- capabilities and offline agents ---------------------------------------------------------
+    @property
+    def offline_agents(self) -> frozenset[str]:
+        """The agents the coordinator showed offline at the last heartbeat."""
+        return self._keeper.offline_agents
+
+    def capability_metadata(self, agent_id: str) -> Metadata:
+        """The metadata that carries this session's capability on ``agent_id`` (none for an open agent)."""
+        return self._keeper.metadata(agent_id)
+
+    async def grant(self, agent_ids: Sequence[str]) -> None:
+        """Get this session's capabilities on ``agent_ids`` from the coordinator (loop thread only).
+
+        Raises:
+            PlacementError: an agent that is not an enrolled agent of the pool.
+        """
+        await self._keeper.grant(agent_ids)
+
+    def _note_offline(self, offline: frozenset[str]) -> None:
+        for channel in self._channels.values():
+            lost = channel.agent_id in offline
+            if lost and not channel.lost:
+                log.warning("agent %s is offline: abandoning calls waiting on it", channel.agent_id)
+                channel.mark_lost()
+            elif not lost:
+                channel.lost = False  # back (a resumed rig): its buffers may be too
+
+    # -- the coordinator --------------------------------------------------------------------------
+    def list_agents(self, *, include_offline: bool = False) -> list[coordinator_pb2.AgentRecord]:
+        """The coordinator's registry records (ready, cordoned and draining; offline ones on request)."""
+        self.check_open()
+        reply = self.run(
+            self._call_coordinator(
+                "ListAgents", coordinator_pb2.ListAgentsRequest(include_offline=include_offline)
+            ),
+            timeout=self.timeouts.rpc,
+            what="list agents",
+        )
+        return list(reply.agents)
+
+    # -- execute ----------------------------------------------------------------------------------
+    def execute_now(
+        self,
+        place: Piece,
+        ops: Sequence[agent_pb2.Op],
+        *,
+        fetch: Sequence[str],
+        free: Sequence[str],
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run one program from the calling thread, over a synchronous channel (see :meth:`channel`).
+
+        Raises:
+            AgentLost: the coordinator shows the agent offline (before the call, or while it waits).
+            RemoteError, TransportError: the agent refused the program, or the call failed.
+        """
+        self.check_open()
+        stub = self._sync_stubs.get(place.endpoint)
+        if stub is None:
+            with self._free_lock:
+                if place.endpoint not in self._sync_stubs:
+                    tls = self._keeper.holds(place.agent_id)
+                    channel = sync_channel(
+                        place.endpoint,
+                        ca_pem=self._agent_ca if tls else None,
+                        server_name=agent_dns_name(place.agent_id) if tls else "",
+                    )
+                    self._sync_channels.append(channel)
+                    self._sync_stubs[place.endpoint] = agent_pb2_grpc.AgentStub(channel)  # type: ignore[no-untyped-call]
+                stub = self._sync_stubs[place.endpoint]
+        request = agent_pb2.ExecuteRequest(
+            worker=place.worker, ops=ops, fetch=fetch, free=free, session=self.id
+        )
+        if place.agent_id in self.offline_agents:
+            raise AgentLost(place.agent_id, (place.start, place.stop))
+        call = stub.Execute.future(
+            request, timeout=timeout or self.timeouts.rpc, metadata=self.capability_metadata(place.agent_id)
+        )
+        try:
+            # Wait in slices, so that an agent the coordinator shows offline is not waited on to the end.
+            while True:
+                try:
+                    reply = call.result(timeout=WATCH_INTERVAL)
+                    break
+                except grpc.FutureTimeoutError:
+                    if place.agent_id in self.offline_agents:
+                        call.cancel()
+                        raise AgentLost(place.agent_id, (place.start, place.stop)) from None
+        except grpc.RpcError as exc:
+            raise translate_rpc_error(exc, peer=place.endpoint, agent_id=place.agent_id) from exc
+        return fetched_arrays(reply, peer=place.endpoint)
+
+    # -- upload -----------------------------------------------------------------------------------
+    def upload(self, host: np.ndarray) -> list[Piece]:
+        """Have the coordinator place ``host``'s rows, and upload each shard; returns the pieces.
+
+        Raises:
+            NoCapacity, PlacementError: the pool cannot take it.
+            DeviceOutOfMemory, RemoteError: an agent refused its shard (nothing is left behind).
+        """
+        return self.run(self._upload(host), timeout=self.timeouts.for_stream(host.nbytes) * 2, what="upload")
+
+    async def _upload(self, host: np.ndarray) -> list[Piece]:
+        request = coordinator_pb2.PlaceRequest(session=self.id, meta=meta_of(host.dtype, host.shape))
+        reply = await self._call_coordinator("Place", request)
+        self._keeper.keep_placed(reply.shards)
+        pieces = pieces_from_placement(reply.shards, self.new_buffer_id)
+        await self.upload_pieces(host, pieces)
+        return pieces
+
+    async def upload_pieces(self, host: np.ndarray, pieces: Sequence[Piece]) -> None:
+        """Upload each piece's rows of ``host``; on any failure free what arrived and re-raise."""
+        results: list[object] = await asyncio.gather(
+            *(
+                self.channel(p.agent_id, p.endpoint).upload(
+                    p.buffer_id, p.worker, host[p.start : p.stop], self.id
+                )
+                for p in pieces
+            ),
+            return_exceptions=True,
+        )
+        results = [
+            r.with_rows(p.start, p.stop) if isinstance(r, AgentLost) else r
+            for r, p in zip(results, pieces, strict=True)
+        ]
+        await self.raise_after_cleanup(results, [[p] for p in pieces])
+
+    async def raise_after_cleanup(
+        self, results: Sequence[object], created: Sequence[Sequence[Piece]]
+    ) -> None:
+        """If any result is an exception, free what the successful calls created and raise the first."""
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if not errors:
+            return
+        leftovers = [
+            p
+            for r, made in zip(results, created, strict=True)
+            if not isinstance(r, BaseException)
+            for p in made
+        ]
+        await self.free_now(leftovers)
+        raise errors[0]
+
+    # -- free -------------------------------------------------------------------------------------
+    async def free_now(self, pieces: Iterable[Piece]) -> None:
+        """Free buffers, grouped per agent; failures are logged, never raised (best effort)."""
+        results = await asyncio.gather(
+            *(
+                self.channel(ps[0].agent_id, endpoint).free([p.buffer_id for p in ps])
+                for endpoint, ps in by_endpoint(pieces).items()
+            ),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                log.warning("freeing buffers failed: %s", result)
+
+    def release(self, pieces: Iterable[Piece]) -> None:
+        """Free buffers soon, from any thread, without waiting (used when an array is garbage-collected).
+
+        The ids ride along with the next program sent to their agent; what no program picks up within
+        :data:`FREE_DELAY` seconds goes in one Free call per agent.
+        """
+        if self._closed:
+            return
+        with self._free_lock:
+            for piece in pieces:
+                self._pending_free[piece.endpoint].append(piece.buffer_id)
+                self._agent_of[piece.endpoint] = piece.agent_id
+            schedule = not self._flush_scheduled
+            self._flush_scheduled = True
+        if schedule:  # at most one wake-up of the loop per FREE_DELAY, however many arrays go
+            self._loop.call_soon(lambda: self._loop.loop.call_later(FREE_DELAY, self._flush_frees))
+
+    def take_pending_frees(self, endpoint: str) -> list[str]:
+        """The buffer ids waiting to be freed on ``endpoint``, for a program to free on its way."""
+        with self._free_lock:
+            return self._pending_free.pop(endpoint, [])
+
+    def _flush_frees(self) -> None:
+        with self._free_lock:
+            pending, self._pending_free = self._pending_free, defaultdict(list)
+            self._flush_scheduled = False
+        for endpoint, ids in pending.items():
+            if ids:
+                task = asyncio.ensure_future(self.channel(self._agent_of[endpoint], endpoint).free(ids))
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    # -- close ------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free every buffer this session made, end the session, and stop the loop. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._keeper.close()
+        try:
+            self.run(self._close(), timeout=self.timeouts.rpc, what="close")
+        except Exception as exc:  # closing must not raise over a dead agent or coordinator
+            log.warning("closing the pool: %s", exc)
+        finally:
+            self._loop.stop()
+            for channel in self._sync_channels:
+                channel.close()
+
+    async def _close(self) -> None:
+        self._flush_frees()
+        channels = list(self._channels.values())
+        await asyncio.gather(*(c.free(session=self.id) for c in channels), return_exceptions=True)
+        try:
+            # Not waited for if unreachable: an ended lease frees the session's buffers anyway.
+            await self._rpc.acall("Disconnect", coordinator_pb2.DisconnectRequest(session=self.id))
+        except Exception as exc:
+            log.warning("disconnect: %s", exc)
+        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
+        await self._rpc.aclose()
