@@ -18,11 +18,13 @@ from typing import Any, Final
 import numpy as np
 
 from gpupool._proto.v1 import agent_pb2
-from gpupool.agent.ops import BINARY, UNARY, Expected, apply_op
+from gpupool.agent.ops import BINARY, UNARY, Expected, apply_op, op_args
 
 __all__ = ["BLOCK_ELEMENTS", "Run", "plan_runs", "run_fused"]
 
-ELEMENTWISE: Final = BINARY | UNARY | {"where", "astype"}
+#: Ops whose result at each position depends only on the operands at that position (broadcast operands
+#: whole), so that a block of rows of the result is the op over the blocks of its operands.
+ELEMENTWISE: Final = BINARY | UNARY | {"where", "astype", "clip", "round"}
 #: Reductions whose block partials combine exactly as the whole would (mean is sent as sum by clients).
 FOLDABLE: Final = {
     "sum": np.add,
@@ -75,7 +77,7 @@ def plan_runs(
         folds = (
             stop < len(ops)
             and ops[stop].op in FOLDABLE
-            and (not ops[stop].has_axis or ops[stop].axis == 0)
+            and _reduces_rows(ops[stop], len(shape))
             and len(ops[stop].inputs) == 1
             and ops[stop].inputs[0].buffer == last
             and last in free
@@ -86,6 +88,21 @@ def plan_runs(
             runs[index] = Run(index, stop, folds)
         index = stop + (1 if folds else 0)
     return runs
+
+
+def _reduces_rows(op: agent_pb2.Op, ndim: int) -> bool:
+    """Whether reduction ``op`` over an array of ``ndim`` dimensions reduces over every axis or over the
+    rows (axis 0) only, with or without keepdims: the reductions whose block partials fold."""
+    if op.params:
+        return False
+    if not op.axes:
+        return not op.has_axis or op.axis in (0, -ndim)
+    if op.has_axis or not all(-ndim <= axis < ndim for axis in op.axes):
+        return False  # refused when it runs
+    axes = {axis % ndim for axis in op.axes}
+    if len(axes) != len(op.axes):
+        return False
+    return axes == {0} or axes == set(range(ndim))
 
 
 def run_fused(
@@ -139,18 +156,19 @@ def run_fused(
             ]
             want = expected[op.output]
             block_expect = Expected(want.dtype, (end - begin, *shape[1:]), 0)
-            block[op.output] = apply_op(xp, op.op, operands, block_expect, kernel_errors=kernel_errors)
+            block[op.output] = apply_op(
+                xp, op.op, operands, block_expect, args=op_args(op), kernel_errors=kernel_errors
+            )
             if op.output in whole:
                 whole[op.output][begin:end] = block[op.output]
         if reduction is not None:
             want = expected[reduction.output]
-            axis = 0 if reduction.has_axis else None
             piece = apply_op(
                 xp,
                 reduction.op,
                 [block[chain[-1].output]],
                 Expected(want.dtype, want.shape, 0),
-                axis=axis,
+                args=op_args(reduction),
                 kernel_errors=kernel_errors,
             )
             if want.dtype.kind == "f":

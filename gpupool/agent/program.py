@@ -25,9 +25,18 @@ from gpupool._proto.v1 import agent_pb2
 from gpupool.agent.backend import ArrayBackend
 from gpupool.agent.buffers import BufferRegistry, Reservation
 from gpupool.agent.fusion import plan_runs, run_fused
-from gpupool.agent.ops import Expected, apply_op, arity, constant_array, expected_result, scalar_value
+from gpupool.agent.ops import (
+    Expected,
+    apply_op,
+    check_op,
+    constant_array,
+    expected_result,
+    op_args,
+    scalar_value,
+)
 from gpupool.protocol.codec import meta_of
 from gpupool.protocol.errors import RpcRefusal
+from gpupool.protocol.opnames import CONTRACTIONS, ORDERING
 
 __all__ = [
     "FETCH_LIMIT",
@@ -51,23 +60,27 @@ SMALL_ELEMENTS: Final = 1 << 14
 
 def is_small(request: agent_pb2.ExecuteRequest, resident_nbytes: Callable[[str], int]) -> bool:
     """Whether ``request`` is cheap enough to run on the agent's event loop (see ``Worker.call``): no
-    matmul, and its results and the resident buffers it reads hold few elements in all."""
+    matrix product, and its results and the resident buffers it reads hold few elements in all (a sort's
+    results counted ``log2 n`` times)."""
     produced: set[str] = set()
     budget = SMALL_ELEMENTS * 8  # bytes, counting float64
     for op in request.ops:
-        if op.op == "matmul":
+        if op.op in CONTRACTIONS:
             return False
         for item in op.inputs:
             if item.WhichOneof("kind") == "buffer" and item.buffer not in produced:
                 budget -= resident_nbytes(item.buffer)
-        count = 8
-        for n in op.expect.shape:
-            count *= n
-        budget -= count
+        elements = max(math.prod(op.expect.shape), 0)  # negative dimensions are refused later
+        budget -= 8 * elements * _sorting_factor(op.op, elements)
         if budget < 0:
             return False
         produced.add(op.output)
     return True
+
+
+def _sorting_factor(name: str, elements: int) -> int:
+    """Operations per element of an op: ``log2 n`` for sorting ``n`` elements, else 1."""
+    return max(elements.bit_length(), 1) if name in ORDERING else 1
 
 
 def estimate_work(
@@ -76,10 +89,11 @@ def estimate_work(
     """The work ``request`` asks for: (bytes its ops read and write, floating-point operations), for
     deadlines (``Timeouts.for_work``). Pure; an unchecked request gives an estimate all the same.
 
-    A matmul counts ``2 * m * n * k``, with ``k`` from its operands' sizes (a resident buffer's size
-    comes from ``resident_nbytes``, its elements counted at the result's element size, which counts an
-    operand of a narrower dtype short; the deadline's margins cover that); any other op counts one
-    operation per element it reads or writes. Fetched resident buffers count once more, for the copy out.
+    A matmul or tmatmul counts ``2 * m * n * k``, with the contracted length from its operands' sizes (a
+    resident buffer's size comes from ``resident_nbytes``, its elements counted at the result's element
+    size, which counts an operand of a narrower dtype short; the deadline's margins cover that); a sort,
+    argsort or partition ``n log2 n``; any other op one operation per element it reads or writes.
+    Fetched resident buffers count once more, for the copy out.
     """
     declared: dict[str, tuple[int, int]] = {}  # output -> (bytes, elements), for later ops' operands
     touched = 0
@@ -92,11 +106,14 @@ def estimate_work(
             itemsize = 8
         sizes = [_operand_size(item, declared, resident_nbytes, itemsize) for item in op.inputs]
         touched += sum(nbytes for nbytes, _ in sizes) + elements * itemsize
-        if op.op == "matmul" and len(sizes) == 2:
+        if op.op in CONTRACTIONS and len(sizes) == 2:
+            # The contracted length: matmul (m, k) @ (k, n) has k² m n / (m n); tmatmul (m, k).T @ (m, n)
+            # has m² k n / (k n).
             product = sizes[0][1] * sizes[1][1]
             flops += 2 * elements * math.isqrt(product // max(elements, 1))
         else:
-            flops += max([elements, *(count for _, count in sizes)])
+            largest = max([elements, *(count for _, count in sizes)])
+            flops += largest * _sorting_factor(op.op, largest)
         declared[op.output] = (elements * itemsize, elements)
     touched += sum(resident_nbytes(buffer_id) for buffer_id in request.fetch if buffer_id not in declared)
     return touched, flops
@@ -252,7 +269,7 @@ class Program:
                     op.op,
                     [self._operand(item) for item in op.inputs],
                     self._expected[op.output],
-                    axis=op.axis if op.has_axis else None,
+                    args=op_args(op),
                     kernel_errors=self._backend.kernel_errors,
                 )
         self._index = end
@@ -351,9 +368,7 @@ def _check_request(request: agent_pb2.ExecuteRequest, registry: BufferRegistry) 
     """Every output's declared result, after checking the whole request; nothing computed yet."""
     expected: dict[str, Expected] = {}
     for op in request.ops:
-        needed = arity(op.op)
-        if len(op.inputs) != needed:
-            raise RpcRefusal("bad-request", f"op {op.op!r} takes {needed} operand(s), got {len(op.inputs)}")
+        check_op(op)
         if not op.output:
             raise RpcRefusal("bad-request", f"op {op.op!r} names no output buffer")
         if op.output in expected or registry.contains(op.output):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -169,6 +169,9 @@ def op(
     shape: tuple[int, ...],
     *,
     axis: int | None = None,
+    params: Sequence[int] = (),
+    axes: Sequence[int] = (),
+    keepdims: bool = False,
 ) -> agent_pb2.Op:
     """One op of a program."""
     return agent_pb2.Op(
@@ -178,6 +181,9 @@ def op(
         expect=agent_pb2.ArrayMeta(dtype=dtype, shape=list(shape)),
         has_axis=axis is not None,
         axis=axis or 0,
+        params=list(params),
+        axes=list(axes),
+        keepdims=keepdims,
     )
 
 

@@ -28,7 +28,8 @@ def reference(name: str, *operands: object) -> np.ndarray:
 def test_table_matches_the_contract() -> None:
     assert len(ops.BINARY) == 22
     assert len(ops.UNARY) == 30
-    assert ops.BINARY | ops.UNARY | ops.REDUCTIONS | {"where", "matmul", "astype"} == ops.OPS
+    assert ops.BINARY | ops.UNARY | ops.REDUCTIONS | {"where", "matmul", "astype"} <= ops.OPS
+    assert set(ops.TABLE) == ops.OPS  # the newer families: tests/agent/test_agent_ops_more.py
     for name in ops.BINARY | ops.UNARY | ops.REDUCTIONS:
         assert callable(getattr(np, name)), name
 
@@ -136,7 +137,7 @@ def test_operands_that_do_not_broadcast_fail_the_kernel() -> None:
     assert caught.value.kind == "kernel-failed"
     with pytest.raises(RpcRefusal) as caught:
         apply_op(np, "sum", [A], expect("float64", (5,)), axis=4)
-    assert caught.value.kind == "kernel-failed"
+    assert caught.value.kind == "bad-request"  # an axis out of range is a malformed op
 
 
 def test_arity_and_unknown_ops() -> None:

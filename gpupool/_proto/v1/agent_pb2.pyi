@@ -90,20 +90,26 @@ class Operand(_message.Message):
     def __init__(self, buffer: _Optional[str] = ..., scalar: _Optional[_Union[Scalar, _Mapping]] = ..., constant: _Optional[_Union[Constant, _Mapping]] = ...) -> None: ...
 
 class Op(_message.Message):
-    __slots__ = ("op", "inputs", "output", "expect", "has_axis", "axis")
+    __slots__ = ("op", "inputs", "output", "expect", "has_axis", "axis", "params", "axes", "keepdims")
     OP_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     EXPECT_FIELD_NUMBER: _ClassVar[int]
     HAS_AXIS_FIELD_NUMBER: _ClassVar[int]
     AXIS_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    AXES_FIELD_NUMBER: _ClassVar[int]
+    KEEPDIMS_FIELD_NUMBER: _ClassVar[int]
     op: str
     inputs: _containers.RepeatedCompositeFieldContainer[Operand]
     output: str
     expect: ArrayMeta
     has_axis: bool
     axis: int
-    def __init__(self, op: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Operand, _Mapping]]] = ..., output: _Optional[str] = ..., expect: _Optional[_Union[ArrayMeta, _Mapping]] = ..., has_axis: _Optional[bool] = ..., axis: _Optional[int] = ...) -> None: ...
+    params: _containers.RepeatedScalarFieldContainer[int]
+    axes: _containers.RepeatedScalarFieldContainer[int]
+    keepdims: bool
+    def __init__(self, op: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Operand, _Mapping]]] = ..., output: _Optional[str] = ..., expect: _Optional[_Union[ArrayMeta, _Mapping]] = ..., has_axis: _Optional[bool] = ..., axis: _Optional[int] = ..., params: _Optional[_Iterable[int]] = ..., axes: _Optional[_Iterable[int]] = ..., keepdims: _Optional[bool] = ...) -> None: ...
 
 class ExecuteRequest(_message.Message):
     __slots__ = ("worker", "ops", "fetch", "free", "session")
