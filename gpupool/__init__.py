@@ -10,7 +10,7 @@
 Importing gpupool loads neither CuPy nor NVML: those are the agent's, loaded lazily there.
 """
 
-from gpupool import _functions
+from gpupool import _functions, random
 from gpupool._config import Timeouts
 from gpupool._errors import (
     AgentLost,
@@ -38,7 +38,24 @@ from gpupool._errors import (
 )
 from gpupool._functions import *  # noqa: F403 - the NumPy-style functions, listed in _functions.__all__
 from gpupool._version import __version__
+from gpupool._warnings import HostFallbackWarning
 from gpupool.client import AgentInfo, GpuInfo, Pool, RemoteArray, Shard, connect, persist
+from gpupool.client.coverage import coverage
+from gpupool.client.creation import (
+    arange,
+    asarray,
+    empty,
+    empty_like,
+    eye,
+    full,
+    full_like,
+    linspace,
+    ones,
+    ones_like,
+    zeros,
+    zeros_like,
+)
+from gpupool.client.current import current_pool
 
 __all__ = [
     "AgentInfo",
@@ -53,6 +70,7 @@ __all__ = [
     "FrameDecodeError",
     "GpuInfo",
     "GpupoolError",
+    "HostFallbackWarning",
     "NoCapacity",
     "PlacementError",
     "Pool",
@@ -70,7 +88,22 @@ __all__ = [
     "UsageError",
     "VersionMismatch",
     "__version__",
+    "arange",
+    "asarray",
     "connect",
+    "coverage",
+    "current_pool",
+    "empty",
+    "empty_like",
+    "eye",
+    "full",
+    "full_like",
+    "linspace",
+    "ones",
+    "ones_like",
     "persist",
+    "random",
+    "zeros",
+    "zeros_like",
     *_functions.__all__,
 ]

@@ -27,6 +27,7 @@ def test_public_names_are_pinned() -> None:
         "FrameDecodeError",
         "GpuInfo",
         "GpupoolError",
+        "HostFallbackWarning",
         "NoCapacity",
         "PlacementError",
         "Pool",
@@ -45,7 +46,24 @@ def test_public_names_are_pinned() -> None:
         "VersionMismatch",
         "__version__",
         "connect",
+        "coverage",
         "persist",
+    }
+    creation = {
+        "arange",
+        "asarray",
+        "current_pool",
+        "empty",
+        "empty_like",
+        "eye",
+        "full",
+        "full_like",
+        "linspace",
+        "ones",
+        "ones_like",
+        "random",
+        "zeros",
+        "zeros_like",
     }
     functions = {
         "abs",
@@ -112,7 +130,7 @@ def test_public_names_are_pinned() -> None:
         "trunc",
         "where",
     }
-    assert set(gp.__all__) == core | functions
+    assert set(gp.__all__) == core | creation | functions
     for name in gp.__all__:
         assert hasattr(gp, name), name
 

@@ -1,7 +1,43 @@
 """The client shim: a local proxy device whose arrays are handles to shards on remote GPUs."""
 
 from gpupool.client.array import RemoteArray, persist
+from gpupool.client.creation import (
+    arange,
+    asarray,
+    empty,
+    empty_like,
+    eye,
+    full,
+    full_like,
+    linspace,
+    ones,
+    ones_like,
+    zeros,
+    zeros_like,
+)
+from gpupool.client.current import current_pool
 from gpupool.client.pool import Pool, connect
 from gpupool.client.types import AgentInfo, GpuInfo, Shard
 
-__all__ = ["AgentInfo", "GpuInfo", "Pool", "RemoteArray", "Shard", "connect", "persist"]
+__all__ = [
+    "AgentInfo",
+    "GpuInfo",
+    "Pool",
+    "RemoteArray",
+    "Shard",
+    "arange",
+    "asarray",
+    "connect",
+    "current_pool",
+    "empty",
+    "empty_like",
+    "eye",
+    "full",
+    "full_like",
+    "linspace",
+    "ones",
+    "ones_like",
+    "persist",
+    "zeros",
+    "zeros_like",
+]

@@ -9,24 +9,25 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
-from gpupool._errors import ArrayFreed, UsageError
+from gpupool._errors import ArrayFreed
 from gpupool.client import dispatch
-from gpupool.client.graph import MAX_DEPTH, ArraySpec, GraphArray, Node, materialize
+from gpupool.client.graph import MAX_DEPTH, ArraySpec, Node, materialize
 from gpupool.client.layout import Piece, Place
+from gpupool.client.methods import ArrayMethods
 from gpupool.client.session import Session
 from gpupool.client.types import Shard
 from gpupool.protocol.codec import check_dtype
-from gpupool.protocol.opnames import ELEMENTWISE, REDUCTIONS
 
 __all__ = ["RemoteArray", "from_spec", "persist"]
 
 
-class RemoteArray(GraphArray):
+class RemoteArray(ArrayMethods):
     """An array in the pool: shape and dtype here, the data in row shards on the agents.
 
     NumPy code works on it: ufuncs (``np.tanh(x)``, ``x * 2 + 1``, ``x > 0``) run where the shards live and
@@ -39,6 +40,7 @@ class RemoteArray(GraphArray):
 
     __slots__ = (
         "__weakref__",
+        "_dependents",
         "_finalizer",
         "_freed",
         "_pieces",
@@ -68,6 +70,9 @@ class RemoteArray(GraphArray):
         self._freed = False
         self._replicas: dict[Place, Piece] = {}
         self._finalizer: weakref.finalize[Any, Any] | None = None
+        #: Pending arrays whose nodes read this one: an in-place update redirects them to its old value.
+        #: (By id: arrays are unhashable, as NumPy's; a dead reference is skipped.)
+        self._dependents: dict[int, weakref.ref[RemoteArray]] = {}
         if node is None:
             self._finalizer = weakref.finalize(self, session.release, self._pieces)
 
@@ -191,140 +196,43 @@ class RemoteArray(GraphArray):
             return self
         return from_spec(dispatch.cast(self, target))
 
-    # -- NumPy protocols --------------------------------------------------------------------------
-    def __array_ufunc__(self, ufunc: np.ufunc, method: str, *inputs: Any, **kwargs: Any) -> Any:
-        if "out" in kwargs:
-            raise UsageError(f"{ufunc.__name__}: out= is not supported on remote arrays")
-        if method != "__call__" or kwargs:
-            return NotImplemented
-        if ufunc.__name__ == "matmul":
-            if inputs[0] is self:
-                return from_spec(dispatch.matmul(self, inputs[1]))
-            return NotImplemented
-        if ufunc.__name__ not in ELEMENTWISE:
-            return NotImplemented
-        return from_spec(dispatch.elementwise(ufunc.__name__, inputs))
+    # -- hooks of ArrayMethods ----------------------------------------------------------------------
+    def _make(self, spec: ArraySpec) -> RemoteArray:
+        return from_spec(spec)
 
-    def __array_function__(self, func: Any, types: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
-        name = getattr(func, "__name__", "")
-        name = {"amax": "max", "amin": "min"}.get(name, name)
-        if name in REDUCTIONS and args and args[0] is self:
-            return getattr(self, name)(*args[1:], **kwargs)
-        if name == "dot" and len(args) == 2 and args[0] is self and not kwargs:
-            return from_spec(dispatch.matmul(self, args[1]))
-        if name == "where" and len(args) == 3 and not kwargs:
-            return from_spec(dispatch.elementwise("where", args))
-        return NotImplemented
+    def _assign(self, spec: ArraySpec) -> RemoteArray:
+        """Become ``spec``'s value (an in-place operator), which reads this array's present value.
 
-    # -- reductions -------------------------------------------------------------------------------
-    def _reduce(self, op: str, axis: int | None, keepdims: bool) -> Any:
-        if keepdims:
-            raise UsageError(f"{op}: keepdims=True is not supported on remote arrays")
-        if isinstance(axis, tuple):
-            raise UsageError(f"{op}: reduce over one axis or all of them, not a tuple of axes")
-        result = dispatch.reduce(self, op, axis)
-        return from_spec(result) if isinstance(result, ArraySpec) else result
-
-    def sum(self, axis: int | None = None, *, keepdims: bool = False) -> Any:
-        """Sum over all elements (a NumPy scalar), over axis 0 (a NumPy array) or another axis (remote)."""
-        return self._reduce("sum", axis, keepdims)
-
-    def mean(self, axis: int | None = None, *, keepdims: bool = False) -> Any:
-        """Arithmetic mean; placement of the result as for :meth:`sum`."""
-        return self._reduce("mean", axis, keepdims)
-
-    def max(self, axis: int | None = None, *, keepdims: bool = False) -> Any:
-        """Maximum; placement of the result as for :meth:`sum`."""
-        return self._reduce("max", axis, keepdims)
-
-    def min(self, axis: int | None = None, *, keepdims: bool = False) -> Any:
-        """Minimum; placement of the result as for :meth:`sum`."""
-        return self._reduce("min", axis, keepdims)
-
-    def prod(self, axis: int | None = None, *, keepdims: bool = False) -> Any:
-        """Product; placement of the result as for :meth:`sum`."""
-        return self._reduce("prod", axis, keepdims)
-
-    def any(self, axis: int | None = None, *, keepdims: bool = False) -> Any:
-        """Whether any element is true; placement of the result as for :meth:`sum`."""
-        return self._reduce("any", axis, keepdims)
-
-    def all(self, axis: int | None = None, *, keepdims: bool = False) -> Any:
-        """Whether every element is true; placement of the result as for :meth:`sum`."""
-        return self._reduce("all", axis, keepdims)
-
-    # -- operators --------------------------------------------------------------------------------
-    def __add__(self, other: Any) -> Any:
-        return np.add(self, other)
-
-    def __radd__(self, other: Any) -> Any:
-        return np.add(other, self)
-
-    def __sub__(self, other: Any) -> Any:
-        return np.subtract(self, other)
-
-    def __rsub__(self, other: Any) -> Any:
-        return np.subtract(other, self)
-
-    def __mul__(self, other: Any) -> Any:
-        return np.multiply(self, other)
-
-    def __rmul__(self, other: Any) -> Any:
-        return np.multiply(other, self)
-
-    def __truediv__(self, other: Any) -> Any:
-        return np.divide(self, other)
-
-    def __rtruediv__(self, other: Any) -> Any:
-        return np.divide(other, self)
-
-    def __floordiv__(self, other: Any) -> Any:
-        return np.floor_divide(self, other)
-
-    def __rfloordiv__(self, other: Any) -> Any:
-        return np.floor_divide(other, self)
-
-    def __mod__(self, other: Any) -> Any:
-        return np.remainder(self, other)
-
-    def __rmod__(self, other: Any) -> Any:
-        return np.remainder(other, self)
-
-    def __pow__(self, other: Any) -> Any:
-        return np.power(self, other)
-
-    def __rpow__(self, other: Any) -> Any:
-        return np.power(other, self)
-
-    def __matmul__(self, other: Any) -> Any:
-        return from_spec(dispatch.matmul(self, other))
-
-    def __neg__(self) -> Any:
-        return np.negative(self)
-
-    def __pos__(self) -> Any:
-        return np.positive(self)
-
-    def __abs__(self) -> Any:
-        return np.absolute(self)
-
-    def __lt__(self, other: Any) -> Any:
-        return np.less(self, other)
-
-    def __le__(self, other: Any) -> Any:
-        return np.less_equal(self, other)
-
-    def __gt__(self, other: Any) -> Any:
-        return np.greater(self, other)
-
-    def __ge__(self, other: Any) -> Any:
-        return np.greater_equal(self, other)
-
-    def __eq__(self, other: Any) -> Any:
-        return np.equal(self, other)
-
-    def __ne__(self, other: Any) -> Any:
-        return np.not_equal(self, other)
+        The present value moves to a snapshot array that takes over this one's buffers (or pending node)
+        and replicas; ``spec``'s node and every pending array that read this one are redirected to it, so
+        what was built before the update keeps seeing the old value, as NumPy's eager results do.
+        """
+        self.check()
+        assert spec.node is not None, "an in-place result is pending"
+        old = RemoteArray(self.session, self.shape, self.dtype, self._pieces, node=self.node)
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        if self._replicas:
+            old._replicas, self._replicas = self._replicas, {}
+            assert old._finalizer is not None  # replicas are made of resident arrays
+            old._finalizer.detach()
+            old._finalizer = weakref.finalize(
+                old, self.session.release, old._pieces + tuple(old._replicas.values())
+            )
+        _register(old)
+        for reference in self._dependents.values():
+            dependent = reference()
+            if dependent is not None and dependent.node is not None:
+                dependent.node = _redirect(dependent.node, self, old)
+                old._dependents[id(dependent)] = reference
+        self._dependents = {}
+        self.node = _redirect(spec.node, self, old)
+        self._pieces = spec.layout
+        _register(self)
+        if self.node.depth >= MAX_DEPTH:
+            self.persist()
+        return self
 
     def __bool__(self) -> bool:
         if self.size != 1:
@@ -344,6 +252,7 @@ def from_spec(spec: ArraySpec) -> RemoteArray:
     """The array ``spec`` describes; a pending one whose chain reached :data:`~gpupool.client.graph.MAX_DEPTH`
     is computed at once, so programs and client-side recursion stay bounded."""
     array = RemoteArray(spec.session, spec.shape, spec.dtype, spec.layout, node=spec.node)
+    _register(array)
     if spec.node is not None and spec.node.depth >= MAX_DEPTH:
         array.persist()
     return array
@@ -368,3 +277,29 @@ def persist(*arrays: RemoteArray) -> tuple[RemoteArray, ...]:
 def _commit(computed: Sequence[tuple[RemoteArray, Sequence[Piece]]]) -> None:
     for array, pieces in computed:
         array.commit(pieces)
+
+
+def _register(array: RemoteArray) -> None:
+    """Record ``array`` as a dependent of the arrays its pending node reads."""
+    if array.node is not None:
+        for arg in (*array.node.args, *array.node.holds):
+            if isinstance(arg, RemoteArray):
+                arg._dependents[id(array)] = weakref.ref(array, _forget(arg._dependents, id(array)))
+
+
+def _forget(table: dict[int, weakref.ref[RemoteArray]], key: int) -> Callable[[object], None]:
+    """A weakref callback that drops a dead dependent from ``table``."""
+
+    def drop(_: object) -> None:
+        table.pop(key, None)
+
+    return drop
+
+
+def _redirect(node: Node, current: RemoteArray, old: RemoteArray) -> Node:
+    """``node`` reading ``old`` wherever it read ``current``."""
+
+    def swap(arg: Any) -> Any:
+        return old if arg is current else arg
+
+    return replace(node, args=tuple(swap(a) for a in node.args), holds=tuple(swap(h) for h in node.holds))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -22,9 +23,6 @@ from gpupool.client.graph import (
     GraphArray,
     Node,
     PieceOperand,
-    ProgramBuilder,
-    make_op,
-    run_programs,
 )
 from gpupool.client.layout import Piece, Place, layout_key, whole_copies
 from gpupool.client.operands import (
@@ -38,7 +36,17 @@ from gpupool.client.operands import (
 from gpupool.client.session import Session
 from gpupool.protocol.codec import check_dtype
 
-__all__ = ["cast", "elementwise", "matmul", "reduce", "replicate"]
+__all__ = [
+    "Unsupported",
+    "cast",
+    "depth_after",
+    "elementwise",
+    "inplace",
+    "matmul",
+    "pending_spec",
+    "replicate",
+    "unary",
+]
 
 
 def replicate(session: Session, host: np.ndarray, places: Sequence[Piece]) -> dict[Place, Piece]:
@@ -75,11 +83,18 @@ def _place(piece: Piece) -> Hashable:
     return piece.place
 
 
-def _pending(shape: tuple[int, ...], dtype: np.dtype[Any], lead: GraphArray, node: Node) -> ArraySpec:
+class Unsupported(UsageError):
+    """An operation gpupool does not run on the pool with these arguments; NumPy's functions fall back to
+    the host copy on it (:mod:`gpupool.client.numpy_api`), methods raise it."""
+
+
+def pending_spec(shape: tuple[int, ...], dtype: np.dtype[Any], lead: GraphArray, node: Node) -> ArraySpec:
+    """The spec of a pending array with ``lead``'s row layout, computed by ``node``."""
     return ArraySpec(session=lead.session, shape=shape, dtype=dtype, layout=lead.layout, node=node)
 
 
-def _depth(args: Sequence[object]) -> int:
+def depth_after(args: Sequence[object]) -> int:
+    """The depth of a node over ``args``: one more than the deepest array among them."""
     return 1 + max((a.depth for a in args if isinstance(a, GraphArray)), default=0)
 
 
@@ -198,62 +213,7 @@ def elementwise(name: str, inputs: Sequence[object]) -> ArraySpec:
             "operand first",
         )
     args = tuple(_argument(lead, v, aligned=carries_rows(v) and rows > 1) for v in values)
-    return _pending(result_shape, dtype, lead, Node(name, args, depth=_depth(args)))
-
-
-def _reduced_dtype(op: str, dtype: np.dtype[Any]) -> np.dtype[Any]:
-    return np.asarray(getattr(np, op)(np.zeros((1,), dtype))).dtype
-
-
-def reduce(array: GraphArray, op: str, axis: int | None) -> Any:
-    """``array.<op>(axis=axis)`` for sum, prod, max, min, mean, any and all.
-
-    Over all elements or over axis 0 (the sharded one), each shard computes what is pending and reduces it
-    to a partial in the same program; the client combines the partials: the result is a NumPy scalar or
-    array. Over another axis the result is the spec of a pending array, sharded like ``array``.
-
-    Raises:
-        numpy.exceptions.AxisError: an axis ``array`` does not have.
-        ValueError: max or min of an empty array (as NumPy).
-        RemoteError: an agent refused the program.
-    """
-    array.check()
-    session, shape = array.session, array.shape
-    result_dtype = _reduced_dtype(op, array.dtype)
-    if axis is not None:
-        if not -len(shape) <= axis < len(shape):
-            raise np.exceptions.AxisError(axis, len(shape))
-        axis %= len(shape)
-    if axis is not None and axis > 0:
-        out_shape = shape[:axis] + shape[axis + 1 :]
-        node = Node(op, (array,), axis=axis, depth=_depth([array]))
-        return _pending(out_shape, result_dtype, array, node)
-    partial_op = "sum" if op == "mean" else op
-    partial_dtype = np.dtype(np.float64) if op == "mean" else result_dtype  # means add up in float64
-    nonempty = [(i, p) for i, p in enumerate(array.layout) if p.stop > p.start]
-    if not nonempty:
-        return getattr(np, op)(np.empty(shape, array.dtype), axis=axis)  # NumPy's own answer or error
-    partial_shape = () if axis is None else shape[1:]
-    programs = []
-    for index, piece in nonempty:
-        builder = ProgramBuilder(session, index, piece)
-        source = builder.emit(array)
-        partial = session.new_buffer_id()
-        builder.program.ops.append(
-            make_op(partial_op, [buffer_operand(source)], partial, partial_dtype, partial_shape, axis)
-        )
-        builder.program.fetch.append(partial)
-        builder.program.free.append(partial)
-        programs.append(builder.program)
-    fetched = run_programs(session, programs, what=op)
-    partials = np.stack([f[p.fetch[-1]] for f, p in zip(fetched, programs, strict=True)])
-    combine: Callable[..., Any] = getattr(np, "sum" if op == "mean" else op)
-    combined = combine(partials, axis=0)
-    if op == "mean":
-        count = int(np.prod(shape)) if axis is None else shape[0]
-        combined = combined / count
-    result = np.asarray(combined).astype(result_dtype, copy=False)
-    return result[()] if axis is None else result
+    return pending_spec(result_shape, dtype, lead, Node(name, args, depth=depth_after(args)))
 
 
 def matmul(x: GraphArray, w: object) -> ArraySpec:
@@ -289,11 +249,44 @@ def matmul(x: GraphArray, w: object) -> ArraySpec:
         def argument(piece: Piece, remote_w: GraphArray = w_value) -> agent_pb2.Operand:
             return buffer_operand(buffers[piece.place])
 
-    node = Node("matmul", (x, argument), depth=_depth([x]))
-    return _pending((x.shape[0], *w_shape[1:]), dtype, x, node)
+    holds = (w_value,) if isinstance(w_value, GraphArray) else ()
+    node = Node("matmul", (x, argument), depth=depth_after([x]), holds=holds)
+    return pending_spec((x.shape[0], *w_shape[1:]), dtype, x, node)
 
 
 def cast(array: GraphArray, dtype: np.dtype[Any]) -> ArraySpec:
     """``array.astype(dtype)``, converted where the shards live (pending, like any elementwise op)."""
     array.check()
-    return _pending(array.shape, dtype, array, Node("astype", (array,), depth=_depth([array])))
+    return pending_spec(array.shape, dtype, array, Node("astype", (array,), depth=depth_after([array])))
+
+
+def unary(name: str, array: GraphArray, dtype: np.dtype[Any], *, params: tuple[int, ...] = ()) -> ArraySpec:
+    """``name`` applied to each shard of ``array`` with op ``params`` (``round``, a scan along another axis),
+    pending; the result has ``array``'s shape and the given dtype."""
+    array.check()
+    node = Node(name, (array,), depth=depth_after([array]), params=params)
+    return pending_spec(array.shape, dtype, array, node)
+
+
+def inplace(name: str, target: GraphArray, inputs: Sequence[object]) -> ArraySpec:
+    """``np.<name>(*inputs, out=target)``: the spec of the new value of ``target``, cast to its dtype as
+    NumPy's ``casting="same_kind"`` does (the caller repoints ``target`` to it).
+
+    Raises:
+        TypeError: NumPy's own, where the result does not cast to ``target``'s dtype by same_kind.
+        ValueError: the result's shape is not ``target``'s.
+        UsageError: the result's rows would not live where ``target``'s do.
+    """
+    spec = elementwise(name, inputs)
+    if spec.shape != target.shape:
+        raise ValueError(
+            f"non-broadcastable output operand with shape {target.shape} doesn't match the broadcast "
+            f"shape {spec.shape}"
+        )
+    if layout_key(spec.layout) != layout_key(target.layout):
+        raise UsageError(f"{name}: out= must be laid out like the operand whose rows the result follows")
+    if spec.dtype != target.dtype and not np.can_cast(spec.dtype, target.dtype, "same_kind"):
+        probes = [_probe(_normalize(v)) for v in inputs]
+        getattr(np, name)(*probes, out=np.zeros((), target.dtype))  # raises NumPy's UFuncTypeError
+        raise TypeError(f"cannot cast {name}'s {spec.dtype} result to {target.dtype} with same_kind casting")
+    return replace(spec, dtype=target.dtype)

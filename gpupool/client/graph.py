@@ -104,6 +104,13 @@ class Node:
     args: tuple[GraphArray | PieceOperand, ...]
     axis: int | None = None
     depth: int = 1
+    #: Op-specific integers, reduction axes (None: none sent) and keepdims (docs/contracts.md's op table).
+    params: tuple[int, ...] = ()
+    axes: tuple[int, ...] | None = None
+    keepdims: bool = False
+    #: Arrays the op reads through per-shard operands (a remote ``w`` replicated for a matmul): kept alive
+    #: with the node, and what an in-place update of one of them must redirect to its old value.
+    holds: tuple[GraphArray, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -146,8 +153,12 @@ def make_op(
     dtype: np.dtype[Any],
     shape: tuple[int, ...],
     axis: int | None = None,
+    *,
+    params: Sequence[int] = (),
+    axes: Sequence[int] | None = None,
+    keepdims: bool = False,
 ) -> agent_pb2.Op:
-    """One Op message."""
+    """One Op message (``axes`` None or empty: none sent, which a reduction reads as all of them)."""
     return agent_pb2.Op(
         op=name,
         inputs=inputs,
@@ -155,6 +166,9 @@ def make_op(
         expect=meta_of(dtype, shape),
         has_axis=axis is not None,
         axis=axis or 0,
+        params=params,
+        axes=axes or (),
+        keepdims=keepdims,
     )
 
 
@@ -191,7 +205,17 @@ class ProgramBuilder:
         out = self.session.new_buffer_id()
         rows = self.piece.stop - self.piece.start
         self.program.ops.append(
-            make_op(node.op, inputs, out, array.dtype, (rows, *array.shape[1:]), node.axis)
+            make_op(
+                node.op,
+                inputs,
+                out,
+                array.dtype,
+                (rows, *array.shape[1:]),
+                node.axis,
+                params=node.params,
+                axes=node.axes,
+                keepdims=node.keepdims,
+            )
         )
         elements = rows * math.prod(array.shape[1:])
         self.program.work_bytes += elements * array.dtype.itemsize * (1 + len(node.args))

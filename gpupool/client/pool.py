@@ -6,6 +6,8 @@ frees) is its :class:`~gpupool.client.session.Session`.
 
 from __future__ import annotations
 
+from contextvars import ContextVar, Token
+
 import numpy as np
 
 from gpupool._config import Timeouts
@@ -18,7 +20,12 @@ from gpupool.client.types import AgentInfo, agent_info_from_record
 from gpupool.protocol.codec import check_dtype
 from gpupool.transport.coordinator import PoolCredentials
 
-__all__ = ["Pool", "connect"]
+__all__ = ["Pool", "active_pool", "connect"]
+
+#: The pools made current in this context, innermost last: ``with pool:`` pushes one until the block ends,
+#: :meth:`Pool.use` until another is used. A context variable, so each thread (and asyncio task) has its
+#: own, as CuPy's current device is per thread: a new thread starts with none.
+_CURRENT: ContextVar[tuple[Pool, ...]] = ContextVar("gpupool_current_pools", default=())
 
 
 class Pool:
@@ -38,6 +45,7 @@ class Pool:
         self, credentials: PoolCredentials, *, timeouts: Timeouts = Timeouts(), client: str | None = None
     ) -> None:
         self._session = Session(credentials, timeouts=timeouts, client=client)
+        self._entered: list[Token[tuple[Pool, ...]]] = []
 
     # -- what the session says --------------------------------------------------------------------
     @property
@@ -103,19 +111,50 @@ class Pool:
             ArraySpec(session=self._session, shape=host.shape, dtype=host.dtype, layout=tuple(pieces))
         )
 
+    def use(self) -> Pool:
+        """Make this the current pool (where ``gp.zeros``, ``gp.asarray``... create arrays) in this thread,
+        until another is used or it closes, as ``cupy.cuda.Device(1).use()``; returns it.
+
+        Raises:
+            UsageError: the pool is closed.
+        """
+        if self.closed:
+            raise UsageError(f"{self!r} is closed: it cannot be the current pool")
+        others = tuple(p for p in _CURRENT.get() if p is not self and not p.closed)
+        _CURRENT.set((*others, self))
+        return self
+
     def close(self) -> None:
         """Free every buffer this session made, end the session, and stop the loop. Idempotent."""
         self._session.close()
 
     def __enter__(self) -> Pool:
+        """The current pool inside the block (:meth:`use`); the one before it again after."""
+        if self.closed:
+            raise UsageError(f"{self!r} is closed: it cannot be the current pool")
+        self._entered.append(_CURRENT.set((*_CURRENT.get(), self)))
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        try:
+            token = self._entered.pop()
+            _CURRENT.reset(token)
+        except (IndexError, ValueError, RuntimeError):  # left in another context: just drop this pool
+            _CURRENT.set(tuple(p for p in _CURRENT.get() if p is not self))
+        finally:
+            self.close()
 
     def __repr__(self) -> str:
         closed = " closed" if self.closed else ""
         return f"<gpupool.Pool {self.address} session={self.session}{closed}>"
+
+
+def active_pool() -> Pool | None:
+    """The innermost open pool made current in this context (``with pool:`` or :meth:`Pool.use`), if any."""
+    for pool in reversed(_CURRENT.get()):
+        if not pool.closed:
+            return pool
+    return None
 
 
 def connect(

@@ -261,12 +261,25 @@ class Session:
         return self.run(self._upload(host), timeout=self.timeouts.for_stream(host.nbytes) * 2, what="upload")
 
     async def _upload(self, host: np.ndarray) -> list[Piece]:
-        request = coordinator_pb2.PlaceRequest(session=self.id, meta=meta_of(host.dtype, host.shape))
-        reply = await self._call_coordinator("Place", request)
-        self._keeper.keep_placed(reply.shards)
-        pieces = pieces_from_placement(reply.shards, self.new_buffer_id)
+        pieces = await self._place(host.shape, host.dtype)
         await self.upload_pieces(host, pieces)
         return pieces
+
+    def place(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> list[Piece]:
+        """Have the coordinator place an array's rows, and hold capabilities on its agents; nothing is
+        uploaded: returns the pieces (in row order, each with a new buffer id) for programs to fill.
+
+        Raises:
+            NoCapacity, PlacementError: the pool cannot take it.
+        """
+        self.check_open()
+        return self.run(self._place(shape, dtype), timeout=self.timeouts.rpc * 2, what="place")
+
+    async def _place(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> list[Piece]:
+        request = coordinator_pb2.PlaceRequest(session=self.id, meta=meta_of(dtype, shape))
+        reply = await self._call_coordinator("Place", request)
+        self._keeper.keep_placed(reply.shards)
+        return pieces_from_placement(reply.shards, self.new_buffer_id)
 
     async def upload_pieces(self, host: np.ndarray, pieces: Sequence[Piece]) -> None:
         """Upload each piece's rows of ``host``; on any failure free what arrived and re-raise."""
