@@ -1,7 +1,7 @@
 """``scripts/bench``: every section in one run, a table on stdout, JSON with ``--json PATH``.
 
-Sections: transfer, overhead, tls (a secure pool against an open one), workloads, fleet, gpu (skipped
-without CuPy and a CUDA device).
+Sections: transfer, overhead, tls (a secure pool against an open one), workloads, numpy (everyday NumPy
+code on a resident array), fleet, gpu (skipped without CuPy and a CUDA device).
 Every figure is a median over repeated runs; every comparison is a ratio against a baseline measured in
 the same run, on the same machine.
 """
@@ -16,7 +16,8 @@ import traceback
 
 from bench.common import Context, Result, machine, render, write_json
 
-SECTIONS = ("transfer", "overhead", "tls", "workloads", "fleet", "gpu")
+SECTIONS = ("transfer", "overhead", "tls", "workloads", "numpy", "fleet", "gpu")
+MODULES = {"numpy": "numpy_workloads"}  # a section whose module is not named after it
 
 
 def main() -> int:
@@ -47,7 +48,7 @@ def main() -> int:
         print(f"\n== {name}", flush=True)
         started = time.perf_counter()
         try:
-            module = importlib.import_module(f"bench.{name}")
+            module = importlib.import_module(f"bench.{MODULES.get(name, name)}")
             section = module.run(ctx)
         except Exception as exc:  # one failing section must not lose the others' figures
             traceback.print_exc()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -53,8 +54,8 @@ class Result:
 
     @property
     def ratio(self) -> float | None:
-        if self.baseline is None or self.baseline == 0 or self.value == 0:
-            return None
+        if self.baseline is None or self.baseline == 0 or self.value == 0 or math.isnan(self.value):
+            return None  # NaN: no figure (an operation gpupool could not run)
         return self.value / self.baseline if self.better == "higher" else self.baseline / self.value
 
     @property
@@ -65,6 +66,8 @@ class Result:
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        if math.isnan(self.value):
+            data["value"] = None  # JSON has no NaN
         data["ratio"] = self.ratio
         data["met"] = self.met
         return data
@@ -90,7 +93,7 @@ def percentile(samples: list[float], q: float) -> float:
 
 
 def _fmt(value: float | None, unit: str = "") -> str:
-    if value is None:
+    if value is None or math.isnan(value):
         return "-"
     if abs(value) >= 1000:
         text = f"{value:,.0f}"
