@@ -108,6 +108,8 @@ class Node:
     params: tuple[int, ...] = ()
     axes: tuple[int, ...] | None = None
     keepdims: bool = False
+    #: Params that depend on the shard's row count (a reshape's shape), instead of ``params``.
+    shard_params: Callable[[int], tuple[int, ...]] | None = None
     #: Arrays the op reads through per-shard operands (a remote ``w`` replicated for a matmul): kept alive
     #: with the node, and what an in-place update of one of them must redirect to its old value.
     holds: tuple[GraphArray, ...] = ()
@@ -212,7 +214,7 @@ class ProgramBuilder:
                 array.dtype,
                 (rows, *array.shape[1:]),
                 node.axis,
-                params=node.params,
+                params=node.params if node.shard_params is None else node.shard_params(rows),
                 axes=node.axes,
                 keepdims=node.keepdims,
             )

@@ -7,14 +7,18 @@ the array implements: ``_make(spec)`` (a new array from an :class:`~gpupool.clie
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any, Final
 
 import numpy as np
 
 from gpupool._errors import UsageError
-from gpupool.client import dispatch, numpy_api
+from gpupool.client import dispatch, indexing, numpy_api
+from gpupool.client.coverage import run_on_host
+from gpupool.client.dispatch import Unsupported
 from gpupool.client.graph import ArraySpec, GraphArray
+from gpupool.client.transposed import Transposed
 from gpupool.protocol.opnames import ELEMENTWISE
 
 __all__ = ["ArrayMethods"]
@@ -140,6 +144,56 @@ class ArrayMethods(GraphArray):
     def cumprod(self, axis: int | None = None) -> Any:
         """Running products; as :meth:`cumsum`."""
         return self._call(np.cumprod, axis=axis)
+
+    # -- indexing and layouts (gpupool.client.indexing, gpupool.client.layouts) ------------------------
+    def __getitem__(self, key: Any) -> Any:
+        """``x[key]``: see :mod:`gpupool.client.indexing`; an integer on axis 0 gives a NumPy row, keys it
+        does not run on the pool run on the host copy with a one-time warning."""
+        try:
+            spec, finish = indexing.getitem(self, key)
+        except Unsupported:
+            return run_on_host("getitem", operator.getitem, (self, key), {})
+        result = self._make(spec)
+        return result if finish is None else result.get()[finish]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        """``x[key] = value`` in place (every alias sees it): a remote mask with a scalar, or basic indices
+        with a host value, as a ``where`` on the agents.
+
+        Raises:
+            Unsupported: other keys or values (see :func:`gpupool.client.indexing.where_inputs`).
+        """
+        condition, replacement = indexing.where_inputs(self, key, value, self._make)
+        self._assign(dispatch.inplace("where", self, [condition, replacement, self]))
+
+    @property
+    def T(self) -> Any:
+        """The transpose: a :class:`~gpupool.client.transposed.Transposed` view for a 2-D array (``x.T @ y``
+        runs on the pool), the array itself for 1-D."""
+        if self.ndim < 2:
+            return self
+        if self.ndim == 2:
+            return Transposed(self)
+        return self._call(np.transpose)
+
+    def transpose(self, *axes: Any) -> Any:
+        """Permuted axes (per shard where axis 0 stays first; ``.T`` for 2-D with no axes)."""
+        order = axes[0] if len(axes) == 1 and not isinstance(axes[0], int) else axes or None
+        if self.ndim == 2 and order in (None, (1, 0), [1, 0]):
+            return self.T
+        return self._call(np.transpose, axes=order)
+
+    def swapaxes(self, axis1: int, axis2: int) -> Any:
+        """Two axes swapped (per shard when neither is 0)."""
+        return self._call(np.swapaxes, axis1=axis1, axis2=axis2)
+
+    def reshape(self, *shape: Any) -> Any:
+        """A new shape with the same first axis, per shard (others run on the host copy)."""
+        return self._call(np.reshape, shape=shape[0] if len(shape) == 1 else shape)
+
+    def squeeze(self, axis: Any = None) -> Any:
+        """Axes of length 1 removed (per shard unless it is axis 0)."""
+        return self._call(np.squeeze, axis=axis)
 
     # -- operators --------------------------------------------------------------------------------
     def _inplace(self, name: str, other: Any) -> Any:

@@ -15,7 +15,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from gpupool.client import dispatch, reductions
+from gpupool.client import dispatch, layouts, reductions
 from gpupool.client.coverage import count, run_on_host
 from gpupool.client.dispatch import Unsupported
 from gpupool.client.graph import ArraySpec, GraphArray, Node
@@ -134,6 +134,74 @@ class _Carry:
         return dispatch.pending_spec(scanned.shape, scanned.dtype, scanned, node)
 
 
+def _transpose(a: Any, axes: Any = None) -> ArraySpec:
+    return layouts.transpose(_remote(a, "transpose"), axes)
+
+
+def _swapaxes(a: Any, axis1: Any, axis2: Any) -> ArraySpec:
+    return layouts.swapaxes(_remote(a, "swapaxes"), axis1, axis2)
+
+
+def _reshape(a: Any, shape: Any = None, order: Any = "C", *, newshape: Any = None, copy: Any = None) -> Any:
+    if order != "C" or copy is not None:
+        raise Unsupported("reshape: order= or copy=")
+    return layouts.reshape(_remote(a, "reshape"), newshape if shape is None else shape)
+
+
+def _expand_dims(a: Any, axis: Any) -> ArraySpec:
+    return layouts.expand_dims(_remote(a, "expand_dims"), axis)
+
+
+def _squeeze(a: Any, axis: Any = None) -> ArraySpec:
+    return layouts.squeeze(_remote(a, "squeeze"), axis)
+
+
+def _ordering(op: str) -> Callable[..., Any]:
+    def handle(a: Any, axis: Any = -1, kind: Any = None, order: Any = None, *, stable: Any = None) -> Any:
+        _defaults_only(op, (), {"kind": kind, "order": order, "stable": stable})
+        return layouts.sort(_remote(a, op), op, axis)
+
+    return handle
+
+
+def _partition(a: Any, kth: Any, axis: Any = -1, kind: Any = "introselect", order: Any = None) -> Any:
+    _defaults_only("partition", (), {"order": order})
+    return layouts.sort(_remote(a, "partition"), "partition", axis, kth)
+
+
+def _concatenate(
+    arrays: Any, axis: Any = 0, out: Any = None, *, dtype: Any = None, casting: Any = None
+) -> Any:
+    _defaults_only("concatenate", (), {"out": out, "dtype": dtype, "casting": casting})
+    return layouts.concatenate(list(arrays), axis)
+
+
+def _stack(arrays: Any, axis: Any = 0, out: Any = None, *, dtype: Any = None, casting: Any = None) -> Any:
+    _defaults_only("stack", (), {"out": out, "dtype": dtype, "casting": casting})
+    return layouts.stack(list(arrays), axis)
+
+
+def _hstack(tup: Any, *, dtype: Any = None, casting: Any = None) -> Any:
+    _defaults_only("hstack", (), {"dtype": dtype, "casting": casting})
+    return layouts.hstack(list(tup))
+
+
+_LAYOUTS: Final[Mapping[str, Callable[..., Any]]] = {
+    "transpose": _transpose,
+    "swapaxes": _swapaxes,
+    "reshape": _reshape,
+    "expand_dims": _expand_dims,
+    "squeeze": _squeeze,
+    "sort": _ordering("sort"),
+    "argsort": _ordering("argsort"),
+    "partition": _partition,
+    "concatenate": _concatenate,
+    "stack": _stack,
+    "hstack": _hstack,
+    "allclose": layouts.allclose,
+    "array_equal": layouts.array_equal,
+}
+
 #: The NumPy functions gpupool runs on the pool, by name.
 HANDLED: Final[Mapping[str, Callable[..., Any]]] = {
     **{op: _reduction(op) for op in reductions.REDUCTIONS},
@@ -143,6 +211,7 @@ HANDLED: Final[Mapping[str, Callable[..., Any]]] = {
     "dot": _dot,
     "cumsum": _scan("cumsum"),
     "cumprod": _scan("cumprod"),
+    **_LAYOUTS,
 }
 
 
@@ -150,6 +219,10 @@ def _lead(values: Any) -> Any:
     for value in values:
         if isinstance(value, GraphArray):
             return value
+        if isinstance(value, list | tuple):  # concatenate's and stack's sequence of arrays
+            found = _lead(value)
+            if found is not None:
+                return found
     return None
 
 
