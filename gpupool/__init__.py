@@ -39,7 +39,7 @@ from gpupool._errors import (
 from gpupool._functions import *  # noqa: F403 - the NumPy-style functions, listed in _functions.__all__
 from gpupool._version import __version__
 from gpupool._warnings import HostFallbackWarning
-from gpupool.client import AgentInfo, GpuInfo, Pool, RemoteArray, Shard, connect, persist
+from gpupool.client import AgentInfo, GpuInfo, Pool, RemoteArray, Shard, compute, connect, persist
 from gpupool.client.coverage import coverage
 from gpupool.client.creation import (
     arange,
@@ -90,6 +90,7 @@ __all__ = [
     "__version__",
     "arange",
     "asarray",
+    "compute",
     "connect",
     "coverage",
     "current_pool",

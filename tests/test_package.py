@@ -45,6 +45,7 @@ def test_public_names_are_pinned() -> None:
         "UsageError",
         "VersionMismatch",
         "__version__",
+        "compute",
         "connect",
         "coverage",
         "persist",

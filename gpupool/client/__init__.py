@@ -1,6 +1,6 @@
 """The client shim: a local proxy device whose arrays are handles to shards on remote GPUs."""
 
-from gpupool.client.array import RemoteArray, persist
+from gpupool.client.array import RemoteArray, compute, persist
 from gpupool.client.creation import (
     arange,
     asarray,
@@ -27,6 +27,7 @@ __all__ = [
     "Shard",
     "arange",
     "asarray",
+    "compute",
     "connect",
     "current_pool",
     "empty",

@@ -17,14 +17,15 @@ import numpy as np
 
 from gpupool._errors import ArrayFreed
 from gpupool.client import dispatch
-from gpupool.client.graph import MAX_DEPTH, ArraySpec, Node, materialize
+from gpupool.client.graph import MAX_DEPTH, ArraySpec, Node, Round, materialize, plan_materialize
 from gpupool.client.layout import Piece, Place
 from gpupool.client.methods import ArrayMethods
 from gpupool.client.session import Session
 from gpupool.client.types import Shard
+from gpupool.client.values import PendingValue, plan_requests
 from gpupool.protocol.codec import check_dtype
 
-__all__ = ["RemoteArray", "from_spec", "persist"]
+__all__ = ["RemoteArray", "compute", "from_spec", "persist"]
 
 
 class RemoteArray(ArrayMethods):
@@ -44,6 +45,7 @@ class RemoteArray(ArrayMethods):
         "_finalizer",
         "_freed",
         "_pieces",
+        "_readers",
         "_replicas",
         "dtype",
         "node",
@@ -73,6 +75,8 @@ class RemoteArray(ArrayMethods):
         #: Pending arrays whose nodes read this one: an in-place update redirects them to its old value.
         #: (By id: arrays are unhashable, as NumPy's; a dead reference is skipped.)
         self._dependents: dict[int, weakref.ref[RemoteArray]] = {}
+        #: Pending values (reductions) that read this array: an in-place update computes them first.
+        self._readers: dict[int, weakref.ref[Any]] = {}
         if node is None:
             self._finalizer = weakref.finalize(self, session.release, self._pieces)
 
@@ -196,6 +200,10 @@ class RemoteArray(ArrayMethods):
             return self
         return from_spec(dispatch.cast(self, target))
 
+    def add_reader(self, value: Any) -> None:
+        """Note a pending value that reads this array (an in-place update computes it first)."""
+        self._readers[id(value)] = weakref.ref(value, _forget(self._readers, id(value)))
+
     # -- hooks of ArrayMethods ----------------------------------------------------------------------
     def _make(self, spec: ArraySpec) -> RemoteArray:
         return from_spec(spec)
@@ -209,6 +217,10 @@ class RemoteArray(ArrayMethods):
         """
         self.check()
         assert spec.node is not None, "an in-place result is pending"
+        readers = [value for value in (r() for r in self._readers.values()) if value is not None]
+        if readers:
+            compute(*readers)
+        self._readers = {}
         old = RemoteArray(self.session, self.shape, self.dtype, self._pieces, node=self.node)
         if self._finalizer is not None:
             self._finalizer.detach()
@@ -274,6 +286,41 @@ def persist(*arrays: RemoteArray) -> tuple[RemoteArray, ...]:
     return arrays
 
 
+def compute(*values: Any) -> tuple[Any, ...]:
+    """The values of many pending arrays and reductions, computed together (as ``dask.compute``): one
+    round of programs per pool, one program per shard carrying every array and every partial asked of it;
+    returns NumPy values (remote arrays are brought back whole), in order. Other arguments come back as
+    they are.
+
+    Raises:
+        RemoteError: an agent refused a program; no array is changed and no value kept.
+    """
+    by_session: dict[int, tuple[Session, list[RemoteArray], list[PendingValue]]] = {}
+    for value in values:
+        if isinstance(value, RemoteArray):
+            value.check()
+            by_session.setdefault(id(value.session), (value.session, [], []))[1].append(value)
+        elif isinstance(value, PendingValue) and value.pending and value.requests:
+            session = value.requests[0].array.session
+            by_session.setdefault(id(session), (session, [], []))[2].append(value)
+    for session, arrays, pending in by_session.values():
+        round_ = Round(session)
+        computed = plan_materialize(round_, arrays)
+        picks = [plan_requests(round_, value.requests) for value in pending]
+        results = round_.run(what="compute")
+        _commit(computed)
+        for value, pick in zip(pending, picks, strict=True):
+            value.resolve(pick(results))
+    return tuple(
+        value.get()
+        if isinstance(value, RemoteArray)
+        else value.compute()
+        if isinstance(value, PendingValue)
+        else value
+        for value in values
+    )
+
+
 def _commit(computed: Sequence[tuple[RemoteArray, Sequence[Piece]]]) -> None:
     for array, pieces in computed:
         array.commit(pieces)
@@ -287,7 +334,7 @@ def _register(array: RemoteArray) -> None:
                 arg._dependents[id(array)] = weakref.ref(array, _forget(arg._dependents, id(array)))
 
 
-def _forget(table: dict[int, weakref.ref[RemoteArray]], key: int) -> Callable[[object], None]:
+def _forget(table: dict[int, weakref.ref[Any]], key: int) -> Callable[[object], None]:
     """A weakref callback that drops a dead dependent from ``table``."""
 
     def drop(_: object) -> None:

@@ -38,8 +38,10 @@ __all__ = [
     "PieceOperand",
     "Program",
     "ProgramBuilder",
+    "Round",
     "make_op",
     "materialize",
+    "plan_materialize",
     "run_programs",
 ]
 
@@ -93,6 +95,11 @@ class GraphArray:
     def replicate_to(self, places: Sequence[Piece]) -> dict[Place, str]:
         """Buffer ids of whole copies of this array on the workers of ``places``, by place."""
         raise NotImplementedError
+
+    def add_reader(self, value: Any) -> None:
+        """Note a pending value (with a ``compute()`` method) that reads this array, so that an in-place
+        update computes it first, as NumPy's eager results would have seen the old value. Arrays that are
+        never updated in place ignore it (the default)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +302,51 @@ def _requeue(session: Session, program: Program, free: Sequence[str]) -> None:
 A = TypeVar("A", bound=GraphArray)
 
 
+class Round:
+    """The programs of one round, being built: one builder per shard of each layout, so everything asked
+    of a shard in the round (arrays to keep, partials to fetch) runs in one program."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self._builders: dict[tuple[LayoutKey, int], ProgramBuilder] = {}
+
+    def builder(self, layout: Sequence[Piece], index: int) -> ProgramBuilder:
+        """The builder of shard ``index`` of ``layout``'s program."""
+        key = (layout_key(layout), index)
+        found = self._builders.get(key)
+        if found is None:
+            found = self._builders[key] = ProgramBuilder(self.session, index, layout[index])
+        return found
+
+    def run(self, *, what: str) -> dict[int, dict[str, np.ndarray]]:
+        """Run the round's programs together; returns each builder's fetched arrays, by ``id`` of builder.
+
+        Raises:
+            RemoteError: an agent refused a program; nothing created is kept.
+        """
+        builders = list(self._builders.values())
+        fetched = run_programs(self.session, [b.program for b in builders], what=what)
+        return {id(b): f for b, f in zip(builders, fetched, strict=True)}
+
+
+def plan_materialize(round_: Round, arrays: Sequence[A]) -> list[tuple[A, list[Piece]]]:
+    """Add to ``round_`` the ops that compute every pending array in ``arrays``; returns each with the
+    pieces that will hold it once the round has run (for the caller to commit)."""
+    targets: list[A] = []
+    for array in arrays:
+        if array.node is not None and all(array is not t for t in targets):
+            targets.append(array)
+    outputs: list[tuple[A, list[Piece]]] = []
+    for array in targets:
+        layout = array.layout
+        pieces = []
+        for index, piece in enumerate(layout):
+            out = round_.builder(layout, index).emit(array, keep=True)
+            pieces.append(piece.with_buffer(out))
+        outputs.append((array, pieces))
+    return outputs
+
+
 def materialize(session: Session, arrays: Sequence[A]) -> list[tuple[A, list[Piece]]]:
     """Compute every pending array in ``arrays``, in one round of programs (one per shard and layout, all
     concurrent); returns each computed array with the pieces that now hold it, for the caller to commit.
@@ -302,26 +354,8 @@ def materialize(session: Session, arrays: Sequence[A]) -> list[tuple[A, list[Pie
     Raises:
         RemoteError: an agent refused a program; nothing created is kept.
     """
-    targets: list[A] = []
-    for array in arrays:
-        if array.node is not None and all(array is not t for t in targets):
-            targets.append(array)
-    if not targets:
-        return []
-    groups: dict[LayoutKey, list[A]] = {}
-    for array in targets:
-        groups.setdefault(layout_key(array.layout), []).append(array)
-    programs: list[Program] = []
-    outputs: list[tuple[A, list[Piece]]] = []
-    for members in groups.values():
-        layout = members[0].layout
-        kept: dict[int, list[Piece]] = {id(a): [] for a in members}
-        for index, piece in enumerate(layout):
-            builder = ProgramBuilder(session, index, piece)
-            for array in members:
-                out = builder.emit(array, keep=True)
-                kept[id(array)].append(piece.with_buffer(out))
-            programs.append(builder.program)
-        outputs.extend((a, kept[id(a)]) for a in members)
-    run_programs(session, programs, what="compute")
+    round_ = Round(session)
+    outputs = plan_materialize(round_, arrays)
+    if outputs:
+        round_.run(what="compute")
     return outputs

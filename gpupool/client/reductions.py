@@ -19,10 +19,9 @@ from typing import Any, Final
 import numpy as np
 from numpy.lib.array_utils import normalize_axis_tuple
 
-from gpupool._proto.v1 import agent_pb2
 from gpupool.client.dispatch import Unsupported, depth_after, pending_spec
-from gpupool.client.graph import ArraySpec, GraphArray, Node, ProgramBuilder, make_op, run_programs
-from gpupool.client.operands import buffer_operand
+from gpupool.client.graph import ArraySpec, GraphArray, Node
+from gpupool.client.values import PendingValue, Request, run_requests
 
 __all__ = ["ARG_REDUCTIONS", "REDUCTIONS", "reduce", "run_partials"]
 
@@ -78,8 +77,9 @@ def reduce(
 ) -> ArraySpec | Any:
     """``np.<op>(array, axis=, keepdims=[, ddof=])`` for the ops of :data:`REDUCTIONS`.
 
-    Returns the spec of a pending remote array when the sharded axis 0 is not reduced; otherwise a NumPy
-    value (a NumPy scalar, or a Python int for ``count_nonzero`` over everything, as NumPy gives).
+    Returns the spec of a pending remote array when the sharded axis 0 is not reduced; otherwise a
+    :class:`~gpupool.client.values.PendingValue` whose value is NumPy's (a NumPy scalar, or a Python int for
+    ``count_nonzero`` over everything) and NumPy's own answer for no data.
 
     Raises:
         numpy.exceptions.AxisError, ValueError, TypeError: as NumPy for the same arguments (an empty
@@ -109,18 +109,31 @@ def reduce(
         node = Node(op, (array,), depth=depth_after([array]), params=params, axes=axes, keepdims=keepdims)
         return pending_spec(out_shape, dtype, array, node)
     if op in ARG_REDUCTIONS:
-        result = _arg_over_rows(array, op, arg_axis)
+        requests, combine = _arg_over_rows(array, op, arg_axis)
     elif op in ("var", "std"):
-        result = _variance_over_rows(array, op, axes, ddof)
+        requests, combine = _variance_over_rows(array, op, axes, ddof)
     elif op in ("mean", "nanmean"):
-        result = _mean_over_rows(array, op, axes)
+        requests, combine = _mean_over_rows(array, op, axes)
     else:
-        partials = run_partials(array, op, lambda rows: _kept(rows, array.shape, axes), axes, dtype)
-        result = _COMBINE[op](np.concatenate(partials), axis=0, keepdims=True)
-    result = np.asarray(result).astype(dtype, copy=False).reshape(out_shape)
-    if op == "count_nonzero" and axis is None and not keepdims:
-        return int(result)
-    return result[()] if result.ndim == 0 else result
+        requests = [
+            Request(array=array, op=op, partial_shape=_keeping(array.shape, axes), axes=axes, dtype=dtype)
+        ]
+
+        def combine(partials: Sequence[Sequence[np.ndarray]]) -> Any:
+            return _COMBINE[op](np.concatenate(partials[0]), axis=0, keepdims=True)
+
+    def finish(partials: Sequence[Sequence[np.ndarray]]) -> Any:
+        result = np.asarray(combine(partials)).astype(dtype, copy=False).reshape(out_shape)
+        if op == "count_nonzero" and axis is None and not keepdims:
+            return int(result)
+        return result[()] if result.ndim == 0 else result
+
+    return PendingValue(requests, finish, shape=out_shape, dtype=dtype)
+
+
+def _keeping(shape: tuple[int, ...], axes: tuple[int, ...]) -> Callable[[int], tuple[int, ...]]:
+    """A shard's partial shape with keepdims: reduced axes of length 1."""
+    return lambda rows: _kept(rows, shape, axes)
 
 
 def _kept(rows: int, shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
@@ -140,75 +153,81 @@ def run_partials(
 ) -> list[np.ndarray]:
     """Compute ``array``'s pending graph and ``op`` of it on each non-empty shard, in one program per shard;
     returns the partials in row order. ``prepare`` is a unary op applied first (``isnan``)."""
-    session = array.session
-    nonempty = [(i, p) for i, p in enumerate(array.layout) if p.stop > p.start]
-    programs = []
-    for index, piece in nonempty:
-        builder = ProgramBuilder(session, index, piece)
-        source = builder.emit(array)
-        if prepare is not None:
-            prepared = session.new_buffer_id()
-            rows_shape = (piece.stop - piece.start, *array.shape[1:])
-            builder.program.ops.append(
-                make_op(prepare, [buffer_operand(source)], prepared, np.dtype(bool), rows_shape)
-            )
-            builder.program.free.append(prepared)
-            source = prepared
-        partial = session.new_buffer_id()
-        inputs: list[agent_pb2.Operand] = [buffer_operand(source)]
-        shape = partial_shape(piece.stop - piece.start)
-        builder.program.ops.append(make_op(op, inputs, partial, dtype, shape, axes=axes, keepdims=keepdims))
-        builder.program.fetch.append(partial)
-        builder.program.free.append(partial)
-        programs.append(builder.program)
-    fetched = run_programs(session, programs, what=op)
-    return [f[p.fetch[-1]] for f, p in zip(fetched, programs, strict=True)]
+    request = Request(
+        array=array,
+        op=op,
+        partial_shape=partial_shape,
+        axes=axes,
+        dtype=dtype,
+        keepdims=keepdims,
+        prepare=prepare,
+    )
+    return run_requests([request], what=op)[0]
 
 
 def _count(shape: Sequence[int], axes: tuple[int, ...]) -> int:
     return math.prod(shape[i] for i in axes)
 
 
-def _mean_over_rows(array: GraphArray, op: str, axes: tuple[int, ...]) -> np.ndarray:
+Planned = tuple[list[Request], Callable[[Sequence[Sequence[np.ndarray]]], Any]]
+
+
+def _mean_over_rows(array: GraphArray, op: str, axes: tuple[int, ...]) -> Planned:
     # Sums in float64 over their count; nanmean counts the numbers (not NaN) of each slice.
-    kept = lambda rows: _kept(rows, array.shape, axes)  # noqa: E731
+    kept = _keeping(array.shape, axes)
     partial_op = "nansum" if op == "nanmean" else "sum"
-    total = np.sum(
-        np.concatenate(run_partials(array, partial_op, kept, axes, _FLOAT64)), axis=0, keepdims=True
-    )
-    if op == "nanmean" and array.dtype.kind == "f":
-        nans = np.sum(
-            np.concatenate(run_partials(array, "count_nonzero", kept, axes, _INT64, prepare="isnan")),
-            axis=0,
-            keepdims=True,
+    requests = [Request(array=array, op=partial_op, partial_shape=kept, axes=axes, dtype=_FLOAT64)]
+    count_nans = op == "nanmean" and array.dtype.kind == "f"
+    if count_nans:
+        requests.append(
+            Request(
+                array=array, op="count_nonzero", partial_shape=kept, axes=axes, dtype=_INT64, prepare="isnan"
+            )
         )
-        count = _count(array.shape, axes) - nans
-    else:
+
+    def combine(partials: Sequence[Sequence[np.ndarray]]) -> Any:
+        total = np.sum(np.concatenate(partials[0]), axis=0, keepdims=True)
         count = np.asarray(_count(array.shape, axes))
-    with np.errstate(all="ignore"):
-        return np.asarray(total / count)
+        if count_nans:
+            count = count - np.sum(np.concatenate(partials[1]), axis=0, keepdims=True)
+        with np.errstate(all="ignore"):
+            return np.asarray(total / count)
+
+    return requests, combine
 
 
-def _variance_over_rows(array: GraphArray, op: str, axes: tuple[int, ...], ddof: float) -> np.ndarray:
+def _variance_over_rows(array: GraphArray, op: str, axes: tuple[int, ...], ddof: float) -> Planned:
     # Chan et al.: merge (count, mean, M2) shard by shard; then M2 / (n - ddof), as NumPy (max(n - ddof, 0)).
-    moments = run_partials(
-        array, "moments", lambda rows: (3, *_kept(rows, array.shape, axes)), axes, _FLOAT64
-    )
-    count, mean, m2 = (np.asarray(part) for part in moments[0])
-    with np.errstate(all="ignore"):
-        for partial in moments[1:]:
-            nb, mean_b, m2_b = partial
-            total = count + nb
-            delta = mean_b - mean
-            share = np.where(total > 0, nb / np.where(total > 0, total, 1), 0)
-            mean = mean + delta * share
-            m2 = m2 + m2_b + delta * delta * count * share
-            count = total
-        variance = m2 / np.maximum(count - ddof, 0)
-        return np.sqrt(variance) if op == "std" else variance
+    shape = array.shape
+    requests = [
+        Request(
+            array=array,
+            op="moments",
+            partial_shape=lambda rows: (3, *_kept(rows, shape, axes)),
+            axes=axes,
+            dtype=_FLOAT64,
+        )
+    ]
+
+    def combine(partials: Sequence[Sequence[np.ndarray]]) -> Any:
+        moments = partials[0]
+        count, mean, m2 = (np.asarray(part) for part in moments[0])
+        with np.errstate(all="ignore"):
+            for partial in moments[1:]:
+                nb, mean_b, m2_b = partial
+                total = count + nb
+                delta = mean_b - mean
+                share = np.where(total > 0, nb / np.where(total > 0, total, 1), 0)
+                mean = mean + delta * share
+                m2 = m2 + m2_b + delta * delta * count * share
+                count = total
+            variance = m2 / np.maximum(count - ddof, 0)
+            return np.sqrt(variance) if op == "std" else variance
+
+    return requests, combine
 
 
-def _arg_over_rows(array: GraphArray, op: str, axis: int | None) -> np.ndarray:
+def _arg_over_rows(array: GraphArray, op: str, axis: int | None) -> Planned:
     # Each shard's (value, index); global indices from the shard's first row; np.argmax/argmin over the
     # shards then picks the first extreme and the first NaN, as NumPy does over the whole array.
     kind = _FLOAT64 if array.dtype.kind == "f" else _INT64
@@ -216,15 +235,29 @@ def _arg_over_rows(array: GraphArray, op: str, axis: int | None) -> np.ndarray:
     row_size = math.prod(shape[1:])
     axes = None if axis is None else (0,)
     part_shape = (2,) if axis is None else (2, *shape[1:])
-    partials = run_partials(array, f"{op}_partial", lambda rows: part_shape, axes, kind, keepdims=False)
+    requests = [
+        Request(
+            array=array,
+            op=f"{op}_partial",
+            partial_shape=lambda rows: part_shape,
+            axes=axes,
+            dtype=kind,
+            keepdims=False,
+        )
+    ]
     starts = [p.start for p in array.layout if p.stop > p.start]
-    values = np.stack([part[0] for part in partials])
-    indices = np.stack(
-        [
-            part[1].astype(np.int64) + (start if axis is not None else start * row_size)
-            for part, start in zip(partials, starts, strict=True)
-        ]
-    )
-    winner = getattr(np, op)(values, axis=0, keepdims=True)
-    picked: np.ndarray = np.take_along_axis(indices, winner, axis=0)[0]
-    return picked
+
+    def combine(all_partials: Sequence[Sequence[np.ndarray]]) -> Any:
+        partials = all_partials[0]
+        values = np.stack([part[0] for part in partials])
+        indices = np.stack(
+            [
+                part[1].astype(np.int64) + (start if axis is not None else start * row_size)
+                for part, start in zip(partials, starts, strict=True)
+            ]
+        )
+        winner = getattr(np, op)(values, axis=0, keepdims=True)
+        picked: np.ndarray = np.take_along_axis(indices, winner, axis=0)[0]
+        return picked
+
+    return requests, combine
