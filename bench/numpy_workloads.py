@@ -84,7 +84,9 @@ def _force(result: Any) -> Any:
     """Finish a gpupool computation inside the timing: pending remote arrays are computed and kept."""
     if isinstance(result, gp.RemoteArray):
         return result.persist()
-    return result  # a host fallback's (or a reduction's) NumPy result is already there
+    if not isinstance(result, np.ndarray | np.generic) and hasattr(result, "__array__"):
+        return np.asarray(result)  # a pending reduction: forced here, inside the timing
+    return result  # a host fallback's (or a combined reduction's) NumPy result is already there
 
 
 def _host(result: Any) -> np.ndarray:
