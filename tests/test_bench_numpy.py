@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
+# Dask is the baseline, a benchmark-only dependency (the bench extra, which scripts/bench installs).
+pytest.importorskip("dask.distributed", reason="needs the bench extra (pip install -e '.[bench]')")
+
 from bench import numpy_workloads
 from bench.common import Context
 
