@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from gpupool._errors import UsageError
-from gpupool.protocol.topics import Topics
+from gpupool.protocol.topics import COORDINATOR_MQTT_USER, DYNSEC_CONTROL_TOPIC, DYNSEC_RESPONSE_TOPIC, Topics
 
 __all__ = [
     "ADMIN_ROLE",
@@ -45,10 +45,10 @@ __all__ = [
     "write_dynsec_file",
 ]
 
-ADMIN_USERNAME: Final = "gpupool-coordinator"
+ADMIN_USERNAME: Final = COORDINATOR_MQTT_USER
 ADMIN_ROLE: Final = "gpupool-coordinator"
-CONTROL_TOPIC: Final = "$CONTROL/dynamic-security/v1"
-CONTROL_RESPONSE_TOPIC: Final = "$CONTROL/dynamic-security/v1/response"
+CONTROL_TOPIC: Final = DYNSEC_CONTROL_TOPIC
+CONTROL_RESPONSE_TOPIC: Final = DYNSEC_RESPONSE_TOPIC
 #: Mosquitto 2.0's own count (PW_DEFAULT_ITERATIONS), used for every password it sets itself. The
 #: passwords gpupool makes are 256 random bits, so key stretching would add nothing.
 PBKDF2_ITERATIONS: Final = 101

@@ -21,7 +21,7 @@ from typing import Any, Final
 
 from gpupool._config import Timeouts
 from gpupool._errors import DeadlineExceeded, ProtocolError, UsageError
-from gpupool.protocol.topics import Topics
+from gpupool.protocol.topics import COORDINATOR_MQTT_USER, DYNSEC_CONTROL_TOPIC, DYNSEC_RESPONSE_TOPIC, Topics
 
 __all__ = [
     "CONTROL_RESPONSE_TOPIC",
@@ -34,9 +34,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # The same names as gpupool.broker.secure, which the coordinator does not import.
-CONTROL_TOPIC: Final = "$CONTROL/dynamic-security/v1"
-CONTROL_RESPONSE_TOPIC: Final = "$CONTROL/dynamic-security/v1/response"
-ADMIN_USERNAME: Final = "gpupool-coordinator"
+CONTROL_TOPIC: Final = DYNSEC_CONTROL_TOPIC
+CONTROL_RESPONSE_TOPIC: Final = DYNSEC_RESPONSE_TOPIC
+ADMIN_USERNAME: Final = COORDINATOR_MQTT_USER
 
 Publish = Callable[[str, bytes], Awaitable[None]]
 """Publishes ``(topic, payload)`` with QoS 1; raises ConnectError or DeadlineExceeded."""

@@ -38,7 +38,7 @@ from gpupool.coordinator.mqttusers import MqttUsers
 from gpupool.coordinator.registry import Registry, RegistryEvent
 from gpupool.coordinator.service import AdminService, CoordinatorService, add_services
 from gpupool.placement import MIN_SHARD_BYTES
-from gpupool.protocol.topics import Topics
+from gpupool.protocol.topics import DYNSEC_RESPONSE_TOPIC, Topics
 from gpupool.security.pki import PoolAuthority
 from gpupool.security.signing import sign_message
 from gpupool.security.store import SessionRecord, StateStore
@@ -51,8 +51,6 @@ log = logging.getLogger(__name__)
 
 #: Seconds of silence (no status, no telemetry) after which an agent is shown offline.
 DEFAULT_LIVENESS: Final = 15.0
-#: Where Mosquitto's dynamic-security plugin takes commands and answers.
-DYNSEC_RESPONSE_TOPIC: Final = "$CONTROL/dynamic-security/v1/response"
 
 
 class Coordinator:

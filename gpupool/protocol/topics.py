@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
 from gpupool._config import DEFAULT_TOPIC_PREFIX
 
-__all__ = ["Channel", "Topics"]
+__all__ = ["COORDINATOR_MQTT_USER", "DYNSEC_CONTROL_TOPIC", "DYNSEC_RESPONSE_TOPIC", "Channel", "Topics"]
+
+#: Where Mosquitto's dynamic-security plugin takes user commands, and where it answers them.
+DYNSEC_CONTROL_TOPIC: Final = "$CONTROL/dynamic-security/v1"
+DYNSEC_RESPONSE_TOPIC: Final = f"{DYNSEC_CONTROL_TOPIC}/response"
+#: The coordinator's MQTT user on a secure broker (its admin); no agent may take the name.
+COORDINATOR_MQTT_USER: Final = "gpupool-coordinator"
 
 Channel = Literal["status", "telemetry", "commands"]
 _CHANNELS: tuple[Channel, ...] = ("status", "telemetry", "commands")
