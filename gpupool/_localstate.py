@@ -14,12 +14,12 @@ store still accepts them, so a user's shell keeps working across restarts.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from gpupool._errors import AuthError
+from gpupool.security.files import private_dir, write_file
 from gpupool.security.pki import PoolAuthority
 from gpupool.security.store import StateStore
 from gpupool.security.tokens import Role
@@ -81,7 +81,7 @@ def _reuse_or_create(store: StateStore, env_file: Path, *, role: Role, name: str
 
 def prepare_local_state(state_dir: Path) -> LocalCredentials:
     """Make (or reuse) the CA and the tokens of a local pool in ``state_dir``."""
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(state_dir)
     coordinator_dir = state_dir / "coordinator"
     PoolAuthority.load_or_create(coordinator_dir)
     now = time.time()
@@ -111,9 +111,6 @@ def write_env_files(credentials: LocalCredentials, coordinator: str) -> tuple[Pa
     for filename, token in (("client.env", credentials.client_token), ("admin.env", credentials.admin_token)):
         path = credentials.state_dir / filename
         text = f"export GPUPOOL_COORDINATOR={coordinator}\nexport GPUPOOL_TOKEN={token}\n"
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(text)
-        os.chmod(path, 0o600)
+        write_file(path, text.encode(), 0o600)
         paths.append(path)
     return paths[0], paths[1]

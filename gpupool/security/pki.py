@@ -19,7 +19,6 @@ import json
 import os
 import re
 import secrets
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gpupool._errors import AuthError, UsageError
+from gpupool.security.files import private_dir, write_file
 
 __all__ = [
     "AGENT_NAME_SUFFIX",
@@ -115,7 +115,7 @@ class PoolAuthority:
             UsageError: half a CA (a key without its certificate, or the reverse), a key that does not
                 match its certificate, or unreadable files; the operator must repair the directory.
         """
-        _private_dir(state_dir)
+        private_dir(state_dir)
         key_path, cert_path, capability_path = (
             state_dir / "ca.key",
             state_dir / "ca.pem",
@@ -130,10 +130,10 @@ class PoolAuthority:
                 )
             if not key_path.exists():
                 ca_key = _new_key()
-                _write_file(key_path, _private_pem(ca_key), 0o600)
-                _write_file(cert_path, _self_signed(ca_key).public_bytes(serialization.Encoding.PEM), 0o644)
+                write_file(key_path, _private_pem(ca_key), 0o600)
+                write_file(cert_path, _self_signed(ca_key).public_bytes(serialization.Encoding.PEM), 0o644)
             if not capability_path.exists():
-                _write_file(capability_path, _private_pem(_new_key()), 0o600)
+                write_file(capability_path, _private_pem(_new_key()), 0o600)
             ca_key = load_private_key(_read(key_path, "the pool CA's key"))
             ca_certificate = _load_own_certificate(_read(cert_path, "the pool CA's certificate"), cert_path)
             capability_key = load_private_key(_read(capability_path, "the capability key"))
@@ -354,14 +354,14 @@ def save_identity(state_dir: Path, identity: AgentIdentity) -> None:
         UsageError: the identity is inconsistent (see :func:`load_identity`); nothing is written.
     """
     _check_identity(identity, state_dir)
-    _private_dir(state_dir)
+    private_dir(state_dir)
     for attribute, filename in _IDENTITY_FILES.items():
         mode = 0o600 if filename == "agent.key" else 0o644
-        _write_file(state_dir / filename, getattr(identity, attribute), mode)
+        write_file(state_dir / filename, getattr(identity, attribute), mode)
     fields: dict[str, object] = {name: getattr(identity, name) for name in _IDENTITY_FIELDS}
     fields["version"] = _IDENTITY_VERSION
     # Written last: an identity.json is only there once the files it goes with are.
-    _write_file(
+    write_file(
         state_dir / "identity.json", json.dumps(fields, indent=2, sort_keys=True).encode() + b"\n", 0o600
     )
 
@@ -508,36 +508,6 @@ def _read(path: Path, what: str) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise UsageError(f"cannot read {path} ({what}): {exc.strerror}") from exc
-
-
-def _private_dir(path: Path) -> None:
-    """Create ``path`` readable by its owner only; an existing directory is left as it is."""
-    if not path.is_dir():
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path.chmod(0o700)  # mkdir's mode is filtered by the umask
-
-
-def _write_file(path: Path, data: bytes, mode: int) -> None:
-    """Replace ``path`` with ``data`` atomically: a reader sees the old file or the new, never half."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            os.fchmod(file.fileno(), mode)
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself survives a crash
-    finally:
-        os.close(directory)
 
 
 @contextmanager

@@ -27,6 +27,7 @@ from types import TracebackType
 from typing import Final, Literal, Self
 
 from gpupool._errors import AuthError, UsageError
+from gpupool.security.files import private_dir
 from gpupool.security.tokens import TOKEN_PREFIX, Role, new_token, parse_role, parse_token, token_digest
 
 __all__ = ["SCHEMA_VERSION", "STATE_FILE", "AgentEnrolment", "SessionRecord", "StateStore", "TokenRecord"]
@@ -175,7 +176,7 @@ class StateStore:
         """
         path = state_dir / STATE_FILE
         try:
-            _private_dir(state_dir)
+            private_dir(state_dir)
             os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
             if stat.S_IMODE(path.stat().st_mode) & 0o077:
                 path.chmod(0o600)
@@ -477,13 +478,6 @@ class StateStore:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
-
-
-def _private_dir(path: Path) -> None:
-    """Create ``path`` readable by its owner only; an existing directory is left as it is."""
-    if not path.is_dir():
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path.chmod(0o700)  # mkdir's mode is filtered by the umask
 
 
 def _create_schema(db: sqlite3.Connection, path: Path) -> None:
