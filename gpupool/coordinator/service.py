@@ -218,7 +218,9 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             raise RpcRefusal("permission-denied", str(exc)) from exc
         except PlacementError as exc:
             raise RpcRefusal("unknown-session", str(exc)) from exc
-        job = await self._control.end_session(request.session, reason="disconnected")  # drops its capabilities
+        job = await self._control.end_session(
+            request.session, reason="disconnected"
+        )  # drops its capabilities
         log.info(
             "job %s ended: %d arrays, %d bytes placed", job.session_id, job.arrays_placed, job.bytes_placed
         )
