@@ -297,16 +297,20 @@ def arange(start: object, stop: object = None, step: object = None, dtype: objec
     )
 
 
-def asarray(data: object, dtype: object = None) -> RemoteArray:
-    """``data`` on the current pool (uploaded, as :meth:`gpupool.Pool.asarray`); a remote array is
-    returned as it is (converted on its agents if ``dtype`` differs).
+def asarray(data: object, dtype: object = None, *, rows: Sequence[int] | None = None) -> RemoteArray:
+    """``data`` on the current pool (uploaded, as :meth:`gpupool.Pool.asarray`, ``rows`` choosing the
+    sharding); a remote array is returned as it is (converted on its agents if ``dtype`` differs).
 
     Raises:
         As :meth:`gpupool.Pool.asarray`.
     """
     if isinstance(data, RemoteArray):
+        if rows is not None:
+            raise UsageError(
+                "rows= shards host data; re-shard a remote array with gp.asarray(x.get(), rows=...)"
+            )
         return data if dtype is None else data.astype(dtype)
-    return current_pool().asarray(data, dtype)
+    return current_pool().asarray(data, dtype, rows=rows)
 
 
 def linspace(

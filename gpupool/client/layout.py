@@ -7,11 +7,13 @@ in one program per shard.
 
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import TypeAlias
 
+from gpupool._errors import UsageError
 from gpupool._proto.v1 import coordinator_pb2
 
 __all__ = [
@@ -19,8 +21,10 @@ __all__ = [
     "Piece",
     "Place",
     "by_endpoint",
+    "check_rows",
     "layout_key",
     "pieces_from_placement",
+    "round_robin",
     "whole_copies",
 ]
 
@@ -94,3 +98,42 @@ def by_endpoint(pieces: Iterable[Piece]) -> dict[str, list[Piece]]:
     for piece in pieces:
         grouped[piece.endpoint].append(piece)
     return grouped
+
+
+def check_rows(rows: object, length: int) -> tuple[int, ...]:
+    """An explicit sharding (``pool.asarray(x, rows=...)``) as row counts, checked against ``length`` rows.
+
+    Raises:
+        UsageError: not a sequence of integers, a negative count, no count at all, or counts that do not
+            add up to ``length``.
+    """
+    if isinstance(rows, str | bytes) or not isinstance(rows, Sequence | range):
+        raise UsageError(f"rows= takes a sequence of row counts, one per shard, not {rows!r}")
+    counts: list[int] = []
+    for count in rows:
+        if isinstance(count, bool):
+            raise UsageError(f"rows= takes integer row counts, not {count!r}")
+        try:
+            counts.append(operator.index(count))
+        except TypeError:
+            raise UsageError(f"rows= takes integer row counts, not {count!r}") from None
+    if not counts:
+        raise UsageError("rows= needs at least one shard")
+    if any(c < 0 for c in counts):
+        raise UsageError(f"rows= has a negative row count: {counts}")
+    if sum(counts) != length:
+        raise UsageError(f"rows= adds up to {sum(counts)} rows, but the array has {length}: {counts}")
+    return tuple(counts)
+
+
+def round_robin(counts: Sequence[int], places: int) -> list[tuple[int, int, int]]:
+    """``(place, start, stop)`` of each shard of ``counts`` rows, in row order: shard ``i`` on place
+    ``i % places`` (of ``places`` places, in the caller's order)."""
+    if places <= 0:
+        raise ValueError(f"round_robin needs at least one place, not {places}")
+    split = []
+    start = 0
+    for index, count in enumerate(counts):
+        split.append((index % places, start, start + count))
+        start += count
+    return split

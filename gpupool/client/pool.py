@@ -6,6 +6,7 @@ frees) is its :class:`~gpupool.client.session.Session`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextvars import ContextVar, Token
 
 import numpy as np
@@ -14,6 +15,7 @@ from gpupool._config import Timeouts
 from gpupool._errors import UsageError
 from gpupool.client.array import RemoteArray, from_spec
 from gpupool.client.graph import ArraySpec
+from gpupool.client.layout import check_rows
 from gpupool.client.operands import native_contiguous
 from gpupool.client.session import Session
 from gpupool.client.types import AgentInfo, agent_info_from_record
@@ -89,24 +91,38 @@ class Pool:
         records = self._session.list_agents(include_offline=include_offline)
         return [agent_info_from_record(record) for record in records]
 
-    def asarray(self, data: object, dtype: object = None) -> RemoteArray:
+    def asarray(
+        self, data: object, dtype: object = None, *, rows: Sequence[int] | None = None
+    ) -> RemoteArray:
         """Upload ``data`` (an array or nested sequence), its rows sharded over the ready agents.
+
+        By default the coordinator splits the rows by the agents' free memory. ``rows`` chooses the
+        sharding instead: row counts, one per shard, in row order (zero-row shards allowed), adding up to
+        ``len(data)``; the shards go to the ready agents in agent id order, round robin when there are more
+        shards than agents. Two arrays uploaded with the same ``rows`` have the same layout.
 
         Raises:
             UnsupportedDType: a dtype gpupool does not carry (before anything is sent).
-            UsageError: a 0-d array (shard along axis 0 needs one).
+            UsageError: a 0-d array (shard along axis 0 needs one); ``rows`` that are not non-negative
+                integers adding up to the row count, or given with a remote array.
             NoCapacity, PlacementError: the pool cannot take it.
             DeviceOutOfMemory, RemoteError: an agent refused its shard (nothing is left behind).
         """
         self._session.check_open()
         if isinstance(data, RemoteArray):
+            if rows is not None:
+                raise UsageError(
+                    "rows= shards host data; re-shard a remote array through the host with "
+                    "pool.asarray(x.get(), rows=...)"
+                )
             return data if dtype is None else data.astype(dtype)
         host = np.asarray(data, dtype=check_dtype(dtype)) if dtype is not None else np.asarray(data)
         check_dtype(host.dtype)
         if host.ndim == 0:
             raise UsageError("pool.asarray needs an array of at least one dimension (rows are sharded)")
+        counts = None if rows is None else check_rows(rows, host.shape[0])
         host = native_contiguous(host)
-        pieces = self._session.upload(host)
+        pieces = self._session.upload(host, rows=counts)
         return from_spec(
             ArraySpec(session=self._session, shape=host.shape, dtype=host.dtype, layout=tuple(pieces))
         )

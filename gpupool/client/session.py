@@ -23,13 +23,13 @@ import grpc
 import numpy as np
 
 from gpupool._config import Timeouts
-from gpupool._errors import AgentLost, ArrayFreed, ConnectError, DeadlineExceeded
+from gpupool._errors import AgentLost, ArrayFreed, ConnectError, DeadlineExceeded, PlacementError
 from gpupool._ids import new_buffer_id
-from gpupool._proto.v1 import agent_pb2, agent_pb2_grpc, coordinator_pb2
+from gpupool._proto.v1 import agent_pb2, agent_pb2_grpc, control_pb2, coordinator_pb2
 from gpupool._version import __version__
 from gpupool.client._loop import LoopThread
 from gpupool.client.channels import AgentChannel, Metadata, fetched_arrays
-from gpupool.client.layout import Piece, by_endpoint, pieces_from_placement
+from gpupool.client.layout import Piece, by_endpoint, pieces_from_placement, round_robin
 from gpupool.client.lease import WATCH_INTERVAL, LeaseKeeper
 from gpupool.protocol.codec import meta_of
 from gpupool.protocol.errors import translate_rpc_error
@@ -251,19 +251,82 @@ class Session:
         return fetched_arrays(reply, peer=place.endpoint)
 
     # -- upload -----------------------------------------------------------------------------------
-    def upload(self, host: np.ndarray) -> list[Piece]:
+    def upload(self, host: np.ndarray, *, rows: Sequence[int] | None = None) -> list[Piece]:
         """Have the coordinator place ``host``'s rows, and upload each shard; returns the pieces.
+
+        With ``rows`` (row counts, one per shard, adding up to ``len(host)``: see
+        :func:`~gpupool.client.layout.check_rows`), the shards go round robin over the ready agents in
+        agent id order (:meth:`place_rows`) instead of by free memory.
 
         Raises:
             NoCapacity, PlacementError: the pool cannot take it.
             DeviceOutOfMemory, RemoteError: an agent refused its shard (nothing is left behind).
         """
-        return self.run(self._upload(host), timeout=self.timeouts.for_stream(host.nbytes) * 2, what="upload")
+        return self.run(
+            self._upload(host, rows), timeout=self.timeouts.for_stream(host.nbytes) * 2, what="upload"
+        )
 
-    async def _upload(self, host: np.ndarray) -> list[Piece]:
-        pieces = await self._place(host.shape, host.dtype)
+    async def _upload(self, host: np.ndarray, rows: Sequence[int] | None) -> list[Piece]:
+        if rows is None:
+            pieces = await self._place(host.shape, host.dtype)
+        else:
+            pieces = await self._place_rows(host.shape, host.dtype, rows)
         await self.upload_pieces(host, pieces)
         return pieces
+
+    async def _place_rows(
+        self, shape: tuple[int, ...], dtype: np.dtype[Any], counts: Sequence[int]
+    ) -> list[Piece]:
+        """Pieces of ``counts`` rows each, in row order, round robin over the ready agents by agent id.
+
+        Each agent that gets shards is placed by the coordinator's own Place call for all its rows, with
+        every other agent excluded: the coordinator checks and reserves its memory and hands out the
+        capability as for any array; the agent's shards all go to the worker that call names.
+
+        Raises:
+            NoCapacity: an agent cannot hold its rows. PlacementError: no ready agents.
+        """
+        listed = await self._call_coordinator("ListAgents", coordinator_pb2.ListAgentsRequest())
+        agents = sorted(
+            r.status.agent_id
+            for r in listed.agents
+            if r.status.state == control_pb2.AGENT_STATE_READY and r.status.endpoint
+        )
+        if not agents:
+            raise PlacementError("no ready agents to place rows on")
+        split = round_robin(counts, len(agents))
+        held: dict[int, int] = {}
+        for position, start, stop in split:
+            held[position] = held.get(position, 0) + stop - start
+        positions = sorted(held)
+        replies = await asyncio.gather(
+            *(
+                self._call_coordinator(
+                    "Place",
+                    coordinator_pb2.PlaceRequest(
+                        session=self.id,
+                        meta=meta_of(dtype, (held[p], *shape[1:])),
+                        exclude_agents=[a for a in agents if a != agents[p]],
+                    ),
+                )
+                for p in positions
+            )
+        )
+        where: dict[int, coordinator_pb2.ShardPlacement] = {}
+        for position, reply in zip(positions, replies, strict=True):
+            self._keeper.keep_placed(reply.shards)
+            where[position] = min(reply.shards, key=lambda s: s.start)
+        return [
+            Piece(
+                agent_id=where[p].agent_id,
+                endpoint=where[p].endpoint,
+                worker=where[p].worker,
+                start=start,
+                stop=stop,
+                buffer_id=self.new_buffer_id(),
+            )
+            for p, start, stop in split
+        ]
 
     def place(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> list[Piece]:
         """Have the coordinator place an array's rows, and hold capabilities on its agents; nothing is
