@@ -212,7 +212,13 @@ def elementwise(name: str, inputs: Sequence[object]) -> ArraySpec:
             "broadcasting would spread a remote array over rows it does not hold; pool.asarray the larger "
             "operand first",
         )
-    args = tuple(_argument(lead, v, aligned=carries_rows(v) and rows > 1) for v in values)
+    # A one-row host operand may go whole to every shard (it broadcasts over any row count, none included);
+    # a remote one stays aligned, or the lead itself would be downloaded and a shard of no rows would
+    # broadcast it to one.
+    args = tuple(
+        _argument(lead, v, aligned=carries_rows(v) and (rows > 1 or isinstance(v, GraphArray)))
+        for v in values
+    )
     return pending_spec(result_shape, dtype, lead, Node(name, args, depth=depth_after(args)))
 
 

@@ -79,3 +79,17 @@ def test_gp_asarray_rows(local_pool: LocalPool) -> None:
 def test_rows_refused_before_anything_is_sent(pool: gp.Pool) -> None:
     with pytest.raises(gp.UsageError, match="adds up to 8"):
         pool.asarray(X, rows=[4, 4])
+
+
+@pytest.mark.parametrize("rows", [[0, 1], [1, 0], [0, 0, 1]], ids=repr)
+def test_one_row_array_with_empty_shards(pool: gp.Pool, rows: list[int]) -> None:
+    # Regression: a one-row array's own shards were downloaded and sent whole to every shard as a
+    # broadcast constant, so an empty shard answered with one row ("op 'add' gives shape (1,)").
+    host = np.array([[1.5, -2.0]])
+    x = pool.asarray(host, rows=rows)
+    np.testing.assert_array_equal((x + 1).get(), host + 1)
+    np.testing.assert_array_equal(np.absolute(x).get(), np.absolute(host))
+    np.testing.assert_array_equal(
+        np.minimum(x, pool.asarray(host * 2, rows=rows)).get(), np.minimum(host, host * 2)
+    )
+    np.testing.assert_array_equal((x * np.array([[2.0, 3.0]])).get(), host * [[2.0, 3.0]])
