@@ -203,6 +203,34 @@ class Guard:
 
         return guarded
 
+    def pull(
+        self, handler: Callable[[agent_pb2.PullRequest, Context], Awaitable[agent_pb2.PullReply]]
+    ) -> Callable[[agent_pb2.PullRequest, Context], Awaitable[agent_pb2.PullReply]]:
+        """Guard ``Pull``: the output and this agent's own sources are the session's.
+
+        A remote source's buffer id is left as the client named it: the agent holding it confines it to
+        the session of the capability shown there, which the puller checks is this call's
+        (:meth:`gpupool.agent.peers.Peers.resolve`).
+        """
+
+        async def guarded(request: agent_pb2.PullRequest, context: Context) -> agent_pb2.PullReply:
+            try:
+                session = self.session_of(context, request.session)
+                request.session = session
+                request.output = _qualified(session, request.output)
+                for source in request.sources:
+                    if source.agent_id == self._verifier.agent_id:
+                        source.buffer_id = _qualified(session, source.buffer_id)
+                    elif len(source.buffer_id) > MAX_BUFFER_ID:
+                        raise RpcRefusal("bad-request", f"a buffer id longer than {MAX_BUFFER_ID} characters")
+            except RpcRefusal as refusal:
+                await abort(context, refusal)
+            reply = await handler(request, context)
+            reply.buffer_id = unqualify(reply.buffer_id)
+            return reply
+
+        return guarded
+
     def free(
         self, handler: Callable[[agent_pb2.FreeRequest, Context], Awaitable[agent_pb2.FreeReply]]
     ) -> Callable[[agent_pb2.FreeRequest, Context], Awaitable[agent_pb2.FreeReply]]:

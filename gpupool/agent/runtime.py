@@ -26,6 +26,8 @@ from gpupool.agent.buffers import BufferRegistry
 from gpupool.agent.config import AgentConfig
 from gpupool.agent.discovery import GpuTelemetry
 from gpupool.agent.guard import Guard
+from gpupool.agent.peers import Peers
+from gpupool.agent.pull import Puller
 from gpupool.agent.service import AgentService, add_to_server
 from gpupool.agent.status import Counters, Identity, build_status, build_telemetry, now
 from gpupool.agent.workers import WorkerSetup, plan_workers
@@ -116,6 +118,7 @@ class Agent:
         self._fingerprint = ""
         self._coordinator_key: ec.EllipticCurvePublicKey | None = None
         self._verifier: CapabilityVerifier | None = None
+        self._peers: Peers | None = None
         self._seen_commands: dict[str, None] = {}  # ids of signed commands applied, oldest first
         self._ignored = RateLimitedLog(log.warning)
 
@@ -174,13 +177,28 @@ class Agent:
             self._verifier = CapabilityVerifier(self._coordinator_key, self.agent_id)
         elif not config.insecure:
             raise UsageError("an agent needs an identity (enrolment) unless it runs --insecure")
+        accepting = lambda: self._state in (READY, CORDONED)  # noqa: E731 - given to two servicers
+        self._peers = Peers(
+            agent_id=self.agent_id,
+            coordinator_key=self._coordinator_key,
+            ca_pem=identity.ca_pem if identity is not None else None,
+            timeouts=config.timeouts,
+        )
+        puller = Puller(
+            workers=setup.workers,
+            registry=self._registry,
+            peers=self._peers,
+            counters=self._counters,
+            accepting=accepting,
+        )
         service = AgentService(
             workers=setup.workers,
             registry=self._registry,
             counters=self._counters,
-            accepting=lambda: self._state in (READY, CORDONED),
+            accepting=accepting,
             status=self.status,
             timeouts=config.timeouts,
+            puller=puller,
         )
         guard = Guard(self._verifier) if self._verifier is not None else None
         tls = None
@@ -274,6 +292,8 @@ class Agent:
             await self._session.close(final=(self._topics.status(self.agent_id), final))
         if self._server is not None:
             await self._server.stop(self.config.shutdown_grace)
+        if self._peers is not None:
+            await self._peers.close()
 
     async def wait_registered(self) -> None:
         """Wait (without a deadline of its own: the caller bounds it) until the status was first published."""

@@ -25,6 +25,7 @@ from gpupool._proto.v1 import agent_pb2, agent_pb2_grpc, control_pb2
 from gpupool.agent.buffers import BufferRegistry, Reservation
 from gpupool.agent.guard import Guard
 from gpupool.agent.program import estimate_work, forget_frames, is_small, run_program
+from gpupool.agent.pull import Puller
 from gpupool.agent.status import Counters
 from gpupool.agent.workers import Worker
 from gpupool.protocol.codec import check_dtype, iter_chunks, meta_of, shape_of
@@ -65,10 +66,12 @@ def add_to_server(service: AgentService, server: grpc.aio.Server, guard: Guard |
     download_raw: Handler = service.download_raw
     execute: Handler = service.Execute
     free: Handler = service.Free
+    pull: Handler = service.Pull
     if guard is not None:
         upload, upload_raw = guard.upload(upload), guard.upload_raw(upload_raw)
         download, download_raw = guard.download(download), guard.download_raw(download_raw)
         execute, free = guard.execute(execute), guard.free(free)
+        pull = guard.pull(pull)
     handlers = {
         "Upload": grpc.stream_unary_rpc_method_handler(
             upload,
@@ -89,6 +92,11 @@ def add_to_server(service: AgentService, server: grpc.aio.Server, guard: Guard |
             free,
             request_deserializer=agent_pb2.FreeRequest.FromString,
             response_serializer=agent_pb2.FreeReply.SerializeToString,
+        ),
+        "Pull": grpc.unary_unary_rpc_method_handler(
+            pull,
+            request_deserializer=agent_pb2.PullRequest.FromString,
+            response_serializer=agent_pb2.PullReply.SerializeToString,
         ),
         "Health": grpc.unary_unary_rpc_method_handler(
             service.Health,
@@ -111,6 +119,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         accepting: whether new uploads are taken now (False while draining or stopping).
         status: the agent's current status, for Health.
         timeouts: deadlines; an upload or download gets ``timeouts.for_stream(nbytes)``, the header ``rpc``.
+        puller: runs ``Pull`` (rows from other agents, :mod:`gpupool.agent.pull`); None refuses it.
     """
 
     def __init__(
@@ -122,7 +131,9 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         accepting: Callable[[], bool],
         status: Callable[[], control_pb2.AgentStatus],
         timeouts: Timeouts = Timeouts(),
+        puller: Puller | None = None,
     ) -> None:
+        self._puller = puller
         self._workers = tuple(workers)
         self._registry = registry
         self._counters = counters
@@ -274,9 +285,10 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         try:
             buffer = self._registry.get(request.buffer_id)
             worker = self._workers[buffer.worker]
-            host = buffer.array
+            rows = _row_range(request, buffer.shape, buffer.buffer_id)
+            host = buffer.array if rows is None else buffer.array[rows[0] : rows[1]]
             if not worker.backend.host_resident:
-                host = await worker.call(_to_host, worker, buffer.array, buffer.buffer_id)
+                host = await worker.call(_to_host, worker, buffer.array, buffer.buffer_id, rows)
             chunk_bytes = min(max(request.chunk_bytes or CHUNK_BYTES, MIN_CHUNK_BYTES), MAX_CHUNK_BYTES)
             stall = self._timeouts.stall
             async with asyncio.timeout(self._timeouts.for_stream(host.nbytes)):
@@ -357,6 +369,17 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         else:
             freed, nbytes = 0, 0
         return agent_pb2.FreeReply(freed=freed, bytes_freed=nbytes)
+
+    async def Pull(self, request: agent_pb2.PullRequest, context: Context) -> agent_pb2.PullReply:
+        """Make a buffer of row ranges pulled from other agents (and this one), peer to peer."""
+        try:
+            if self._puller is None:
+                raise RpcRefusal("bad-request", "this agent takes no pulls")
+            return await self._puller.pull(request)
+        except RpcRefusal as exc:
+            refusal = _detached(exc)
+        # Aborting here, outside the handlers, chains no exception (and its frames) to the abort's error.
+        await abort(context, refusal)
 
     async def Health(self, request: agent_pb2.HealthRequest, context: Context) -> agent_pb2.HealthReply:
         """The agent's status."""
@@ -539,9 +562,26 @@ def _device_errors(worker: Worker, buffer_id: str) -> Iterator[None]:
         raise RpcRefusal("kernel-failed", f"worker {worker.index}: {exc}", buffer_id=buffer_id) from exc
 
 
-def _to_host(worker: Worker, array: Any, buffer_id: str) -> np.ndarray:
-    """In the worker's thread: copy a device array to the host."""
+def _row_range(
+    request: agent_pb2.DownloadRequest, shape: tuple[int, ...], buffer_id: str
+) -> tuple[int, int] | None:
+    """The rows a download asks for, checked against the buffer's shape; None for the whole buffer."""
+    if not request.has_rows:
+        return None
+    if not shape or not 0 <= request.start <= request.stop <= shape[0]:
+        raise RpcRefusal(
+            "bad-request",
+            f"rows [{request.start}, {request.stop}) are not rows of a buffer of shape {list(shape)}",
+            buffer_id=buffer_id,
+        )
+    return request.start, request.stop
+
+
+def _to_host(worker: Worker, array: Any, buffer_id: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+    """In the worker's thread: copy a device array (or rows ``[start, stop)`` of it) to the host."""
     try:
+        if rows is not None:
+            array = array[rows[0] : rows[1]]
         return worker.backend.to_host(array)
     except worker.backend.out_of_memory_errors as exc:
         raise RpcRefusal(

@@ -52,6 +52,8 @@ from gpupool._proto.v1.coordinator_pb2 import (
     ListJobsRequest,
     PlaceReply,
     PlaceRequest,
+    PlanMovesReply,
+    PlanMovesRequest,
     RenewReply,
     RenewRequest,
 )
@@ -60,6 +62,7 @@ from gpupool.coordinator.auth import Authenticator, requires
 from gpupool.coordinator.commands import AgentCommander
 from gpupool.coordinator.jobs import Jobs
 from gpupool.coordinator.registry import Registry, state_name
+from gpupool.moves import Span, plan_moves
 from gpupool.placement import MIN_SHARD_BYTES, split_rows
 from gpupool.protocol.codec import check_dtype, shape_of
 from gpupool.protocol.errors import RpcRefusal
@@ -75,6 +78,9 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 #: Seconds a capability is valid; clients refresh theirs (Grant) when less than half is left.
 CAPABILITY_TTL = 600.0
+
+#: Most source shards one PlanMoves call may name (the plan's work grows with them).
+MAX_MOVE_SOURCES = 65536
 
 
 class PoolControl(Protocol):
@@ -153,7 +159,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self._control = control
         self._min_shard_bytes = min_shard_bytes
         self._topic_prefix = topic_prefix
-        self._capabilities: dict[tuple[str, str], tuple[str, float]] = {}
+        self._capabilities: dict[tuple[str, str], tuple[str, float, str]] = {}
 
     def _session(self, session: str, caller: TokenRecord) -> SessionRecord:
         try:
@@ -164,19 +170,26 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             raise RpcRefusal("unknown-session", str(exc)) from exc
 
     def _capability(self, session: str, agent_id: str, *, now: float) -> Capability | None:
-        """A capability for the session on the agent; None for an agent that takes none (not enrolled)."""
+        """A capability for the session on the agent; None for an agent that takes none (not enrolled).
+
+        It carries the agent's endpoint as the registry has it now: an agent pulling rows for the session
+        from this one dials that address and no other (see ``Pull`` in ``protos/gpupool/v1/agent.proto``).
+        """
         entry = self._registry.get(agent_id)
         if entry is None or not entry.status.certificate_fingerprint:
             return None
+        endpoint = entry.status.endpoint
         cached = self._capabilities.get((session, agent_id))
-        if cached is None or cached[1] - now < CAPABILITY_TTL / 2:
-            cached = issue_capability(
+        if cached is None or cached[1] - now < CAPABILITY_TTL / 2 or cached[2] != endpoint:
+            token, expires = issue_capability(
                 self._authority.capability_private_key,
                 session=session,
                 agent_id=agent_id,
                 ttl=CAPABILITY_TTL,
                 now=now,
+                endpoint=endpoint,
             )
+            cached = (token, expires, endpoint)
             if len(self._capabilities) > 100_000:
                 self._capabilities.clear()
             self._capabilities[(session, agent_id)] = cached
@@ -275,6 +288,53 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     async def Place(self, request: PlaceRequest, context: Context, caller: TokenRecord) -> PlaceReply:
         """Row shards for a new array over the ready agents' workers, by free memory, with capabilities."""
         self._session(request.session, caller)
+        return self._place(request.session, request, list(request.exclude_agents))
+
+    @requires("client")
+    async def PlanMoves(
+        self, request: PlanMovesRequest, context: Context, caller: TokenRecord
+    ) -> PlanMovesReply:
+        """A new placement for a resident array's rows, and where each target row comes from.
+
+        The targets are placed as :meth:`Place` places a new array (by free memory, reserved, with
+        capabilities); :func:`gpupool.moves.plan_moves` says which source fills which target rows, so
+        rows whose agent stays the same are copied where they are and only the others move.
+        """
+        self._session(request.session, caller)
+        if len(request.sources) > MAX_MOVE_SOURCES:
+            raise RpcRefusal("bad-request", f"PlanMoves takes at most {MAX_MOVE_SOURCES} sources")
+        reply = PlanMovesReply()
+        placed = self._place(request.session, request, list(request.exclude_agents))
+        reply.targets.extend(placed.shards)
+        source = [
+            Span(agent_id=s.agent_id, worker=s.worker, start=s.start, stop=s.stop) for s in request.sources
+        ]
+        target = [
+            Span(agent_id=t.agent_id, worker=t.worker, start=t.start, stop=t.stop) for t in placed.shards
+        ]
+        try:
+            segments = plan_moves(source, target)
+        except PlacementError as exc:
+            raise RpcRefusal("bad-request", f"the sources do not cover the array's rows: {exc}") from exc
+        add = reply.segments.add
+        for segment in segments:
+            add(
+                target=segment.target,
+                source=segment.source,
+                start=segment.start,
+                stop=segment.stop,
+                moved=segment.moved,
+            )
+        return reply
+
+    def _place(
+        self, session: str, request: PlaceRequest | PlanMovesRequest, exclude: list[str]
+    ) -> PlaceReply:
+        """Place the rows of the array ``request.meta`` describes (for :meth:`Place` and :meth:`PlanMoves`).
+
+        Raises:
+            RpcRefusal: bad-request (no or a malformed meta), no-agents, no-capacity.
+        """
         if not request.HasField("meta"):
             raise RpcRefusal("bad-request", "Place needs the array's meta (dtype and shape)")
         try:
@@ -288,9 +348,9 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         row_bytes = dtype.itemsize * math.prod(shape[1:])
         # Over every ready worker of the pool on each call: the work per worker is kept to a few list
         # operations (split_rows on the registry's ready list, kept between calls).
-        ready = self._registry.ready(exclude=request.exclude_agents)
+        ready = self._registry.ready(exclude=exclude)
         if not ready:
-            raise RpcRefusal("no-agents", self._why_no_agents(len(request.exclude_agents)))
+            raise RpcRefusal("no-agents", self._why_no_agents(len(exclude)))
         try:
             split = split_rows(rows, row_bytes, ready.free, min_shard_bytes=self._min_shard_bytes)
         except NoCapacity as exc:
@@ -317,11 +377,11 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             shard.start = start
             shard.stop = stop
             if agent_id not in capabilities:
-                capabilities[agent_id] = self._capability(request.session, agent_id, now=now)
+                capabilities[agent_id] = self._capability(session, agent_id, now=now)
             capability = capabilities[agent_id]
             if capability is not None:
                 shard.capability.CopyFrom(capability)
-        self._jobs.record_placement(request.session, rows * row_bytes, capabilities)
+        self._jobs.record_placement(session, rows * row_bytes, capabilities)
         return reply
 
     @requires("client")

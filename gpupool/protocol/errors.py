@@ -37,6 +37,7 @@ ErrorKind = Literal[
     "broker-unavailable",
     "unauthenticated",
     "permission-denied",
+    "peer-unavailable",
 ]
 
 _CODES: Final[dict[str, grpc.StatusCode]] = {
@@ -59,6 +60,8 @@ _CODES: Final[dict[str, grpc.StatusCode]] = {
     "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
     # Good credentials of the wrong role, or for another session or agent.
     "permission-denied": grpc.StatusCode.PERMISSION_DENIED,
+    # An agent pulling rows (Pull) could not read them from another agent: unreachable, dead, stalled.
+    "peer-unavailable": grpc.StatusCode.UNAVAILABLE,
 }
 
 

@@ -3,8 +3,10 @@
 A client shows an agent a capability with every call of a session; the agent checks it with the
 coordinator's public key alone, so the coordinator is never on the data path. A capability reads
 ``<payload>.<signature>``, both base64url without padding: the payload is compact JSON with sorted keys,
-``{"a":"<agent-id>","exp":<int>,"iat":<int>,"s":"<session>","v":1}``, and the signature is ECDSA P-256
-with SHA-256 (DER) over the payload's bytes.
+``{"a":"<agent-id>","e":"<endpoint>","exp":<int>,"iat":<int>,"s":"<session>","v":1}``, and the signature is
+ECDSA P-256 with SHA-256 (DER) over the payload's bytes. ``e``, the agent's data-plane address as the
+coordinator's registry has it, is optional: another agent pulling rows for the session (``Pull``) dials
+that address and no other, so where a peer is is the coordinator's word, not the client's.
 """
 
 from __future__ import annotations
@@ -42,17 +44,26 @@ class Capability:
         session: the session it was granted to.
         agent_id: the agent it is good on.
         expires: when it stops working, in seconds since the epoch.
+        endpoint: the agent's data-plane address, as the coordinator signed it ("" if it did not).
     """
 
     session: str
     agent_id: str
     expires: float
+    endpoint: str = ""
 
 
 def issue_capability(
-    private_key: ec.EllipticCurvePrivateKey, *, session: str, agent_id: str, ttl: float, now: float
+    private_key: ec.EllipticCurvePrivateKey,
+    *,
+    session: str,
+    agent_id: str,
+    ttl: float,
+    now: float,
+    endpoint: str = "",
 ) -> tuple[str, float]:
-    """A capability for ``session`` on ``agent_id``, good for ``ttl`` seconds, and when it expires.
+    """A capability for ``session`` on ``agent_id`` (serving at ``endpoint``, if given), good for ``ttl``
+    seconds, and when it expires.
 
     Times are whole seconds: ``expires`` is ``now + ttl`` rounded down.
 
@@ -64,7 +75,15 @@ def issue_capability(
     if not session or not agent_id:
         raise UsageError("a capability needs a session and an agent id")
     expires = int(now + ttl)
-    claims = {"a": agent_id, "exp": expires, "iat": int(now), "s": session, "v": CAPABILITY_VERSION}
+    claims: dict[str, object] = {
+        "a": agent_id,
+        "exp": expires,
+        "iat": int(now),
+        "s": session,
+        "v": CAPABILITY_VERSION,
+    }
+    if endpoint:
+        claims["e"] = endpoint
     payload = json.dumps(claims, separators=(",", ":"), sort_keys=True).encode()
     signature = private_key.sign(payload, _ALGORITHM)
     return f"{_encode(payload)}.{_encode(signature)}", float(expires)
@@ -182,7 +201,10 @@ def _parse_claims(payload: bytes) -> Capability | None:
         return None
     if not isinstance(expires, int) or isinstance(expires, bool):
         return None
-    return Capability(session=session, agent_id=agent_id, expires=float(expires))
+    endpoint = claims.get("e", "")
+    if not isinstance(endpoint, str):
+        return None
+    return Capability(session=session, agent_id=agent_id, expires=float(expires), endpoint=endpoint)
 
 
 def _encode(data: bytes) -> str:

@@ -44,12 +44,18 @@ class UploadReply(_message.Message):
     def __init__(self, buffer_id: _Optional[str] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
-    __slots__ = ("buffer_id", "chunk_bytes")
+    __slots__ = ("buffer_id", "chunk_bytes", "has_rows", "start", "stop")
     BUFFER_ID_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HAS_ROWS_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
     buffer_id: str
     chunk_bytes: int
-    def __init__(self, buffer_id: _Optional[str] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+    has_rows: bool
+    start: int
+    stop: int
+    def __init__(self, buffer_id: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., has_rows: _Optional[bool] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ...) -> None: ...
 
 class DownloadChunk(_message.Message):
     __slots__ = ("meta", "chunk")
@@ -168,3 +174,47 @@ class HealthReply(_message.Message):
     STATUS_FIELD_NUMBER: _ClassVar[int]
     status: _control_pb2.AgentStatus
     def __init__(self, status: _Optional[_Union[_control_pb2.AgentStatus, _Mapping]] = ...) -> None: ...
+
+class PullSource(_message.Message):
+    __slots__ = ("agent_id", "buffer_id", "start", "stop", "capability", "endpoint")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITY_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    buffer_id: str
+    start: int
+    stop: int
+    capability: str
+    endpoint: str
+    def __init__(self, agent_id: _Optional[str] = ..., buffer_id: _Optional[str] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., capability: _Optional[str] = ..., endpoint: _Optional[str] = ...) -> None: ...
+
+class PullRequest(_message.Message):
+    __slots__ = ("worker", "output", "sources", "combine", "axis", "expect", "session")
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    COMBINE_FIELD_NUMBER: _ClassVar[int]
+    AXIS_FIELD_NUMBER: _ClassVar[int]
+    EXPECT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    worker: int
+    output: str
+    sources: _containers.RepeatedCompositeFieldContainer[PullSource]
+    combine: str
+    axis: int
+    expect: ArrayMeta
+    session: str
+    def __init__(self, worker: _Optional[int] = ..., output: _Optional[str] = ..., sources: _Optional[_Iterable[_Union[PullSource, _Mapping]]] = ..., combine: _Optional[str] = ..., axis: _Optional[int] = ..., expect: _Optional[_Union[ArrayMeta, _Mapping]] = ..., session: _Optional[str] = ...) -> None: ...
+
+class PullReply(_message.Message):
+    __slots__ = ("buffer_id", "nbytes", "bytes_pulled")
+    BUFFER_ID_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PULLED_FIELD_NUMBER: _ClassVar[int]
+    buffer_id: str
+    nbytes: int
+    bytes_pulled: int
+    def __init__(self, buffer_id: _Optional[str] = ..., nbytes: _Optional[int] = ..., bytes_pulled: _Optional[int] = ...) -> None: ...

@@ -59,6 +59,11 @@ class AgentStub:
                 request_serializer=gpupool_dot_v1_dot_agent__pb2.HealthRequest.SerializeToString,
                 response_deserializer=gpupool_dot_v1_dot_agent__pb2.HealthReply.FromString,
                 _registered_method=True)
+        self.Pull = channel.unary_unary(
+                '/gpupool.v1.Agent/Pull',
+                request_serializer=gpupool_dot_v1_dot_agent__pb2.PullRequest.SerializeToString,
+                response_deserializer=gpupool_dot_v1_dot_agent__pb2.PullReply.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -98,6 +103,15 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Pull(self, request, context):
+        """Agent to agent: this agent pulls row ranges of buffers from other agents of the same session (and of its
+        own) and keeps them, concatenated or summed, as one new buffer of the session. The client names the
+        sources but is not on the byte path. See PullRequest for what is checked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -125,6 +139,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=gpupool_dot_v1_dot_agent__pb2.HealthRequest.FromString,
                     response_serializer=gpupool_dot_v1_dot_agent__pb2.HealthReply.SerializeToString,
+            ),
+            'Pull': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pull,
+                    request_deserializer=gpupool_dot_v1_dot_agent__pb2.PullRequest.FromString,
+                    response_serializer=gpupool_dot_v1_dot_agent__pb2.PullReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -262,6 +281,33 @@ class Agent:
             '/gpupool.v1.Agent/Health',
             gpupool_dot_v1_dot_agent__pb2.HealthRequest.SerializeToString,
             gpupool_dot_v1_dot_agent__pb2.HealthReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pull(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpupool.v1.Agent/Pull',
+            gpupool_dot_v1_dot_agent__pb2.PullRequest.SerializeToString,
+            gpupool_dot_v1_dot_agent__pb2.PullReply.FromString,
             options,
             channel_credentials,
             insecure,

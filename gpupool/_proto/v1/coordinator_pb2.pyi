@@ -226,3 +226,49 @@ class AdminReply(_message.Message):
     agent: _control_pb2.AgentStatus
     command_id: str
     def __init__(self, agent: _Optional[_Union[_control_pb2.AgentStatus, _Mapping]] = ..., command_id: _Optional[str] = ...) -> None: ...
+
+class MoveSource(_message.Message):
+    __slots__ = ("agent_id", "worker", "start", "stop")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    worker: int
+    start: int
+    stop: int
+    def __init__(self, agent_id: _Optional[str] = ..., worker: _Optional[int] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ...) -> None: ...
+
+class PlanMovesRequest(_message.Message):
+    __slots__ = ("session", "meta", "sources", "exclude_agents")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_AGENTS_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    meta: _agent_pb2.ArrayMeta
+    sources: _containers.RepeatedCompositeFieldContainer[MoveSource]
+    exclude_agents: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session: _Optional[str] = ..., meta: _Optional[_Union[_agent_pb2.ArrayMeta, _Mapping]] = ..., sources: _Optional[_Iterable[_Union[MoveSource, _Mapping]]] = ..., exclude_agents: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Segment(_message.Message):
+    __slots__ = ("target", "source", "start", "stop", "moved")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    MOVED_FIELD_NUMBER: _ClassVar[int]
+    target: int
+    source: int
+    start: int
+    stop: int
+    moved: bool
+    def __init__(self, target: _Optional[int] = ..., source: _Optional[int] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., moved: _Optional[bool] = ...) -> None: ...
+
+class PlanMovesReply(_message.Message):
+    __slots__ = ("targets", "segments")
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    targets: _containers.RepeatedCompositeFieldContainer[ShardPlacement]
+    segments: _containers.RepeatedCompositeFieldContainer[Segment]
+    def __init__(self, targets: _Optional[_Iterable[_Union[ShardPlacement, _Mapping]]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ...) -> None: ...

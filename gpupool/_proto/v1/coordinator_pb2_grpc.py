@@ -27,7 +27,7 @@ if _version_not_supported:
 
 class CoordinatorStub:
     """Every call carries a bearer token in the metadata ("authorization: Bearer gpt_..."); see SECURITY.md.
-    Roles: client (Connect, Disconnect, Renew, Grant, ListAgents, Place, ListJobs of its own sessions),
+    Roles: client (Connect, Disconnect, Renew, Grant, ListAgents, Place, PlanMoves, ListJobs of its own sessions),
     agent (Enrol), admin (everything, the Admin service included). Missing or unknown tokens get
     UNAUTHENTICATED; a token of the wrong role, or a session of another token, PERMISSION_DENIED.
     """
@@ -68,6 +68,11 @@ class CoordinatorStub:
                 request_serializer=gpupool_dot_v1_dot_coordinator__pb2.PlaceRequest.SerializeToString,
                 response_deserializer=gpupool_dot_v1_dot_coordinator__pb2.PlaceReply.FromString,
                 _registered_method=True)
+        self.PlanMoves = channel.unary_unary(
+                '/gpupool.v1.Coordinator/PlanMoves',
+                request_serializer=gpupool_dot_v1_dot_coordinator__pb2.PlanMovesRequest.SerializeToString,
+                response_deserializer=gpupool_dot_v1_dot_coordinator__pb2.PlanMovesReply.FromString,
+                _registered_method=True)
         self.ListJobs = channel.unary_unary(
                 '/gpupool.v1.Coordinator/ListJobs',
                 request_serializer=gpupool_dot_v1_dot_coordinator__pb2.ListJobsRequest.SerializeToString,
@@ -82,7 +87,7 @@ class CoordinatorStub:
 
 class CoordinatorServicer:
     """Every call carries a bearer token in the metadata ("authorization: Bearer gpt_..."); see SECURITY.md.
-    Roles: client (Connect, Disconnect, Renew, Grant, ListAgents, Place, ListJobs of its own sessions),
+    Roles: client (Connect, Disconnect, Renew, Grant, ListAgents, Place, PlanMoves, ListJobs of its own sessions),
     agent (Enrol), admin (everything, the Admin service included). Missing or unknown tokens get
     UNAUTHENTICATED; a token of the wrong role, or a session of another token, PERMISSION_DENIED.
     """
@@ -121,6 +126,15 @@ class CoordinatorServicer:
 
     def Place(self, request, context):
         """Row shards for a new array. NO_CAPACITY (RESOURCE_EXHAUSTED) when the ready agents cannot hold it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PlanMoves(self, request, context):
+        """A new row layout for an array that is resident already: the target shards are placed as Place places
+        them (by free memory, with capabilities), and the reply says where each target row comes from; rows
+        whose source and target are the same agent are copied there, the others move agent to agent (Pull).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -172,6 +186,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     request_deserializer=gpupool_dot_v1_dot_coordinator__pb2.PlaceRequest.FromString,
                     response_serializer=gpupool_dot_v1_dot_coordinator__pb2.PlaceReply.SerializeToString,
             ),
+            'PlanMoves': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlanMoves,
+                    request_deserializer=gpupool_dot_v1_dot_coordinator__pb2.PlanMovesRequest.FromString,
+                    response_serializer=gpupool_dot_v1_dot_coordinator__pb2.PlanMovesReply.SerializeToString,
+            ),
             'ListJobs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListJobs,
                     request_deserializer=gpupool_dot_v1_dot_coordinator__pb2.ListJobsRequest.FromString,
@@ -192,7 +211,7 @@ def add_CoordinatorServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Coordinator:
     """Every call carries a bearer token in the metadata ("authorization: Bearer gpt_..."); see SECURITY.md.
-    Roles: client (Connect, Disconnect, Renew, Grant, ListAgents, Place, ListJobs of its own sessions),
+    Roles: client (Connect, Disconnect, Renew, Grant, ListAgents, Place, PlanMoves, ListJobs of its own sessions),
     agent (Enrol), admin (everything, the Admin service included). Missing or unknown tokens get
     UNAUTHENTICATED; a token of the wrong role, or a session of another token, PERMISSION_DENIED.
     """
@@ -349,6 +368,33 @@ class Coordinator:
             '/gpupool.v1.Coordinator/Place',
             gpupool_dot_v1_dot_coordinator__pb2.PlaceRequest.SerializeToString,
             gpupool_dot_v1_dot_coordinator__pb2.PlaceReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlanMoves(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpupool.v1.Coordinator/PlanMoves',
+            gpupool_dot_v1_dot_coordinator__pb2.PlanMovesRequest.SerializeToString,
+            gpupool_dot_v1_dot_coordinator__pb2.PlanMovesReply.FromString,
             options,
             channel_credentials,
             insecure,
