@@ -24,7 +24,7 @@ import numpy as np
 from gpupool.client import dispatch, layouts, reductions
 from gpupool.client.dispatch import Unsupported
 from gpupool.client.graph import ArraySpec, GraphArray, Node, ProgramBuilder, make_op, run_programs
-from gpupool.client.layout import Piece, layout_key
+from gpupool.client.layout import layout_key
 from gpupool.client.operands import INLINE_LIMIT, buffer_operand, constant_operand
 
 __all__ = ["getitem", "where_inputs"]
@@ -88,9 +88,13 @@ def _triples(ranges: list[range]) -> tuple[int, ...]:
     return tuple(v for r in ranges for v in (r.start, r.stop, r.step))
 
 
-def getitem(array: GraphArray, key: Any) -> tuple[ArraySpec, tuple[Any, ...] | None]:
+def getitem(
+    array: GraphArray, key: Any, make: Callable[[ArraySpec], GraphArray]
+) -> tuple[ArraySpec, tuple[Any, ...] | None]:
     """``array[key]`` on the pool: the result's spec and, for an integer on axis 0, the index that turns
-    the one-row result (once downloaded) into NumPy's answer.
+    the one-row result (once downloaded) into NumPy's answer. ``make`` turns the spec of a pending step
+    (the per-shard slice a reshape then reads) into an array: one the array's in-place updates know reads
+    it, so that they redirect it to the old value.
 
     Raises:
         Unsupported: a key that runs on the host copy. IndexError: NumPy's, for out-of-range indices.
@@ -112,37 +116,19 @@ def getitem(array: GraphArray, key: Any) -> tuple[ArraySpec, tuple[Any, ...] | N
         raise Unsupported("getitem: a new axis before the sharded axis 0")
     if ranges[0] != range(array.shape[0]):
         return _rows(array, ranges, sliced, final), None
-    spec = array
-    if any(r != range(n) for r, n in zip(ranges[1:], array.shape[1:], strict=True)):
-        rest = _triples(ranges[1:])
-        node = Node(
-            "slice",
-            (array,),
-            depth=dispatch.depth_after([array]),
-            shard_params=lambda rows: (0, rows, 1, *rest),
-        )
-        spec = _Staged(dispatch.pending_spec(sliced, array.dtype, array, node))
-    if final == sliced and spec is not array:
-        assert isinstance(spec, _Staged)
-        return spec.spec, None
-    return layouts.reshape(spec, final), None
-
-
-class _Staged(GraphArray):
-    """A pending per-shard slice that a reshape reads at once (it is part of that node, never on its own)."""
-
-    __slots__ = ("dtype", "node", "session", "shape", "spec")
-
-    def __init__(self, spec: ArraySpec) -> None:
-        self.spec = spec
-        self.session, self.shape, self.dtype, self.node = spec.session, spec.shape, spec.dtype, spec.node
-
-    @property
-    def layout(self) -> tuple[Piece, ...]:
-        return self.spec.layout
-
-    def check(self) -> None:
-        self.session.check_open()
+    if all(r == range(n) for r, n in zip(ranges[1:], array.shape[1:], strict=True)):
+        return layouts.reshape(array, final), None
+    rest = _triples(ranges[1:])
+    node = Node(
+        "slice",
+        (array,),
+        depth=dispatch.depth_after([array]),
+        shard_params=lambda rows: (0, rows, 1, *rest),
+    )
+    spec = dispatch.pending_spec(sliced, array.dtype, array, node)
+    if final == sliced:
+        return spec, None
+    return layouts.reshape(make(spec), final), None
 
 
 def _rows(

@@ -150,7 +150,7 @@ class ArrayMethods(GraphArray):
         """``x[key]``: see :mod:`gpupool.client.indexing`; an integer on axis 0 gives a NumPy row, keys it
         does not run on the pool run on the host copy with a one-time warning."""
         try:
-            spec, finish = indexing.getitem(self, key)
+            spec, finish = indexing.getitem(self, key, self._make)
         except Unsupported:
             return run_on_host("getitem", operator.getitem, (self, key), {})
         result = self._make(spec)

@@ -118,3 +118,18 @@ _SLICE = st.builds(slice, _BOUND, _BOUND, st.one_of(st.none(), st.integers(-3, 3
 def test_slices_match_numpy(pool: gp.Pool, rows: slice, cols: slice) -> None:
     x = pool.asarray(X)
     np.testing.assert_array_equal(x[rows, cols].get(), X[rows, cols])
+
+
+def test_setitem_with_a_mask_read_from_a_column_of_the_pending_array(pool: gp.Pool) -> None:
+    # Regression: x[:, 0] read a pending x through a per-shard slice the in-place update did not know of,
+    # so x[x[:, 0] > 0] = 7 made x read itself (RecursionError when computed).
+    host = np.arange(12, dtype=np.int32).reshape(6, 2) - 5
+    x = pool.asarray(host)
+    x[:, -1] = 5  # x is pending from here
+    expected = host.copy()
+    expected[:, -1] = 5
+    mask = x[:, 0] > 0
+    x[mask] = 7
+    expected[expected[:, 0] > 0] = 7
+    np.testing.assert_array_equal(x.get(), expected)
+    np.testing.assert_array_equal(mask.get(), host[:, 0] > 0)
