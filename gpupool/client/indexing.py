@@ -172,10 +172,12 @@ def _rows(
 def _masked(array: GraphArray, key: tuple[Any, ...]) -> ArraySpec:
     """``array[mask]`` for a remote 1-D bool mask with ``array``'s layout: count per shard, then compress."""
     mask = key[0]
-    if len(key) > 1 or mask.dtype != np.bool_ or mask.shape != array.shape[:1] or array.shape[0] == 0:
+    if len(key) > 1 or mask.dtype != np.bool_ or mask.shape != array.shape[:1]:
         raise Unsupported("getitem: a remote index other than a row mask")
     if mask.session is not array.session or layout_key(mask.layout) != layout_key(array.layout):
         raise Unsupported("getitem: a row mask laid out differently")
+    if array.shape[0] == 0:  # no rows to select: an empty copy
+        return _rows(array, [range(n) for n in array.shape], array.shape, array.shape)
     counts = reductions.run_partials(mask, "sum", lambda rows: (), None, np.dtype(np.int64), keepdims=False)
     nonempty = [(i, p) for i, p in enumerate(array.layout) if p.stop > p.start]
     chosen = [(i, p, int(c)) for (i, p), c in zip(nonempty, counts, strict=True) if int(c)]

@@ -133,3 +133,15 @@ def test_setitem_with_a_mask_read_from_a_column_of_the_pending_array(pool: gp.Po
     expected[expected[:, 0] > 0] = 7
     np.testing.assert_array_equal(x.get(), expected)
     np.testing.assert_array_equal(mask.get(), host[:, 0] > 0)
+
+
+@pytest.mark.parametrize("rows", [None, [0, 0]], ids=repr)
+def test_mask_of_an_array_without_rows_stays_on_the_pool(pool: gp.Pool, rows: list[int] | None) -> None:
+    # Regression: x[mask] of a 0-row x ran on the host copy (with the warning) and gave a NumPy array.
+    x = pool.asarray(np.zeros((0, 3), np.float32), rows=rows)
+    mask = pool.asarray(np.zeros(0, np.bool_), rows=[s.rows for s in x.shards]) if rows else x[:, 0] > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HostFallbackWarning)
+        selected = x[mask]
+    assert isinstance(selected, gp.RemoteArray)
+    np.testing.assert_array_equal((selected + 1).get(), np.zeros((0, 3), np.float32))
