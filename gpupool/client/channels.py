@@ -275,6 +275,34 @@ class AgentChannel:
             raise self._error(exc) from exc
         return fetched_arrays(reply, peer=self.endpoint)
 
+    async def pull(
+        self,
+        request: agent_pb2.PullRequest,
+        *,
+        timeout: float,  # noqa: ASYNC109 - a gRPC deadline, sized to the bytes pulled
+    ) -> agent_pb2.PullReply:
+        """Have this agent pull rows from others (and itself) into a new buffer (``Pull``).
+
+        Raises:
+            RemoteError: the agent refused, or could not read a source (the message names the source
+                agent); BufferNotFound, DeviceOutOfMemory, AuthError: as for any call.
+            AgentLost: the coordinator showed this agent offline meanwhile.
+        """
+        return await self._watched(self._pull(request, timeout))
+
+    async def _pull(
+        self,
+        request: agent_pb2.PullRequest,
+        timeout: float,  # noqa: ASYNC109 - a gRPC deadline
+    ) -> agent_pb2.PullReply:
+        try:
+            reply: agent_pb2.PullReply = await self._stub.Pull(
+                request, timeout=timeout, metadata=self._metadata()
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from exc
+        return reply
+
     async def free(self, buffer_ids: Sequence[str] = (), *, session: str = "") -> int:
         """Free buffers (or, with only ``session``, all of that session's); returns how many went."""
         try:

@@ -1,10 +1,12 @@
-"""Layout and ordering ops that keep the sharded axis 0 in place, so they run per shard: transpose,
-swapaxes, reshape, expand_dims, squeeze, sort/argsort/partition, concatenate/stack/hstack, and the
-comparisons allclose/array_equal.
+"""Layout and ordering ops: transpose, swapaxes, reshape, expand_dims, squeeze, sort/argsort/partition,
+concatenate/stack/hstack, and the comparisons allclose/array_equal.
 
-Each function returns the :class:`~gpupool.client.graph.ArraySpec` of a pending array with its operand's
-row layout, or raises :class:`~gpupool.client.dispatch.Unsupported` where the op would move rows between
-shards (that runs on the host copy, with the warning, from :mod:`gpupool.client.numpy_api`).
+Where the sharded axis 0 stays in place they run per shard: each function returns the
+:class:`~gpupool.client.graph.ArraySpec` of a pending array with its operand's row layout. Where the op moves
+rows between shards (transpose, swapaxes or reshape across axis 0, concatenate along it, sort or argsort
+along it) the rows move agent to agent (:mod:`gpupool.client.crossaxis`) and the result is resident. What
+neither runs raises :class:`~gpupool.client.dispatch.Unsupported` (the host copy, with the warning, from
+:mod:`gpupool.client.numpy_api`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from gpupool.client import dispatch, reductions
+from gpupool.client import crossaxis, dispatch, reductions
 from gpupool.client.dispatch import Unsupported
 from gpupool.client.graph import ArraySpec, GraphArray, Node
 from gpupool.client.layout import layout_key
@@ -45,48 +47,49 @@ def _axis(name: str, axis: Any, ndim: int) -> int:
 
 
 def transpose(array: GraphArray, axes: Any = None) -> ArraySpec:
-    """``np.transpose(array, axes)`` where axis 0 stays first.
+    """``np.transpose(array, axes)``: per shard where axis 0 stays first, else rows move agent to agent.
 
     Raises:
-        Unsupported: the permutation moves axis 0 (``.T`` of a 2-D array among them).
+        Unsupported: an empty array whose axis 0 would move (it runs on the host).
     """
     ndim = array.ndim
     order = tuple(reversed(range(ndim))) if axes is None else tuple(_axis("transpose", a, ndim) for a in axes)
     if sorted(order) != list(range(ndim)):
         raise ValueError(f"axes {axes} don't match an array of {ndim} dimensions")
     if ndim and order[0] != 0:
-        raise Unsupported("transpose: moves the sharded axis 0")
+        return crossaxis.transpose_rows(array, order)
     shape = tuple(array.shape[a] for a in order)
     return _node("transpose", array, shape, axes=order)
 
 
 def swapaxes(array: GraphArray, first: Any, second: Any) -> ArraySpec:
-    """``np.swapaxes`` of two axes other than 0.
-
-    Raises:
-        Unsupported: one of them is axis 0.
-    """
+    """``np.swapaxes``: per shard when neither axis is 0, else rows move agent to agent."""
     a, b = _axis("swapaxes", first, array.ndim), _axis("swapaxes", second, array.ndim)
     if 0 in (a, b) and a != b:
-        raise Unsupported("swapaxes: moves the sharded axis 0")
+        order = list(range(array.ndim))
+        order[a], order[b] = order[b], order[a]
+        return crossaxis.transpose_rows(array, order)
     shape = list(array.shape)
     shape[a], shape[b] = shape[b], shape[a]
     return _node("swapaxes", array, tuple(shape), params=(a, b))
 
 
 def reshape(array: GraphArray, shape: Any) -> ArraySpec:
-    """``np.reshape`` that keeps axis 0 (the other axes regrouped within each row).
+    """``np.reshape``: per shard where axis 0 keeps its length (the other axes regrouped within each row),
+    else the elements that cross a shard boundary move agent to agent.
 
     Raises:
-        Unsupported: the new shape does not keep axis 0's length as its first.
+        Unsupported: an empty array or a 0-d one, or a 0-d result, across axis 0 (they run on the host).
     """
     wanted = (int(shape),) if isinstance(shape, int | np.integer) else tuple(int(n) for n in shape)
     try:
         new = np.empty(array.shape, dtype=np.bool_).reshape(wanted).shape  # NumPy's checks and -1
     except ValueError:
         raise
-    if not array.shape or not new or new[0] != array.shape[0]:
-        raise Unsupported("reshape: across the sharded axis 0")
+    if not array.shape:
+        raise Unsupported("reshape: of a 0-d array")
+    if not new or new[0] != array.shape[0]:
+        return crossaxis.reshape_rows(array, new)
     rest = new[1:]
     return _node("reshape", array, new, shard_params=lambda rows: (rows, *rest))
 
@@ -129,14 +132,17 @@ def squeeze(array: GraphArray, axis: Any = None) -> ArraySpec:
 
 
 def sort(array: GraphArray, op: str, axis: Any = -1, kth: Any = None) -> ArraySpec:
-    """``np.sort``/``np.argsort``/``np.partition`` along an axis other than 0, per shard.
+    """``np.sort``/``np.argsort``/``np.partition`` along an axis other than 0, per shard; ``sort`` and
+    ``argsort`` along axis 0 with rows moved agent to agent (:func:`gpupool.client.crossaxis.sort_rows`).
 
     Raises:
-        Unsupported: along axis 0 or of the flattened array, or a sequence of kth.
+        Unsupported: of the flattened array, a partition along axis 0, or a sequence of kth.
     """
     if axis is None or array.ndim == 0:
         raise Unsupported(f"{op}: of the flattened array")
     at = _axis(op, axis, array.ndim)
+    if at == 0 and op != "partition":
+        return crossaxis.sort_rows(array, op, array._make)  # type: ignore[attr-defined]
     if at == 0:
         raise Unsupported(f"{op}: along the sharded axis 0")
     dtype = np.dtype(np.intp) if op == "argsort" else array.dtype
@@ -165,11 +171,15 @@ def _same_layout(name: str, arrays: Sequence[Any]) -> list[GraphArray]:
 
 
 def concatenate(arrays: Sequence[Any], axis: Any = 0) -> ArraySpec:
-    """``np.concatenate`` along an axis other than 0 of arrays with the same row layout, per shard.
+    """``np.concatenate``: along an axis other than 0 of arrays with the same row layout, per shard; along
+    axis 0 of any remote arrays of one pool, with rows moved agent to agent.
 
     Raises:
-        Unsupported: along axis 0 or flattened, or arrays laid out differently.
+        Unsupported: flattened, arrays laid out differently along another axis, or host operands.
     """
+    remote = axis is not None and all(isinstance(a, GraphArray) and a.ndim for a in arrays)
+    if remote and arrays and _axis("concatenate", axis, arrays[0].ndim) == 0:
+        return crossaxis.concatenate_rows(arrays)
     remotes = _same_layout("concatenate", arrays)
     first = remotes[0]
     if axis is None or first.ndim == 0:
@@ -201,14 +211,13 @@ def stack(arrays: Sequence[Any], axis: Any = 0) -> ArraySpec:
 
 
 def hstack(arrays: Sequence[Any]) -> ArraySpec:
-    """``np.hstack`` of arrays of two or more dimensions (along axis 1).
-
-    Raises:
-        Unsupported: 1-D arrays (that concatenates along the sharded axis).
-    """
+    """``np.hstack``: along axis 1 of arrays of two or more dimensions, along axis 0 of 1-D arrays (rows
+    moved agent to agent)."""
+    if arrays and all(isinstance(a, GraphArray) and a.ndim == 1 for a in arrays):
+        return crossaxis.concatenate_rows(arrays)
     remotes = _same_layout("hstack", arrays)
     if remotes[0].ndim < 2:
-        raise Unsupported("hstack: of 1-D arrays concatenates along the sharded axis 0")
+        raise Unsupported("hstack: of 1-D arrays with others")
     return concatenate(remotes, 1)
 
 

@@ -61,7 +61,9 @@ class ArrayMethods(GraphArray):
         if kwargs.pop("casting", "same_kind") != "same_kind" or method != "__call__" or kwargs:
             return NotImplemented
         if name == "matmul" and out is None:
-            return self._make(dispatch.matmul(self, inputs[1])) if inputs[0] is self else NotImplemented
+            if inputs[0] is not self or isinstance(inputs[1], Transposed):
+                return NotImplemented  # x @ y.T: the view's own __array_ufunc__ runs it (agent to agent)
+            return self._make(dispatch.matmul(self, inputs[1]))
         if name not in ELEMENTWISE:
             return NotImplemented
         if out is None:
@@ -297,6 +299,8 @@ class ArrayMethods(GraphArray):
         return np.invert(self)
 
     def __matmul__(self, other: Any) -> Any:
+        if isinstance(other, Transposed):
+            return NotImplemented  # x @ y.T: the view's __rmatmul__ runs it (agent to agent)
         return self._make(dispatch.matmul(self, other))
 
     def __neg__(self) -> Any:

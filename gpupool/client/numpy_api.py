@@ -15,11 +15,12 @@ from typing import Any, Final
 
 import numpy as np
 
-from gpupool.client import dispatch, layouts, reductions
+from gpupool.client import crossaxis, dispatch, layouts, reductions
 from gpupool.client.coverage import count, run_on_host
 from gpupool.client.dispatch import Unsupported
 from gpupool.client.graph import ArraySpec, GraphArray, Node
 from gpupool.client.operands import constant_operand
+from gpupool.client.transposed import Transposed
 
 __all__ = ["HANDLED", "call", "dispatch_function"]
 
@@ -79,6 +80,8 @@ def _where(condition: Any, x: Any = None, y: Any = None) -> ArraySpec:
 
 def _dot(a: Any, b: Any, out: Any = None) -> ArraySpec:
     _defaults_only("dot", (), {"out": out})
+    if isinstance(b, Transposed):  # x @ y.T of two sharded arrays: y's rows pulled agent to agent
+        return crossaxis.matmul_transposed(_remote(a, "dot"), b.base)
     return dispatch.matmul(_remote(a, "dot"), b)
 
 

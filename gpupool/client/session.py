@@ -31,11 +31,12 @@ from gpupool.client._loop import LoopThread
 from gpupool.client.channels import AgentChannel, Metadata, fetched_arrays
 from gpupool.client.layout import Piece, by_endpoint, pieces_from_placement, round_robin
 from gpupool.client.lease import WATCH_INTERVAL, LeaseKeeper
+from gpupool.moves import Segment
 from gpupool.protocol.codec import meta_of
 from gpupool.protocol.errors import translate_rpc_error
 from gpupool.security.pki import agent_dns_name
 from gpupool.transport.coordinator import CoordinatorClient, PoolCredentials
-from gpupool.transport.rpc import sync_channel
+from gpupool.transport.rpc import CAPABILITY_KEY, sync_channel
 
 __all__ = ["FREE_DELAY", "Session"]
 
@@ -197,6 +198,49 @@ class Session:
             what="list agents",
         )
         return list(reply.agents)
+
+    def capability_token(self, agent_id: str) -> str:
+        """This session's capability on ``agent_id`` ("" for an open agent), for another agent to show it."""
+        return dict(self.capability_metadata(agent_id)).get(CAPABILITY_KEY, "")
+
+    def plan_moves(
+        self, shape: tuple[int, ...], dtype: np.dtype[Any], sources: Sequence[Piece]
+    ) -> tuple[list[Piece], list[Segment]]:
+        """A new placement of a resident array's rows from the coordinator (``PlanMoves``), and where each
+        target row comes from: the target pieces in row order, each with a new buffer id, and the segments.
+
+        Raises:
+            NoCapacity, PlacementError: the pool cannot take it.
+        """
+        self.check_open()
+        request = coordinator_pb2.PlanMovesRequest(
+            session=self.id,
+            meta=meta_of(dtype, shape),
+            sources=[
+                coordinator_pb2.MoveSource(agent_id=p.agent_id, worker=p.worker, start=p.start, stop=p.stop)
+                for p in sources
+            ],
+        )
+        reply = self.run(
+            self._call_coordinator("PlanMoves", request), timeout=self.timeouts.rpc * 2, what="plan moves"
+        )
+        self._keeper.keep_placed(reply.targets)
+        targets = [
+            Piece(
+                agent_id=t.agent_id,
+                endpoint=t.endpoint,
+                worker=t.worker,
+                start=t.start,
+                stop=t.stop,
+                buffer_id=self.new_buffer_id(),
+            )
+            for t in reply.targets
+        ]
+        segments = [
+            Segment(target=s.target, source=s.source, start=s.start, stop=s.stop, moved=s.moved)
+            for s in reply.segments
+        ]
+        return targets, segments
 
     # -- execute ----------------------------------------------------------------------------------
     def execute_now(
