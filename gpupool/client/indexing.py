@@ -84,6 +84,14 @@ def _basic(shape: tuple[int, ...], key: tuple[Any, ...]) -> tuple[list[range], l
     return ranges, finish, bool(row_int)
 
 
+def _as_slice(kept: range) -> slice:
+    """The slice that selects ``kept``'s indices (an empty range's start may be -1, which a slice would
+    read as the last index)."""
+    if not kept:
+        return slice(0, 0)
+    return slice(kept.start, kept.stop if kept.stop >= 0 else None, kept.step)
+
+
 def _triples(ranges: list[range]) -> tuple[int, ...]:
     return tuple(v for r in ranges for v in (r.start, r.stop, r.step))
 
@@ -256,8 +264,7 @@ def where_inputs(array: GraphArray, key: Any, value: Any, make: Callable[[ArrayS
     ranges, finish, _ = _basic(array.shape, key)
     n, rest_shape = array.shape[0], array.shape[1:]
     rest_key = tuple(
-        r.start if isinstance(f, int) else slice(r.start, r.stop if r.stop >= 0 else None, r.step)
-        for r, f in zip(ranges[1:], finish[1:], strict=True)
+        r.start if isinstance(f, int) else _as_slice(r) for r, f in zip(ranges[1:], finish[1:], strict=True)
     )
     selected = np.broadcast_to(np.empty((), np.bool_), tuple(len(r) for r in ranges))[tuple(finish)].shape
     np.broadcast_to(host, selected)  # NumPy's error for a value of the wrong shape
