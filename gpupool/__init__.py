@@ -10,8 +10,10 @@
 Importing gpupool loads neither CuPy nor NVML: those are the agent's, loaded lazily there.
 """
 
-from gpupool import _functions, random
+from gpupool import _creation, _dtypes, _functions, fft, linalg, random
 from gpupool._config import Timeouts
+from gpupool._creation import *  # noqa: F403 - the creation functions, listed in _creation.__all__
+from gpupool._dtypes import *  # noqa: F403 - the standard's dtypes and inspection API
 from gpupool._errors import (
     AgentLost,
     AgentNotAccepting,
@@ -36,26 +38,16 @@ from gpupool._errors import (
     UsageError,
     VersionMismatch,
 )
-from gpupool._functions import *  # noqa: F403 - the NumPy-style functions, listed in _functions.__all__
+from gpupool._functions import *  # noqa: F403 - the namespace's functions, listed in _functions.__all__
 from gpupool._version import __version__
 from gpupool._warnings import HostFallbackWarning
 from gpupool.client import AgentInfo, GpuInfo, Pool, RemoteArray, Shard, compute, connect, persist
 from gpupool.client.coverage import coverage
-from gpupool.client.creation import (
-    arange,
-    asarray,
-    empty,
-    empty_like,
-    eye,
-    full,
-    full_like,
-    linspace,
-    ones,
-    ones_like,
-    zeros,
-    zeros_like,
-)
 from gpupool.client.current import current_pool
+from gpupool.client.values import PendingValue
+
+#: The Array API standard this namespace implements (``x.__array_namespace__()`` is this package).
+__array_api_version__ = "2024.12"
 
 __all__ = [
     "AgentInfo",
@@ -72,6 +64,7 @@ __all__ = [
     "GpupoolError",
     "HostFallbackWarning",
     "NoCapacity",
+    "PendingValue",
     "PlacementError",
     "Pool",
     "ProtocolError",
@@ -88,23 +81,15 @@ __all__ = [
     "UsageError",
     "VersionMismatch",
     "__version__",
-    "arange",
-    "asarray",
     "compute",
     "connect",
     "coverage",
     "current_pool",
-    "empty",
-    "empty_like",
-    "eye",
-    "full",
-    "full_like",
-    "linspace",
-    "ones",
-    "ones_like",
+    "fft",
+    "linalg",
     "persist",
     "random",
-    "zeros",
-    "zeros_like",
+    *_creation.__all__,
+    *_dtypes.__all__,
     *_functions.__all__,
 ]

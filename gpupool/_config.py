@@ -30,7 +30,23 @@ DEFAULT_TOPIC_PREFIX: Final = "gpupool"
 #: Bytes per streamed chunk: grpc.aio streams ran best at 1 MiB here (DESIGN.md, measured facts).
 CHUNK_BYTES: Final = 1 << 20
 #: The dtypes a shard may have. Comparisons produce bool; the rest are what users upload.
-SUPPORTED_DTYPES: Final = ("bool", "int32", "int64", "float32", "float64")
+#: Every dtype of the Array API standard (2024.12), and float16: what NumPy and CuPy agents both compute in.
+SUPPORTED_DTYPES: Final = (
+    "bool",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "float16",
+    "float32",
+    "float64",
+    "complex64",
+    "complex128",
+)
 #: Largest gRPC message either side accepts: a chunk, a program, or an inline fetch.
 MAX_MESSAGE_BYTES: Final = 64 << 20
 

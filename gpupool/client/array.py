@@ -8,6 +8,7 @@ back.
 from __future__ import annotations
 
 import asyncio
+import operator
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -20,12 +21,13 @@ from gpupool.client import dispatch
 from gpupool.client.graph import MAX_DEPTH, ArraySpec, Node, Round, materialize, plan_materialize
 from gpupool.client.layout import Piece, Place
 from gpupool.client.methods import ArrayMethods
+from gpupool.client.operands import native_contiguous
 from gpupool.client.session import Session
 from gpupool.client.types import Shard
 from gpupool.client.values import PendingValue, plan_requests
 from gpupool.protocol.codec import check_dtype
 
-__all__ = ["RemoteArray", "compute", "from_spec", "persist"]
+__all__ = ["RemoteArray", "compute", "from_spec", "persist", "upload"]
 
 
 class RemoteArray(ArrayMethods):
@@ -254,6 +256,21 @@ class RemoteArray(ArrayMethods):
             )
         return bool(self.get().reshape(()))
 
+    def __int__(self) -> int:
+        if self.size != 1:
+            raise TypeError("only single-element remote arrays can be converted to Python scalars")
+        return int(self.get().reshape(()))
+
+    def __complex__(self) -> complex:
+        if self.size != 1:
+            raise TypeError("only single-element remote arrays can be converted to Python scalars")
+        return complex(self.get().reshape(()))
+
+    def __index__(self) -> int:
+        if self.size != 1 or self.dtype.kind not in "iu":
+            raise TypeError("only single-element integer remote arrays can be used as an index")
+        return operator.index(self.get().reshape(())[()])
+
     def __float__(self) -> float:
         if self.size != 1:
             raise TypeError("only single-element remote arrays can be converted to Python scalars")
@@ -268,6 +285,18 @@ def from_spec(spec: ArraySpec) -> RemoteArray:
     if spec.node is not None and spec.node.depth >= MAX_DEPTH:
         array.persist()
     return array
+
+
+def upload(session: Session, host: np.ndarray) -> RemoteArray:
+    """``host`` (one dimension or more) uploaded through ``session``, its rows placed by the coordinator.
+
+    Raises:
+        UnsupportedDType: a dtype gpupool does not carry. And as :meth:`Session.upload`.
+    """
+    check_dtype(host.dtype)
+    host = native_contiguous(host)
+    pieces = session.upload(host)
+    return from_spec(ArraySpec(session=session, shape=host.shape, dtype=host.dtype, layout=tuple(pieces)))
 
 
 def persist(*arrays: RemoteArray) -> tuple[RemoteArray, ...]:

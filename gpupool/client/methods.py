@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
+from types import ModuleType
 from typing import Any, Final
 
 import numpy as np
@@ -16,6 +17,7 @@ import numpy as np
 from gpupool._errors import UsageError
 from gpupool.client import dispatch, indexing, numpy_api
 from gpupool.client.coverage import run_on_host
+from gpupool.client.device import DEVICE, check_api_version, check_device, namespace
 from gpupool.client.dispatch import Unsupported
 from gpupool.client.graph import ArraySpec, GraphArray
 from gpupool.client.transposed import Transposed
@@ -64,8 +66,10 @@ class ArrayMethods(GraphArray):
             if inputs[0] is not self or isinstance(inputs[1], Transposed):
                 return NotImplemented  # x @ y.T: the view's own __array_ufunc__ runs it (agent to agent)
             return self._make(dispatch.matmul(self, inputs[1]))
-        if name not in ELEMENTWISE:
-            return NotImplemented
+        if name not in ELEMENTWISE:  # a ufunc the agents do not run: on the host copy, with the warning
+            if out is not None:
+                kwargs["out"] = out
+            return run_on_host(name, ufunc, inputs, kwargs)
         if out is None:
             return self._make(dispatch.elementwise(name, inputs))
         targets = out if isinstance(out, tuple) else (out,)
@@ -80,6 +84,47 @@ class ArrayMethods(GraphArray):
 
     def __array_function__(self, func: Any, types: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
         return numpy_api.dispatch_function(func, tuple(args), kwargs)
+
+    # -- the Array API's array object --------------------------------------------------------------
+    def __array_namespace__(self, /, *, api_version: str | None = None) -> ModuleType:
+        """The ``gpupool`` package, an Array API namespace (standard 2024.12)."""
+        check_api_version(api_version)
+        return namespace()
+
+    @property
+    def device(self) -> str:
+        """Where the array lives: the pool (:data:`DEVICE`)."""
+        return DEVICE
+
+    def to_device(self, device: object, /, *, stream: object = None) -> Any:
+        """The array itself on the pool's device; other devices are refused (``get()`` brings it here)."""
+        check_device(device)
+        return self
+
+    @property
+    def mT(self) -> Any:
+        """The last two axes swapped (a stack of matrices transposed)."""
+        if self.ndim < 2:
+            raise ValueError(f"mT needs at least 2 dimensions, not {self.ndim}")
+        return self._call(np.swapaxes, axis1=-1, axis2=-2)
+
+    def __dlpack__(
+        self,
+        *,
+        stream: Any = None,
+        max_version: tuple[int, int] | None = None,
+        dl_device: tuple[int, int] | None = None,
+        copy: bool | None = None,
+    ) -> Any:
+        """DLPack of the host copy (the data comes back from the agents: use it for interchange only)."""
+        return self.get().__dlpack__(stream=stream, max_version=max_version, dl_device=dl_device, copy=copy)
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return (1, 0)  # kDLCPU: the exported copy is in host memory
+
+    def copy(self) -> Any:
+        """A new array with the same values (copied where the shards live)."""
+        return self._make(dispatch.cast(self, self.dtype))
 
     # -- reductions and other methods (NumPy's signatures, as far as gpupool runs them) ---------------
     def _call(self, function: Any, **kwargs: Any) -> Any:
@@ -235,6 +280,12 @@ class ArrayMethods(GraphArray):
     def __ixor__(self, other: Any) -> Any:
         return self._inplace("bitwise_xor", other)
 
+    def __ilshift__(self, other: Any) -> Any:
+        return self._inplace("left_shift", other)
+
+    def __irshift__(self, other: Any) -> Any:
+        return self._inplace("right_shift", other)
+
     def __add__(self, other: Any) -> Any:
         return np.add(self, other)
 
@@ -297,6 +348,18 @@ class ArrayMethods(GraphArray):
 
     def __invert__(self) -> Any:
         return np.invert(self)
+
+    def __lshift__(self, other: Any) -> Any:
+        return np.left_shift(self, other)
+
+    def __rlshift__(self, other: Any) -> Any:
+        return np.left_shift(other, self)
+
+    def __rshift__(self, other: Any) -> Any:
+        return np.right_shift(self, other)
+
+    def __rrshift__(self, other: Any) -> Any:
+        return np.right_shift(other, self)
 
     def __matmul__(self, other: Any) -> Any:
         if isinstance(other, Transposed):

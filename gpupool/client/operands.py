@@ -37,7 +37,7 @@ def scalar_operand(value: object) -> agent_pb2.Operand:
     """A scalar operand; Python scalars stay weakly typed as NumPy 2 treats them.
 
     Raises:
-        UnsupportedDType: complex or another dtype gpupool does not carry.
+        UnsupportedDType: a dtype gpupool does not carry.
         UsageError: a Python int beyond int64.
     """
     if isinstance(value, np.ndarray):
@@ -49,6 +49,8 @@ def scalar_operand(value: object) -> agent_pb2.Operand:
             return agent_pb2.Operand(scalar=agent_pb2.Scalar(b=bool(item), dtype=dtype.name))
         if dtype.kind == "f":
             return agent_pb2.Operand(scalar=agent_pb2.Scalar(f=float(item), dtype=dtype.name))
+        if dtype.kind == "c" or not _INT64.min <= item <= _INT64.max:  # no Scalar field holds them
+            return constant_operand(np.asarray(value))
         return agent_pb2.Operand(scalar=agent_pb2.Scalar(i=int(item), dtype=dtype.name))
     if isinstance(value, bool):
         return agent_pb2.Operand(scalar=agent_pb2.Scalar(b=value))
@@ -58,6 +60,10 @@ def scalar_operand(value: object) -> agent_pb2.Operand:
         return agent_pb2.Operand(scalar=agent_pb2.Scalar(i=value))
     if isinstance(value, float):
         return agent_pb2.Operand(scalar=agent_pb2.Scalar(f=value))
+    if isinstance(value, complex):
+        # No weak complex on the wire: a complex128 constant, whose result the agent casts to the
+        # dtype NumPy's rules (a weak complex) gave on the client.
+        return constant_operand(np.asarray(value, np.complex128))
     raise UnsupportedDType(type(value).__name__, SUPPORTED_DTYPES)
 
 

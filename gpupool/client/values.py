@@ -14,11 +14,13 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 from gpupool._proto.v1 import agent_pb2
+from gpupool.client.device import DEVICE, check_api_version, check_device, namespace
 from gpupool.client.graph import GraphArray, ProgramBuilder, Round, make_op
 from gpupool.client.operands import buffer_operand
 
@@ -121,6 +123,14 @@ class PendingValue:
         for request in self._requests:
             request.array.add_reader(self)
 
+    @classmethod
+    def known(cls, value: Any) -> PendingValue:
+        """A value already here: a 0-d array of the namespace (``gp.asarray(3.0)``), or a small result."""
+        host = np.array(value)  # a copy: nothing else holds it, so __setitem__ cannot reach a caller's array
+        result = cls((), _constant_of(host), shape=host.shape, dtype=host.dtype)
+        result.resolve([])
+        return result
+
     @property
     def requests(self) -> tuple[Request, ...]:
         """The partials still needed (none once computed)."""
@@ -198,7 +208,58 @@ class PendingValue:
         return self.shape[0]
 
     def __getitem__(self, key: Any) -> Any:
-        return np.asarray(self.compute())[key]
+        if isinstance(key, PendingValue):
+            key = np.asarray(key.compute())
+        return PendingValue.known(np.asarray(self.compute())[key])
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        host = np.array(self.compute())  # a computed value is kept here: set it in place
+        if isinstance(key, PendingValue):
+            key = np.asarray(key.compute())
+        host[key] = np.asarray(value.compute()) if isinstance(value, PendingValue) else value
+        self._value = host if host.ndim else host[()]
+
+    # -- the Array API's array object ---------------------------------------------------------------
+    def __array_namespace__(self, /, *, api_version: str | None = None) -> ModuleType:
+        """The ``gpupool`` package, as for remote arrays."""
+        check_api_version(api_version)
+        return namespace()
+
+    @property
+    def device(self) -> str:
+        """The pool's device: a value is the pool's result, kept by the client."""
+        return DEVICE
+
+    def to_device(self, device: object, /, *, stream: object = None) -> PendingValue:
+        """The value itself (on the pool's device); other devices are refused."""
+        check_device(device)
+        return self
+
+    @property
+    def T(self) -> PendingValue:
+        """The transpose (of a computed value)."""
+        return PendingValue.known(np.asarray(self.compute()).T)
+
+    @property
+    def mT(self) -> PendingValue:
+        """The last two axes swapped."""
+        if self.ndim < 2:
+            raise ValueError(f"mT needs at least 2 dimensions, not {self.ndim}")
+        return PendingValue.known(np.swapaxes(np.asarray(self.compute()), -1, -2))
+
+    def __dlpack__(
+        self,
+        *,
+        stream: Any = None,
+        max_version: tuple[int, int] | None = None,
+        dl_device: tuple[int, int] | None = None,
+        copy: bool | None = None,
+    ) -> Any:
+        host = np.asarray(self.compute())
+        return host.__dlpack__(stream=stream, max_version=max_version, dl_device=dl_device, copy=copy)
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return (1, 0)  # kDLCPU
 
     def __iter__(self) -> Any:
         return iter(np.asarray(self.compute()))
@@ -295,6 +356,42 @@ class PendingValue:
     def __invert__(self) -> Any:
         return self._apply(lambda a, _: ~a, 0)
 
+    def __matmul__(self, other: Any) -> Any:
+        return self._apply(np.matmul, other)
+
+    def __rmatmul__(self, other: Any) -> Any:
+        return self._apply(np.matmul, other, reflected=True)
+
+    def __and__(self, other: Any) -> Any:
+        return self._apply(operator.and_, other)
+
+    def __rand__(self, other: Any) -> Any:
+        return self._apply(operator.and_, other, reflected=True)
+
+    def __or__(self, other: Any) -> Any:
+        return self._apply(operator.or_, other)
+
+    def __ror__(self, other: Any) -> Any:
+        return self._apply(operator.or_, other, reflected=True)
+
+    def __xor__(self, other: Any) -> Any:
+        return self._apply(operator.xor, other)
+
+    def __rxor__(self, other: Any) -> Any:
+        return self._apply(operator.xor, other, reflected=True)
+
+    def __lshift__(self, other: Any) -> Any:
+        return self._apply(operator.lshift, other)
+
+    def __rlshift__(self, other: Any) -> Any:
+        return self._apply(operator.lshift, other, reflected=True)
+
+    def __rshift__(self, other: Any) -> Any:
+        return self._apply(operator.rshift, other)
+
+    def __rrshift__(self, other: Any) -> Any:
+        return self._apply(operator.rshift, other, reflected=True)
+
     def __lt__(self, other: Any) -> Any:
         return self._apply(np.less, other)
 
@@ -312,3 +409,10 @@ class PendingValue:
 
     def __ne__(self, other: Any) -> Any:
         return self._apply(np.not_equal, other)
+
+
+def _constant_of(value: np.ndarray) -> Combine:
+    def combine(partials: Sequence[Sequence[np.ndarray]]) -> Any:
+        return value if value.ndim else value[()]
+
+    return combine

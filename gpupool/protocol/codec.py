@@ -68,7 +68,7 @@ def check_dtype(dtype: object) -> np.dtype[np.generic]:
     """The NumPy dtype for ``dtype`` if gpupool carries it.
 
     Raises:
-        UnsupportedDType: any other dtype (float16, complex, object, strings, ...).
+        UnsupportedDType: any other dtype (object, strings, datetimes, longdouble, big-endian, ...).
     """
     if isinstance(dtype, str):  # the wire's names: looked up on every op, so remembered
         known = _CHECKED.get(dtype)

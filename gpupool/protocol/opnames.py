@@ -51,6 +51,15 @@ BINARY: Final = frozenset(
         "logical_and",
         "logical_or",
         "logical_xor",
+        "bitwise_and",
+        "bitwise_or",
+        "bitwise_xor",
+        "left_shift",
+        "right_shift",
+        "copysign",
+        "nextafter",
+        "logaddexp",
+        "float_power",
     }
 )
 UNARY: Final = frozenset(
@@ -85,6 +94,14 @@ UNARY: Final = frozenset(
         "isnan",
         "isinf",
         "isfinite",
+        "invert",
+        "signbit",
+        "reciprocal",
+        "conjugate",
+        "arcsinh",
+        "arccosh",
+        "arctanh",
+        "cbrt",
     }
 )
 REDUCTIONS: Final = frozenset({"sum", "prod", "max", "min", "mean", "any", "all"})

@@ -193,7 +193,7 @@ def test_bad_headers_are_refused(agent: Child) -> None:
     async def body() -> None:
         async with agent_stub(agent.ready["endpoint"]) as stub:
             float16 = header(f"{session}.h", np.zeros(3, np.float32), session=session)
-            float16.header.meta.dtype = "float16"
+            float16.header.meta.dtype = "float128"
             assert (await refused(stub.Upload(one(float16), timeout=10)))[:2] == (INVALID, "bad-request")
             negative = header(f"{session}.h", np.zeros(3, np.float32), session=session)
             negative.header.meta.shape[:] = [-3]

@@ -94,7 +94,7 @@ def test_python_scalars_are_weak_and_typed_scalars_are_not() -> None:
     "item",
     [
         agent_pb2.Scalar(),
-        agent_pb2.Scalar(f=1.0, dtype="float16"),
+        agent_pb2.Scalar(f=1.0, dtype="float128"),
         agent_pb2.Scalar(i=1 << 40, dtype="int32"),
     ],
     ids=["no-value", "unsupported-dtype", "out-of-range"],
@@ -117,7 +117,7 @@ def test_constants() -> None:
         )
     with pytest.raises(RpcRefusal, match="unsupported"):
         constant_array(
-            agent_pb2.Constant(meta=agent_pb2.ArrayMeta(dtype="complex64", shape=[1]), data=b"\0" * 8)
+            agent_pb2.Constant(meta=agent_pb2.ArrayMeta(dtype="complex256", shape=[1]), data=b"\0" * 32)
         )
 
 
@@ -155,7 +155,7 @@ def test_expected_result_checks_its_declaration() -> None:
     assert expected_result(good) == Expected(np.dtype("float32"), (7, 3), 84)
     for meta in (
         agent_pb2.ArrayMeta(dtype="", shape=[1]),
-        agent_pb2.ArrayMeta(dtype="float16", shape=[1]),
+        agent_pb2.ArrayMeta(dtype="datetime64", shape=[1]),
         agent_pb2.ArrayMeta(dtype="float32", shape=[-1]),
     ):
         with pytest.raises(RpcRefusal) as caught:

@@ -170,7 +170,7 @@ def test_raw_refusals_leave_nothing_behind(agent: Child) -> None:
     data = array.tobytes()
     header = raw_header(f"{session}.a", array, session)
     float16 = agent_pb2.UploadHeader(
-        buffer_id=f"{session}.h", meta=agent_pb2.ArrayMeta(dtype="float16", shape=[2])
+        buffer_id=f"{session}.h", meta=agent_pb2.ArrayMeta(dtype="float128", shape=[2])
     ).SerializeToString()
 
     async def body() -> None:
@@ -178,7 +178,7 @@ def test_raw_refusals_leave_nothing_behind(agent: Child) -> None:
         cases = [
             ([], "starts with a header"),
             ([b"\xff\xff\xff"], "cannot decode"),
-            ([float16, b"\0" * 4], "float16"),
+            ([float16, b"\0" * 32], "float128"),
             ([header, data[:-5]], "ended after"),
             ([header], "ended after 0 of"),
             ([header, data, b"x"], "more than"),

@@ -133,15 +133,29 @@ def test_bad_arguments_raise_before_anything_is_sent() -> None:
     with pytest.raises(ZeroDivisionError):
         gp.arange(0, 5, 0)
     with pytest.raises(gp.UnsupportedDType):
-        gp.zeros(3, np.complex64)
+        gp.zeros(3, np.str_)
     with pytest.raises(gp.UnsupportedDType):
-        gp.full(3, 1j)
+        gp.full(3, "text")
     with pytest.raises(gp.UsageError, match="negative"):
         gp.ones((3, -1))
-    with pytest.raises(gp.UsageError, match="dimension"):
-        gp.zeros(())
     with pytest.raises(TypeError):
         gp.zeros(2.5)  # type: ignore[arg-type]
+
+
+def test_zero_dimensional_arrays_are_values_kept_on_the_client() -> None:
+    for made, expected in [
+        (gp.zeros(()), np.zeros(())),
+        (gp.full((), 7, dtype=gp.int8), np.full((), 7, np.int8)),
+        (gp.asarray(2.5), np.asarray(2.5)),
+        (gp.asarray(np.float32(3)), np.asarray(np.float32(3))),
+        (gp.ones_like(gp.asarray(True)), np.ones((), bool)),
+    ]:
+        assert isinstance(made, gp.PendingValue)
+        assert made.shape == () and made.dtype == expected.dtype
+        assert made.__array_namespace__() is gp and made.device == "gpupool"
+        np.testing.assert_array_equal(np.asarray(made), expected)
+    with pytest.raises(ValueError, match="copy"):
+        gp.asarray(1.0, copy=False)
 
 
 def test_asarray_uploads_to_the_current_pool(pool: gp.Pool) -> None:

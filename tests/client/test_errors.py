@@ -32,7 +32,7 @@ def test_mismatched_shapes_are_refused_before_sending(pool: gp.Pool) -> None:
     still_serving(pool)
 
 
-@pytest.mark.parametrize("dtype", ["float16", "complex128", "uint8", "object"])
+@pytest.mark.parametrize("dtype", ["float128", "complex256", "object"])
 def test_unsupported_dtypes_are_refused(pool: gp.Pool, dtype: str) -> None:
     host = np.ones((4, 4), dtype=dtype)
     with pytest.raises(gp.UnsupportedDType, match=np.dtype(dtype).name) as info:

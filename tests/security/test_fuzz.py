@@ -64,7 +64,20 @@ FUZZ = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-DTYPES = ["bool", "int32", "int64", "float32", "float64", "float16", "complex64", "object", "<f8", ""]
+DTYPES = [
+    "bool",
+    "int32",
+    "int64",
+    "float32",
+    "float64",
+    "float16",
+    "complex64",
+    "float128",
+    "U4",
+    "object",
+    "<f8",
+    "",
+]
 #: Status codes a refusal may carry. UNKNOWN (an exception the server did not expect) and
 #: DEADLINE_EXCEEDED (a call that hung) are failures.
 REFUSALS = frozenset(
