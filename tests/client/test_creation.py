@@ -151,8 +151,10 @@ def test_zero_dimensional_arrays_are_values_kept_on_the_client() -> None:
         (gp.ones_like(gp.asarray(True)), np.ones((), bool)),
     ]:
         assert isinstance(made, gp.PendingValue)
-        assert made.shape == () and made.dtype == expected.dtype
-        assert made.__array_namespace__() is gp and made.device == "gpupool"
+        assert made.shape == ()
+        assert made.dtype == expected.dtype
+        assert made.__array_namespace__() is gp
+        assert made.device == "gpupool"
         np.testing.assert_array_equal(np.asarray(made), expected)
     with pytest.raises(ValueError, match="copy"):
         gp.asarray(1.0, copy=False)
