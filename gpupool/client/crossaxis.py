@@ -24,7 +24,8 @@ from gpupool.client.dispatch import Unsupported
 from gpupool.client.graph import ArraySpec, GraphArray, Node, Program, ProgramBuilder, make_op, run_programs
 from gpupool.client.layout import Piece, Place
 from gpupool.client.operands import buffer_operand
-from gpupool.client.rowmoves import Pull, pulls_for, rebalance, reshard, resident, run_pulls, spans_of
+from gpupool.client.rowmoves import Pull, pulls_for, rebalance, resident, run_pulls, spans_of
+from gpupool.client.rowsort import sample_sort
 from gpupool.client.session import Session
 from gpupool.moves import plan_moves
 
@@ -210,9 +211,8 @@ def sort_rows(array: GraphArray, op: str, make: Make) -> ArraySpec:
     """``np.sort``/``np.argsort`` along axis 0.
 
     Two or more dimensions: axis 0 is moved last (an all-to-all), each shard sorts its own rows along it,
-    and axis 0 is moved back. One dimension: the shards are gathered on the agent that holds the most
-    rows, sorted there, and the result moved back to ``array``'s layout (so the sorted array, or the
-    indices, line up with ``array`` for elementwise work).
+    and axis 0 is moved back. One dimension: a sample sort (:mod:`gpupool.client.rowsort`), its result
+    moved back to ``array``'s layout (so the sorted array, or the indices, line up with ``array``).
 
     Raises:
         Unsupported: an empty array.
@@ -227,18 +227,7 @@ def sort_rows(array: GraphArray, op: str, make: Make) -> ArraySpec:
         node = Node(op, (moved,), depth=dispatch.depth_after([moved]), params=(ndim - 1,))
         ordered = make(dispatch.pending_spec(moved.shape, dtype, moved, node))
         return transpose_rows(ordered, tuple(int(a) for a in np.argsort(order)))
-    session = array.session
-    pieces = resident(array)
-    biggest = max(pieces, key=lambda p: p.stop - p.start)
-    whole = _at(biggest, 0, array.shape[0], session.new_buffer_id())
-    sources = tuple((p, 0, p.stop - p.start) for p in pieces)
-    run_pulls(session, [Pull(target=whole, sources=sources, shape=array.shape, dtype=array.dtype)], what=op)
-    gathered = make(_resident_spec(session, array.shape, array.dtype, [whole]))
-    node = Node(op, (gathered,), depth=1, params=(0,))
-    ordered = make(dispatch.pending_spec(array.shape, dtype, gathered, node))
-    targets = [p.with_buffer(session.new_buffer_id()) for p in array.layout]
-    reshard(ordered, targets)
-    return _resident_spec(session, array.shape, dtype, targets)
+    return sample_sort(array, op, make)
 
 
 # -- xs @ ys.T -----------------------------------------------------------------------------------------------

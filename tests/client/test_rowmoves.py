@@ -140,6 +140,23 @@ def test_sort_and_argsort_of_1d_arrays(pool: gp.Pool, rows: list[int]) -> None:
     np.testing.assert_array_equal(remote(x - np.sort(x)).get(), data - np.sort(data))
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        np.array([3.0, np.nan, 1.0, 3.0, -np.inf, 2.0, 3.0, np.inf, np.nan, 0.0]),
+        np.array([5, 5, 5, 5, 5, 5, 5, 5, 5, 5], dtype=np.int32),
+        np.random.default_rng(7).integers(0, 50, 5000),
+        np.array([True, False, True, False, False, True, True, False, True, False]),
+    ],
+    ids=["nan-inf-ties", "all-equal", "5000-ints", "bools"],
+)
+def test_sample_sort_with_ties_nan_and_uneven_shards(pool: gp.Pool, data: np.ndarray) -> None:
+    n = len(data)
+    x = pool.asarray(data, rows=[n // 3, 0, n - n // 3 - 1, 1])  # four shards over three agents
+    np.testing.assert_array_equal(remote(np.sort(x)).get(), np.sort(data))
+    np.testing.assert_array_equal(remote(np.argsort(x)).get(), np.argsort(data, kind="stable"))
+
+
 def test_sort_and_argsort_of_2d_arrays_along_axis_0(pool: gp.Pool) -> None:
     data = np.random.default_rng(2).permutation(30).reshape(10, 3).astype(np.int64)
     x = pool.asarray(data, rows=[3, 0, 7])
