@@ -1,0 +1,2 @@
+# gpupool vendors only the 2024.12 stubs (the version it implements); upstream imports every version here.
+from . import _2024_12
