@@ -174,10 +174,19 @@ class Peers:
         return verifier
 
     async def fetch(
-        self, peer: Peer, buffer_id: str, start: int, stop: int, dtype: np.dtype[Any], *, max_bytes: int
+        self,
+        peer: Peer,
+        buffer_id: str,
+        start: int,
+        stop: int,
+        dtype: np.dtype[Any],
+        *,
+        max_bytes: int,
+        into: np.ndarray | None = None,
     ) -> np.ndarray:
         """Rows ``[start, stop)`` of ``peer``'s buffer ``buffer_id``, which must be of ``dtype`` and at most
-        ``max_bytes``, as a new host array.
+        ``max_bytes``, as a new host array; or, with ``into`` (C-contiguous, ``stop - start`` rows of as many
+        elements as the buffer's), written there (``into`` returned).
 
         A peer that cannot be reached, or whose stream breaks, is tried again after :data:`PULL_BACKOFF`'s
         delays; each try has the stream's deadline and the stall limit between chunks.
@@ -193,7 +202,7 @@ class Peers:
         for delay in itertools.chain(self._backoff.delays(), (None,)):
             tries += 1
             try:
-                return await self._fetch_once(peer, buffer_id, start, stop, dtype, max_bytes)
+                return await self._fetch_once(peer, buffer_id, start, stop, dtype, max_bytes, into)
             except grpc.aio.AioRpcError as exc:
                 refusal = _refusal_of(exc, peer)
                 if refusal is not None:
@@ -216,7 +225,14 @@ class Peers:
         )
 
     async def _fetch_once(
-        self, peer: Peer, buffer_id: str, start: int, stop: int, dtype: np.dtype[Any], max_bytes: int
+        self,
+        peer: Peer,
+        buffer_id: str,
+        start: int,
+        stop: int,
+        dtype: np.dtype[Any],
+        max_bytes: int,
+        into: np.ndarray | None,
     ) -> np.ndarray:
         request = agent_pb2.DownloadRequest(
             buffer_id=buffer_id, chunk_bytes=CHUNK_BYTES, has_rows=True, start=start, stop=stop
@@ -231,7 +247,7 @@ class Peers:
             first = await self._next(messages, self._timeouts.connect + self._timeouts.stall)
             if first is None:
                 raise _malformed(peer, buffer_id, "no meta opened the stream")
-            out = self._allocate(peer, buffer_id, first, start, stop, dtype, max_bytes)
+            out = self._allocate(peer, buffer_id, first, start, stop, dtype, max_bytes, into)
             target = out.reshape(-1).view(np.uint8).data  # cast("B") refuses shapes with a zero in them
             expected = len(target)
             offset = 0
@@ -256,8 +272,10 @@ class Peers:
         stop: int,
         dtype: np.dtype[Any],
         max_bytes: int,
+        into: np.ndarray | None,
     ) -> np.ndarray:
-        """The host array a stream's meta announces, checked against what the pull expects."""
+        """The host array a stream's meta announces (new, or ``into`` where it has the same elements),
+        checked against what the pull expects."""
         try:
             meta = decode_message(message, agent_pb2.ArrayMeta, what="a download's meta")
             sent = check_dtype(meta.dtype)
@@ -278,7 +296,16 @@ class Peers:
                 "the pull's result",
                 buffer_id=buffer_id,
             )
-        return np.empty(shape, dtype)
+        if into is None:
+            return np.empty(shape, dtype)
+        if into.size != math.prod(shape):
+            raise RpcRefusal(
+                "bad-request",
+                f"agent {peer.agent_id}: rows [{start}, {stop}) of buffer {buffer_id} are {list(shape)}, "
+                f"not rows of {into.size // max(1, stop - start)} elements as the pull expects",
+                buffer_id=buffer_id,
+            )
+        return into
 
     @staticmethod
     async def _next(messages: AsyncIterator[Any], seconds: float) -> bytes | None:

@@ -9,6 +9,7 @@ request is checked, memory reserved, the pieces read concurrently, combined and 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Final
@@ -75,9 +76,13 @@ class Puller:
             worker=worker.index, buffer_id=request.output, nbytes=nbytes, session=request.session
         )
         try:
-            pieces = await self._read_all(request, peers, dtype, nbytes)
+            if _direct(request, shape):
+                host = np.empty(shape, dtype)
+                pieces = await self._read_all(request, peers, dtype, nbytes, into=host)
+            else:
+                pieces = await self._read_all(request, peers, dtype, nbytes)
+                host = _combine(request, pieces, dtype, shape)
             pulled = sum(piece.nbytes for piece, peer in zip(pieces, peers, strict=True) if peer is not None)
-            host = _combine(request, pieces, dtype, shape)
             del pieces
             array: Any = host
             if not worker.backend.host_resident:
@@ -121,22 +126,33 @@ class Puller:
         peers: Sequence[Peer | None],
         dtype: np.dtype[Any],
         nbytes: int,
+        *,
+        into: np.ndarray | None = None,
     ) -> list[np.ndarray]:
-        """Every source's rows as a host array, read concurrently; the first failure cancels the rest."""
-        pieces: list[np.ndarray] = [np.empty(0, dtype)] * len(peers)
+        """Every source's rows as a host array, read concurrently; the first failure cancels the rest.
 
-        async def read(index: int, source: agent_pb2.PullSource, peer: Peer | None) -> None:
+        With ``into`` (a concatenation along axis 0 with no reshape: see :func:`_direct`), each source's
+        rows are written straight into their rows of it, and the pieces returned are those views.
+        """
+        pieces: list[np.ndarray] = [np.empty(0, dtype)] * len(peers)
+        offsets = itertools.accumulate((s.stop - s.start for s in request.sources), initial=0)
+
+        async def read(index: int, source: agent_pb2.PullSource, peer: Peer | None, first: int) -> None:
+            rows = source.stop - source.start
+            region = None if into is None else into[first : first + rows]
             if peer is None:
-                pieces[index] = await self._read_local(source, dtype)
+                pieces[index] = await self._read_local(source, dtype, region)
             else:
                 pieces[index] = await self._peers.fetch(
-                    peer, source.buffer_id, source.start, source.stop, dtype, max_bytes=nbytes
+                    peer, source.buffer_id, source.start, source.stop, dtype, max_bytes=nbytes, into=region
                 )
 
         try:
             async with asyncio.TaskGroup() as group:
-                for index, (source, peer) in enumerate(zip(request.sources, peers, strict=True)):
-                    group.create_task(read(index, source, peer))
+                for index, (source, peer, first) in enumerate(
+                    zip(request.sources, peers, offsets, strict=False)
+                ):
+                    group.create_task(read(index, source, peer, first))
         except BaseExceptionGroup as failed:
             refusal = _first_refusal(failed)
             if refusal is None:
@@ -144,7 +160,9 @@ class Puller:
             raise refusal from None
         return pieces
 
-    async def _read_local(self, source: agent_pb2.PullSource, dtype: np.dtype[Any]) -> np.ndarray:
+    async def _read_local(
+        self, source: agent_pb2.PullSource, dtype: np.dtype[Any], into: np.ndarray | None
+    ) -> np.ndarray:
         buffer = self._registry.get(source.buffer_id)
         if buffer.dtype != dtype:
             raise RpcRefusal(
@@ -162,8 +180,19 @@ class Puller:
         worker = self._workers[buffer.worker]
         if worker.backend.host_resident:
             rows: np.ndarray = buffer.array[source.start : source.stop]
+        else:
+            rows = await worker.call(_rows_to_host, worker, buffer.array, source.start, source.stop)
+        if into is None:
             return rows
-        return await worker.call(_rows_to_host, worker, buffer.array, source.start, source.stop)
+        if rows.size != into.size:
+            raise RpcRefusal(
+                "bad-request",
+                f"rows of buffer {source.buffer_id} are {list(rows.shape[1:])}, not of "
+                f"{into.size // max(1, len(rows))} elements as the pull expects",
+                buffer_id=source.buffer_id,
+            )
+        into.reshape(-1)[:] = rows.reshape(-1)
+        return into
 
 
 def _first_refusal(group: BaseExceptionGroup[Any]) -> RpcRefusal | None:
@@ -175,6 +204,16 @@ def _first_refusal(group: BaseExceptionGroup[Any]) -> RpcRefusal | None:
             if found is not None:
                 return found
     return None
+
+
+def _direct(request: agent_pb2.PullRequest, shape: tuple[int, ...]) -> bool:
+    """Whether the pieces go straight into their rows of the result: a concatenation along axis 0 whose
+    pieces' rows add up to the result's (so each row has the result's row of elements, whatever its shape)."""
+    if request.combine == "sum" or not shape:
+        return False
+    if request.axis != 0 and len(request.sources) > 1:
+        return False
+    return sum(source.stop - source.start for source in request.sources) == shape[0]
 
 
 def _combine(
