@@ -1,5 +1,6 @@
 """The client shim: a local proxy device whose arrays are handles to shards on remote GPUs."""
 
+from gpupool.client import composite  # noqa: F401 - registers the composed NumPy functions
 from gpupool.client.array import RemoteArray, compute, persist
 from gpupool.client.creation import (
     arange,

@@ -22,7 +22,7 @@ from gpupool.client.graph import ArraySpec, GraphArray, Node
 from gpupool.client.operands import constant_operand
 from gpupool.client.transposed import Transposed
 
-__all__ = ["HANDLED", "call", "dispatch_function"]
+__all__ = ["HANDLED", "call", "dispatch_function", "register"]
 
 #: NumPy's other names for the same functions.
 _ALIASES: Final = {"amax": "max", "amin": "min", "around": "round", "round_": "round"}
@@ -218,6 +218,17 @@ HANDLED: Final[Mapping[str, Callable[..., Any]]] = {
 }
 
 
+#: Functions a higher client module runs on the pool by composing operations on remote arrays
+#: (:mod:`gpupool.client.composite`), registered when it is imported: by name, as :data:`HANDLED`.
+_REGISTERED: dict[str, Callable[..., Any]] = {}
+
+
+def register(handlers: Mapping[str, Callable[..., Any]]) -> None:
+    """Run NumPy's functions named in ``handlers`` with them (after :data:`HANDLED`'s, where that one
+    raises :class:`~gpupool.client.dispatch.Unsupported`)."""
+    _REGISTERED.update(handlers)
+
+
 def _lead(values: Any) -> Any:
     for value in values:
         if isinstance(value, GraphArray):
@@ -241,20 +252,19 @@ def wrap(result: Any, lead: Any) -> Any:
 def call(name: str, function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Run NumPy's ``function`` (called ``name``) on the pool if gpupool can, else on the host copy."""
     name = _ALIASES.get(name, name)
-    handler = HANDLED.get(name)
-    if handler is not None:
+    for handler in (HANDLED.get(name), _REGISTERED.get(name)):
+        if handler is None:
+            continue
         try:
             inspect.signature(handler).bind(*args, **kwargs)
         except TypeError:
-            handler = None
-    if handler is not None:
+            continue
         try:
             result = handler(*args, **kwargs)
         except Unsupported:
-            pass
-        else:
-            count(name, "pool")
-            return wrap(result, _lead([*args, *kwargs.values()]))
+            continue
+        count(name, "pool")
+        return wrap(result, _lead([*args, *kwargs.values()]))
     return run_on_host(name, function, args, kwargs)
 
 
