@@ -12,8 +12,10 @@ from typing import Any
 import numpy as np
 
 from gpupool import _functions as _f
+from gpupool.client import composite
 from gpupool.client.array import RemoteArray
-from gpupool.client.namespace import call, lift
+from gpupool.client.dispatch import Unsupported
+from gpupool.client.namespace import call, lift, to_namespace
 
 __all__ = [
     "cholesky",
@@ -66,30 +68,17 @@ tensordot = _f.tensordot
 vecdot = _f.vecdot
 
 
-def _on_pool(x: Any) -> bool:
-    return isinstance(x, RemoteArray) and x.dtype.kind in "fc"
-
-
 def vector_norm(x: Any, /, *, axis: Any = None, keepdims: bool = False, ord: Any = 2) -> Any:
     """The ``ord``-norm of ``x``'s vectors along ``axis`` (None: all elements as one vector); on the pool
     for orders 1, 2, inf and -inf of floating arrays."""
-    if _on_pool(x) and ord in (1, 2, np.inf, -np.inf):
-        magnitude = _f.abs(x)
-        if ord == 2:
-            squares = magnitude * magnitude
-            return _f.sqrt(_f.sum(squares, axis=axis, keepdims=keepdims))
-        if ord == 1:
-            return _f.sum(magnitude, axis=axis, keepdims=keepdims)
-        reduce = _f.max if ord == np.inf else _f.min
-        return reduce(magnitude, axis=axis, keepdims=keepdims)
+    if isinstance(x, RemoteArray):
+        try:
+            return to_namespace(composite.vector_norm(x, axis=axis, keepdims=keepdims, ord=ord), x.session)
+        except Unsupported:
+            pass
     return call(np.linalg.vector_norm, (x,), {"axis": axis, "keepdims": keepdims, "ord": ord})
 
 
 def norm(x: Any, ord: Any = None, axis: Any = None, keepdims: bool = False) -> Any:
-    """NumPy's ``linalg.norm``: the 2-norm of the flattened array (Frobenius) for ``ord=None``, a vector
-    norm along an int ``axis``; on the pool where :func:`vector_norm` is."""
-    if ord is None and (axis is None or isinstance(axis, int)):
-        return vector_norm(x, axis=axis, keepdims=keepdims, ord=2)
-    if axis is not None and isinstance(axis, int) and ord in (1, 2, np.inf, -np.inf):
-        return vector_norm(x, axis=axis, keepdims=keepdims, ord=ord)
+    """NumPy's ``linalg.norm`` (vector norms on the pool, as ``np.linalg.norm`` of a remote array)."""
     return call(np.linalg.norm, (x,), {"ord": ord, "axis": axis, "keepdims": keepdims})
