@@ -33,6 +33,7 @@ from gpupool.client.operands import (
     native_contiguous,
     scalar_operand,
 )
+from gpupool.client.rowmoves import reshard
 from gpupool.client.session import Session
 from gpupool.protocol.codec import check_dtype
 
@@ -153,7 +154,12 @@ def _argument(lead: GraphArray, value: object, *, aligned: bool) -> GraphArray |
     if isinstance(value, GraphArray):
         if aligned and layout_key(value.layout) == layout_key(lead.layout):
             return value
-        value = value.get()  # another layout, or a broadcast operand: bring it over once
+        if aligned and value.session is lead.session:
+            # The same rows laid out otherwise: a copy in the lead's layout, moved agent to agent.
+            session = lead.session
+            targets = [p.with_buffer(session.new_buffer_id()) for p in lead.layout]
+            return _held(session, reshard(value, targets), _rows)
+        value = value.get()  # a broadcast operand (or another pool's): bring it over once
     if is_scalar(value):
         scalar = scalar_operand(value)
         return lambda piece: scalar

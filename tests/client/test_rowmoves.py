@@ -317,3 +317,16 @@ def test_moves_work_on_an_insecure_pool(system_broker_url: str) -> None:
         )
         np.testing.assert_allclose(remote(x @ y.T).get(), data @ (data[:5] + 1).T)
         np.testing.assert_array_equal(remote(x.reshape(4, 6)).get(), data.reshape(4, 6))
+
+
+def test_elementwise_work_between_arrays_laid_out_differently_moves_rows_agent_to_agent(
+    pool: gp.Pool,
+) -> None:
+    a_data = np.arange(10, dtype=np.float64)
+    b_data = np.arange(10, dtype=np.float64) * 10
+    a = pool.asarray(a_data, rows=[2, 3, 5])
+    b = pool.asarray(b_data, rows=[7, 0, 3])
+    total = remote(a + b)
+    assert [(p.start, p.stop) for p in total.layout] == [(0, 2), (2, 5), (5, 10)]  # a's layout
+    np.testing.assert_array_equal(total.get(), a_data + b_data)
+    np.testing.assert_array_equal(remote(np.sort(b) - a).get(), np.sort(b_data) - a_data)
