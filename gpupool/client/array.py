@@ -22,6 +22,7 @@ from gpupool.client.graph import MAX_DEPTH, ArraySpec, Node, Round, materialize,
 from gpupool.client.layout import Piece, Place
 from gpupool.client.methods import ArrayMethods
 from gpupool.client.operands import native_contiguous
+from gpupool.client.reprs import array_html, array_repr
 from gpupool.client.session import Session
 from gpupool.client.types import Shard
 from gpupool.client.values import PendingValue, plan_requests
@@ -118,9 +119,14 @@ class RemoteArray(ArrayMethods):
         return self.shape[0]
 
     def __repr__(self) -> str:
-        state = " freed" if self._freed else " pending" if self.node is not None else ""
-        shards = len(self._pieces)
-        return f"<gpupool.RemoteArray shape={self.shape} dtype={self.dtype.name} shards={shards}{state}>"
+        """Shape, dtype, size, state and placement: ``<gpupool.RemoteArray shape=(1000, 8) dtype=float32
+        31.2 KiB, pending tanh; 2 shards on 2 agents: 3f2a1b0c rows 0:500, 9c81d07e rows 500:1000>``."""
+        pending = None if self.node is None else self.node.op
+        return array_repr(self.shape, self.dtype, self._pieces, freed=self._freed, pending_op=pending)
+
+    def _repr_html_(self) -> str:
+        pending = None if self.node is None else self.node.op
+        return array_html(self.shape, self.dtype, self._pieces, freed=self._freed, pending_op=pending)
 
     def check(self) -> None:
         """Raise :class:`ArrayFreed` if this array or its pool is gone."""
@@ -161,7 +167,8 @@ class RemoteArray(ArrayMethods):
                 )
             )
 
-        session.run(fetch(), timeout=session.timeouts.for_stream(self.nbytes), what="download")
+        with session.track(f"download {self.nbytes / 2**20:,.0f} MiB"):
+            session.run(fetch(), timeout=session.timeouts.for_stream(self.nbytes), what="download")
         return out
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:

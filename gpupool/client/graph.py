@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias, TypeVar
 
@@ -258,24 +258,34 @@ def run_programs(session: Session, programs: Sequence[Program], *, what: str) ->
     if len(busy) == 1:
         program = busy[0]
         try:
-            fetched = session.execute_now(
-                program.place,
-                program.ops,
-                fetch=program.fetch,
-                free=frees[0],
-                timeout=program_deadline(session, [program]),
-            )
+            with session.track(what):
+                fetched = session.execute_now(
+                    program.place,
+                    program.ops,
+                    fetch=program.fetch,
+                    free=frees[0],
+                    timeout=program_deadline(session, [program]),
+                )
         except BaseException:
             _requeue(session, program, frees[0])
             raise
         return [fetched if p is program else {} for p in programs]
 
     deadline = program_deadline(session, busy)
+    tracker = session.track(what, total=len(busy), unit="programs")
+
+    async def counted(call: Awaitable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        try:
+            return await call
+        finally:
+            tracker.advance()
 
     async def go() -> list[dict[str, np.ndarray]]:
         calls = [
-            session.channel(p.place.agent_id, p.place.endpoint).execute(
-                p.place.worker, p.ops, session=session.id, fetch=p.fetch, free=free, timeout=deadline
+            counted(
+                session.channel(p.place.agent_id, p.place.endpoint).execute(
+                    p.place.worker, p.ops, session=session.id, fetch=p.fetch, free=free, timeout=deadline
+                )
             )
             for p, free in zip(busy, frees, strict=True)
         ]
@@ -291,7 +301,8 @@ def run_programs(session: Session, programs: Sequence[Program], *, what: str) ->
         by_program = iter(r for r in results if isinstance(r, dict))
         return [next(by_program) if (p.ops or p.fetch or p.free) else {} for p in programs]
 
-    return session.run(go(), timeout=deadline + session.timeouts.connect, what=what)
+    with tracker:
+        return session.run(go(), timeout=deadline + session.timeouts.connect, what=what)
 
 
 def _requeue(session: Session, program: Program, free: Sequence[str]) -> None:

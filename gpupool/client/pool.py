@@ -41,12 +41,18 @@ class Pool:
             serves TLS.
         timeouts: deadlines for every call.
         client: how the coordinator lists this session in ``gpupool jobs``.
+        progress: whether long calls show a progress bar (None: when stderr is a terminal).
     """
 
     def __init__(
-        self, credentials: PoolCredentials, *, timeouts: Timeouts = Timeouts(), client: str | None = None
+        self,
+        credentials: PoolCredentials,
+        *,
+        timeouts: Timeouts = Timeouts(),
+        client: str | None = None,
+        progress: bool | None = None,
     ) -> None:
-        self._session = Session(credentials, timeouts=timeouts, client=client)
+        self._session = Session(credentials, timeouts=timeouts, client=client, progress=progress)
         self._entered: list[Token[tuple[Pool, ...]]] = []
 
     # -- what the session says --------------------------------------------------------------------
@@ -161,8 +167,18 @@ class Pool:
             self.close()
 
     def __repr__(self) -> str:
-        closed = " closed" if self.closed else ""
-        return f"<gpupool.Pool {self.address} session={self.session}{closed}>"
+        """Address, session, state and the agents the session uses (no call is made), e.g.
+        ``<gpupool.Pool 127.0.0.1:50051 session=job-3f2a… open, using 2 agents: 3f2a1b0c, 9c81d07e>``."""
+        if self.closed:
+            return f"<gpupool.Pool {self.address} session={self.session} closed>"
+        agents = self._session.agents_in_use
+        using = f"using {len(agents)} agent{'s' * (len(agents) != 1)}"
+        names = (
+            ": " + ", ".join(a[:8] for a in agents[:6]) + (", ..." if len(agents) > 6 else "")
+            if agents
+            else ""
+        )
+        return f"<gpupool.Pool {self.address} session={self.session} open, {using}{names}>"
 
 
 def active_pool() -> Pool | None:
@@ -180,6 +196,7 @@ def connect(
     ca: str | bytes | None = None,
     timeouts: Timeouts | None = None,
     client: str | None = None,
+    progress: bool | None = None,
 ) -> Pool:
     """Connect to a pool's coordinator.
 
@@ -191,10 +208,12 @@ def connect(
             ``$GPUPOOL_CA``.
         timeouts: deadlines for every call (defaults: :class:`gpupool.Timeouts`).
         client: how ``gpupool jobs`` lists this session (default ``user@host``).
+        progress: show a progress bar on stderr for uploads, downloads and computations that take more
+            than about a second; default: when stderr is a terminal (and ``$CI`` is unset).
 
     Raises:
         ConnectError: nothing listens at the address (at once), or no coordinator answered in time.
         AuthError: the coordinator refused the token (missing, unknown, revoked, expired).
     """
     credentials = PoolCredentials.from_env(address, token=token, ca=ca)
-    return Pool(credentials, timeouts=timeouts or Timeouts(), client=client)
+    return Pool(credentials, timeouts=timeouts or Timeouts(), client=client, progress=progress)

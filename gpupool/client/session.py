@@ -31,6 +31,7 @@ from gpupool.client._loop import LoopThread
 from gpupool.client.channels import AgentChannel, Metadata, fetched_arrays
 from gpupool.client.layout import Piece, by_endpoint, pieces_from_placement, round_robin
 from gpupool.client.lease import WATCH_INTERVAL, LeaseKeeper
+from gpupool.client.progress import DELAY, Tracker, Unit, progress_default
 from gpupool.moves import Segment
 from gpupool.protocol.codec import meta_of
 from gpupool.protocol.errors import translate_rpc_error
@@ -66,10 +67,19 @@ class Session:
     """
 
     def __init__(
-        self, credentials: PoolCredentials, *, timeouts: Timeouts = Timeouts(), client: str | None = None
+        self,
+        credentials: PoolCredentials,
+        *,
+        timeouts: Timeouts = Timeouts(),
+        client: str | None = None,
+        progress: bool | None = None,
     ) -> None:
         self.address = credentials.address
         self.timeouts = timeouts
+        #: Whether long calls show a progress bar (None when made: in an interactive terminal).
+        self.progress = progress_default() if progress is None else progress
+        #: Seconds a call runs before its bar appears.
+        self.progress_delay = DELAY
         self._rpc = CoordinatorClient(credentials, timeout=timeouts.rpc)
         self._loop = LoopThread(f"gpupool[{self.address}].loop")
         self._channels: dict[str, AgentChannel] = {}
@@ -131,6 +141,15 @@ class Session:
             return await awaitable
 
         return self._loop.run(wrapped(), timeout=timeout, what=what)
+
+    def track(self, what: str, *, total: int | None = None, unit: Unit = "steps") -> Tracker:
+        """A progress tracker for one blocking call of this session (a bar only if :attr:`progress`)."""
+        return Tracker(what, total=total, unit=unit, enabled=self.progress, delay=self.progress_delay)
+
+    @property
+    def agents_in_use(self) -> list[str]:
+        """The ids of the agents this session has opened channels to (for reprs; no call is made)."""
+        return sorted({channel.agent_id for channel in list(self._channels.values())})
 
     def channel(self, agent_id: str, endpoint: str) -> AgentChannel:
         """The channel to an agent (loop thread only); TLS, checked against the agent's id, if enrolled."""
@@ -306,9 +325,10 @@ class Session:
             NoCapacity, PlacementError: the pool cannot take it.
             DeviceOutOfMemory, RemoteError: an agent refused its shard (nothing is left behind).
         """
-        return self.run(
-            self._upload(host, rows), timeout=self.timeouts.for_stream(host.nbytes) * 2, what="upload"
-        )
+        with self.track(f"upload {host.nbytes / 2**20:,.0f} MiB"):
+            return self.run(
+                self._upload(host, rows), timeout=self.timeouts.for_stream(host.nbytes) * 2, what="upload"
+            )
 
     async def _upload(self, host: np.ndarray, rows: Sequence[int] | None) -> list[Piece]:
         if rows is None:
