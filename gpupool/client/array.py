@@ -8,6 +8,7 @@ back.
 from __future__ import annotations
 
 import asyncio
+import functools
 import operator
 import weakref
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ from gpupool.client.reprs import array_html, array_repr
 from gpupool.client.session import Session
 from gpupool.client.types import Shard
 from gpupool.client.values import PendingValue, plan_requests
+from gpupool.client.waves import array_chain, requests_chain, run_in_waves
 from gpupool.protocol.codec import check_dtype
 
 __all__ = ["RemoteArray", "compute", "from_spec", "persist", "upload"]
@@ -318,7 +320,9 @@ def persist(*arrays: RemoteArray) -> tuple[RemoteArray, ...]:
         array.check()
         by_session.setdefault(id(array.session), []).append(array)
     for members in by_session.values():
-        _commit(materialize(members[0].session, members))
+        session = members[0].session
+        chains = [array_chain(array) for array in members]
+        run_in_waves(session, members, chains, functools.partial(_persist_round, session))
     return arrays
 
 
@@ -340,13 +344,8 @@ def compute(*values: Any) -> tuple[Any, ...]:
             session = value.requests[0].array.session
             by_session.setdefault(id(session), (session, [], []))[2].append(value)
     for session, arrays, pending in by_session.values():
-        round_ = Round(session)
-        computed = plan_materialize(round_, arrays)
-        picks = [plan_requests(round_, value.requests) for value in pending]
-        results = round_.run(what="compute")
-        _commit(computed)
-        for value, pick in zip(pending, picks, strict=True):
-            value.resolve(pick(results))
+        chains = [array_chain(a) for a in arrays] + [requests_chain(v.requests) for v in pending]
+        run_in_waves(session, [*arrays, *pending], chains, functools.partial(_compute_round, session))
     return tuple(
         value.get()
         if isinstance(value, RemoteArray)
@@ -355,6 +354,23 @@ def compute(*values: Any) -> tuple[Any, ...]:
         else value
         for value in values
     )
+
+
+def _persist_round(session: Session, arrays: Sequence[RemoteArray]) -> None:
+    """Compute pending arrays in one round of programs (a wave of :func:`persist`)."""
+    _commit(materialize(session, arrays))
+
+
+def _compute_round(session: Session, values: Sequence[RemoteArray | PendingValue]) -> None:
+    """Compute pending arrays and values in one round of programs (a wave of :func:`compute`)."""
+    round_ = Round(session)
+    computed = plan_materialize(round_, [v for v in values if isinstance(v, RemoteArray)])
+    pending = [v for v in values if isinstance(v, PendingValue)]
+    picks = [plan_requests(round_, value.requests) for value in pending]
+    results = round_.run(what="compute")
+    _commit(computed)
+    for value, pick in zip(pending, picks, strict=True):
+        value.resolve(pick(results))
 
 
 def _commit(computed: Sequence[tuple[RemoteArray, Sequence[Piece]]]) -> None:

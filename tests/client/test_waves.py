@@ -1,0 +1,203 @@
+"""Waves of batched work (gpupool.client.waves): the pure planning without a network, then gp.compute and
+gp.persist on a pool of two agents with 8 MiB each, where the same batch in one round runs out of memory."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+
+import gpupool as gp
+from gpupool._proto.v1 import control_pb2, coordinator_pb2
+from gpupool.client.graph import GraphArray, Node, materialize
+from gpupool.client.layout import Piece
+from gpupool.client.values import Request
+from gpupool.client.waves import (
+    Chain,
+    array_chain,
+    free_by_place,
+    plan_waves,
+    requests_chain,
+    run_in_waves,
+)
+from gpupool.local import LocalPool
+
+A, B = ("a:1", 0), ("b:1", 0)
+
+
+def _pieces(rows: Sequence[int]) -> tuple[Piece, ...]:
+    """Shards of ``rows`` rows, alternately on A and B."""
+    pieces, start = [], 0
+    for index, count in enumerate(rows):
+        endpoint, worker = (A, B)[index % 2]
+        pieces.append(
+            Piece(
+                agent_id=endpoint[0],
+                endpoint=endpoint,
+                worker=worker,
+                start=start,
+                stop=start + count,
+                buffer_id=f"b{index}",
+            )
+        )
+        start += count
+    return tuple(pieces)
+
+
+class Fake(GraphArray):
+    """A graph array with a layout and no pool: what the planning reads."""
+
+    __slots__ = ("_layout", "dtype", "node", "shape")
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any, rows: Sequence[int], node: Node | None = None):
+        self.shape, self.dtype, self.node = shape, np.dtype(dtype), node
+        self._layout = _pieces(rows)
+
+    @property
+    def layout(self) -> tuple[Piece, ...]:
+        return self._layout
+
+
+def _op(name: str, *args: Any, shape: tuple[int, ...] = (10, 4), dtype: Any = np.float64) -> Fake:
+    return Fake(shape, dtype, [6, 4], Node(name, tuple(args)))
+
+
+def test_array_chain_counts_each_pending_array_once_per_shard() -> None:
+    x = Fake((10, 4), np.float64, [6, 4])  # resident: costs nothing
+    y = _op("add", x, lambda piece: None)
+    z = _op("multiply", y, y)  # y is emitted once
+    w = _op("less", z, x, dtype=np.bool_)
+    chain = array_chain(w)
+    assert chain.peak == {A: 6 * 4 * (8 + 8 + 1), B: 4 * 4 * (8 + 8 + 1)}
+    assert chain.kept == {A: 6 * 4, B: 4 * 4}
+    assert array_chain(w, keep=False).kept == {}
+    assert array_chain(x) == Chain({}, {})
+
+
+def test_requests_chain_counts_prepared_copies_and_partials() -> None:
+    x = Fake((10, 4), np.float32, [6, 4, 0])
+    y = Fake((10, 4), np.float32, [6, 4, 0], Node("tanh", (x,)))
+    total = Request(
+        array=y, op="sum", partial_shape=lambda rows: (1, 4), axes=(0,), dtype=np.dtype(np.float64)
+    )
+    nans = Request(
+        array=y,
+        op="count_nonzero",
+        partial_shape=lambda rows: (1, 4),
+        axes=(0,),
+        dtype=np.dtype(np.int64),
+        prepare="isnan",
+    )
+    chain = requests_chain([total, nans])
+    # y's shards, then per non-empty shard: a bool per element, and two partials of 4 values.
+    assert chain.peak == {A: 6 * 4 * 4 + 6 * 4 + 2 * 32, B: 4 * 4 * 4 + 4 * 4 + 2 * 32}
+    assert chain.kept == {}
+
+
+def test_plan_waves_fits_each_wave_and_counts_what_earlier_waves_keep() -> None:
+    chain = Chain(peak={A: 30, B: 10}, kept={A: 10})
+    # 100 free, 75 usable: two chains (60) fit, a third does not; then 20 are kept, 55 left: one fits.
+    assert plan_waves([chain] * 4, {A: 100, B: 100}) == [[0, 1], [2], [3]]
+    assert plan_waves([chain] * 4, {A: 1000, B: 1000}) == [[0, 1, 2, 3]]
+    assert plan_waves([chain] * 3, {}) == [[0, 1, 2]]  # workers not reported: not limited
+    assert plan_waves([Chain({A: 500})] * 2 + [chain], {A: 100}) == [[0], [1], [2]]  # too big: alone
+    assert plan_waves([], {A: 100}) == []
+
+
+def _record(endpoint: str, limit: int, used: int, telemetry_used: int | None = None) -> Any:
+    record = coordinator_pb2.AgentRecord()
+    record.status.endpoint = endpoint
+    record.status.workers.append(control_pb2.Worker(index=0, memory_limit=limit, memory_used=used))
+    if telemetry_used is not None:
+        record.telemetry.workers.append(control_pb2.WorkerTelemetry(index=0, memory_used=telemetry_used))
+    return record
+
+
+def test_free_by_place_prefers_telemetry() -> None:
+    records = [_record("a:1", 100, 10), _record("b:1", 100, 10, telemetry_used=70)]
+    assert free_by_place(records) == {A: 90, B: 30}
+
+
+def test_run_in_waves_splits_a_wave_the_agents_refuse() -> None:
+    ran: list[list[int]] = []
+
+    def run(items: Sequence[int]) -> None:
+        if len(items) > 2:  # as an agent that cannot hold more than two chains' intermediates
+            raise gp.DeviceOutOfMemory("a", "out of memory")
+        ran.append(list(items))
+
+    small = [Chain({A: 1})] * 5  # under WAVE_CHECK_BYTES: one wave, no question to the coordinator
+    run_in_waves(None, list(range(5)), small, run)  # type: ignore[arg-type]
+    assert ran == [[0, 1], [2], [3, 4]]
+
+    def refuse(items: Sequence[int]) -> None:
+        raise gp.DeviceOutOfMemory("a", "out of memory")
+
+    with pytest.raises(gp.DeviceOutOfMemory):
+        run_in_waves(None, [0, 1], small[:2], refuse)  # type: ignore[arg-type]
+
+
+# -- on a pool whose agents hold 8 MiB each -----------------------------------------------------------------
+LIMIT = 8 << 20
+ROWS = 1 << 18  # 2 MiB of float64: 1 MiB on each agent; a chain of three ops reserves 3 MiB on each
+
+
+@pytest.fixture(scope="module")
+def small_pool(system_broker_url: str) -> Iterator[gp.Pool]:
+    with (
+        LocalPool(
+            agents=2,
+            broker_url=system_broker_url,
+            port=0,
+            topic_prefix=f"gpupool-test-{uuid.uuid4().hex[:10]}",
+            backend="numpy",
+            memory_limit=str(LIMIT),
+            coordinator_args=["--min-shard-bytes", "0"],
+            stderr=subprocess.DEVNULL,
+        ) as local,
+        local.connect() as pool,
+    ):
+        yield pool
+
+
+def _chains(x: gp.RemoteArray, count: int) -> list[Any]:
+    return [(x + i) * 2 - 1 for i in range(count)]
+
+
+def test_compute_of_many_chains_runs_in_waves(small_pool: gp.Pool) -> None:
+    host = np.arange(ROWS, dtype=np.float64)
+    x = small_pool.asarray(host, rows=[ROWS // 2, ROWS // 2])
+    assert 3 * ROWS * 8 // 2 * 12 > LIMIT  # twelve chains' intermediates do not fit together...
+    with pytest.raises(gp.DeviceOutOfMemory):  # ...in one round of programs (as gp.compute sent them)
+        materialize(small_pool._session, _chains(x, 12))
+    sums = gp.compute(*(chain.sum() for chain in _chains(x, 12)))
+    np.testing.assert_allclose(sums, [((host + i) * 2 - 1).sum() for i in range(12)])
+    *means, last = gp.compute(*(chain.mean(axis=0) for chain in _chains(x, 11)), _chains(x, 12)[-1])
+    np.testing.assert_allclose(means, [((host + i) * 2 - 1).mean() for i in range(11)])
+    np.testing.assert_array_equal(last, (host + 11) * 2 - 1)
+    x.free()
+
+
+def test_persist_of_many_chains_runs_in_waves(small_pool: gp.Pool) -> None:
+    host = np.arange(ROWS, dtype=np.float64)
+    x = small_pool.asarray(host, rows=[ROWS // 2, ROWS // 2])
+    ys = gp.persist(*_chains(x, 3))  # 3 MiB each on each agent, 1 MiB of it kept: not all at once
+    assert not any(y.pending for y in ys)
+    for i, y in enumerate(ys):
+        np.testing.assert_array_equal(y.get(), (host + i) * 2 - 1)
+        y.free()
+    x.free()
+
+
+def test_a_chain_too_large_alone_still_runs_out_of_memory(small_pool: gp.Pool) -> None:
+    x = small_pool.asarray(np.ones(2 * ROWS), rows=[ROWS, ROWS])  # 2 MiB on each agent
+    small = (x + 1).sum()
+    large = (((x + 1) * 2 + 1) * 3).sum()  # four intermediates of 2 MiB: 8 MiB on each agent, with x 10
+    with pytest.raises(gp.DeviceOutOfMemory):
+        gp.compute(small, large)
+    assert float(small) == 4 * ROWS  # the wave before the failing one stays done
+    x.free()
