@@ -1,6 +1,6 @@
 """NumPy functions the pool runs as compositions of the operations it runs: einsum's common contractions,
 ``linalg.norm``, ``cov``, ``median``/``percentile``/``quantile``, ``unique``, ``ptp``, ``average``, ``diff``,
-``vstack``, ``stack`` along axis 0 and the ``*_like`` creators.
+``vstack``, ``stack`` along axis 0, ``take`` and the ``*_like`` creators.
 
 Each handler takes NumPy's signature and works on remote arrays with NumPy calls (which dispatch to them), so
 every step runs where the shards are; it raises :class:`~gpupool.client.dispatch.Unsupported` up front for
@@ -282,6 +282,15 @@ def _stack(
     return np.reshape(np.concatenate(members, axis=0), (len(members), *shape))
 
 
+def _take(a: Any, indices: Any, axis: Any = None, out: Any = None, mode: str = "raise") -> Any:
+    _unset("take", out=out)
+    array = _remote(a, "take")
+    if axis is None or mode != "raise" or not isinstance(indices, list | tuple | np.ndarray):
+        raise Unsupported("take: of the flattened array, with a mode, or a scalar index")
+    along = int(np.lib.array_utils.normalize_axis_index(axis, array.ndim))
+    return array[(slice(None),) * along + (np.asarray(indices),)]
+
+
 # -- einsum ------------------------------------------------------------------------------------------------
 def _order(result: Any, have: Sequence[str], want: str) -> Any:
     if list(have) == list(want):
@@ -349,6 +358,7 @@ HANDLERS: Final[dict[str, Callable[..., Any]]] = {
     "vstack": _vstack,
     "stack": _stack,
     "einsum": _einsum,
+    "take": _take,
 }
 
 numpy_api.register(HANDLERS)

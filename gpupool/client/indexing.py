@@ -26,6 +26,7 @@ from gpupool.client.dispatch import Unsupported
 from gpupool.client.graph import ArraySpec, GraphArray, Node, ProgramBuilder, make_op, run_programs
 from gpupool.client.layout import layout_key
 from gpupool.client.operands import INLINE_LIMIT, buffer_operand, constant_operand
+from gpupool.client.rowtake import take_rows
 
 __all__ = ["getitem", "where_inputs"]
 
@@ -114,7 +115,7 @@ def getitem(
     if any(isinstance(k, GraphArray) for k in key):
         return _masked(array, key), None
     if any(isinstance(k, list | np.ndarray) for k in key):
-        return _taken(array, key), None
+        return _taken(array, key, make), None
     ranges, finish, row_int = _basic(array.shape, key)
     sliced = tuple(len(r) for r in ranges)
     final = np.broadcast_to(np.empty((), np.bool_), sliced)[tuple(finish)].shape
@@ -206,8 +207,9 @@ def _masked(array: GraphArray, key: tuple[Any, ...]) -> ArraySpec:
     return ArraySpec(session=session, shape=(start, *rest), dtype=array.dtype, layout=tuple(pieces))
 
 
-def _taken(array: GraphArray, key: tuple[Any, ...]) -> ArraySpec:
-    """``array[:, ..., idx]``: one host int (or bool) vector on an axis after 0, every other entry whole."""
+def _taken(array: GraphArray, key: tuple[Any, ...], make: Callable[[ArraySpec], GraphArray]) -> ArraySpec:
+    """``array[..., idx, ...]``: one host int (or bool) vector on one axis, every other entry whole; on
+    axis 0 the rows move agent to agent (:func:`~gpupool.client.rowtake.take_rows`)."""
     ranges, arrays = [], []
     for at, k in enumerate(key):
         if isinstance(k, list | np.ndarray):
@@ -219,6 +221,8 @@ def _taken(array: GraphArray, key: tuple[Any, ...]) -> ArraySpec:
         raise Unsupported("getitem: more than one index array")
     axis, indices = arrays[0]
     length = array.shape[axis] if axis < array.ndim else 0
+    if axis == 0 and indices.ndim == 1 and indices.dtype != np.bool_:
+        return take_rows(array, indices, make)
     if axis == 0 or indices.ndim != 1:
         raise Unsupported("getitem: an index array on the sharded axis, or not 1-D")
     if indices.dtype == np.bool_:
