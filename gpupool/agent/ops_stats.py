@@ -129,12 +129,37 @@ def _moments(xp: Any, name: str, operands: Sequence[Any], expect: Expected, args
         squares = xp.zeros_like(total)
     else:
         mean = total / count
-        squares = xp.sum(xp.square(x - mean), axis=axes, keepdims=True, dtype=acc)
+        squares = _squared_deviations(xp, x, mean, axes, acc)
     counts = xp.full(total.shape, count, dtype=acc)
     stacked = xp.stack([counts, mean.astype(acc, copy=False), squares])
     if args.keepdims:
         return stacked
     return stacked.reshape((3, *_kept_shape(tuple(x.shape), axes)))
+
+
+#: Rows per block of the NumPy agent's second pass over a shard: about this many bytes, cache-sized.
+_BLOCK_BYTES: Final = 1 << 18
+
+
+def _squared_deviations(xp: Any, x: Any, mean: Any, axes: tuple[int, ...] | None, acc: np.dtype[Any]) -> Any:
+    """The sum over ``axes`` (None: all) of ``|x - mean|**2``, keepdims. NumPy agents go over row blocks
+    of about :data:`_BLOCK_BYTES` when axis 0 is reduced, so the deviations never make a shard-sized
+    temporary (the first pass, the mean, reads the shard once; this is the second); CuPy squares in place."""
+
+    def block_sum(block: Any) -> Any:
+        deviations = block - mean
+        if deviations.dtype.kind == "c":
+            deviations = xp.abs(deviations)
+        xp.multiply(deviations, deviations, out=deviations)
+        return xp.sum(deviations, axis=axes, keepdims=True, dtype=acc)
+
+    if xp is not np or x.ndim == 0 or x.shape[0] == 0 or (axes is not None and 0 not in axes):
+        return block_sum(x)
+    step = max(1, _BLOCK_BYTES // max(1, x[0].nbytes))
+    squares = block_sum(x[:step])
+    for start in range(step, x.shape[0], step):
+        squares += block_sum(x[start : start + step])
+    return squares
 
 
 def _arg_partial(xp: Any, name: str, operands: Sequence[Any], expect: Expected, args: OpArgs) -> Any:
