@@ -19,7 +19,8 @@ import numpy as np
 
 from gpupool._errors import ArrayFreed
 from gpupool.client import dispatch
-from gpupool.client.graph import MAX_DEPTH, ArraySpec, Node, Round, materialize, plan_materialize
+from gpupool.client.dispatch import DeferredOperand
+from gpupool.client.graph import MAX_DEPTH, ArraySpec, GraphArray, Node, Round, materialize, plan_materialize
 from gpupool.client.layout import Piece, Place
 from gpupool.client.methods import ArrayMethods
 from gpupool.client.operands import native_contiguous
@@ -146,6 +147,7 @@ class RemoteArray(ArrayMethods):
         """
         self.check()
         if self.node is not None:
+            _resolve_deferred([self])
             _commit(materialize(self.session, [self]))
         return self
 
@@ -358,11 +360,18 @@ def compute(*values: Any) -> tuple[Any, ...]:
 
 def _persist_round(session: Session, arrays: Sequence[RemoteArray]) -> None:
     """Compute pending arrays in one round of programs (a wave of :func:`persist`)."""
+    _resolve_deferred(arrays)
     _commit(materialize(session, arrays))
 
 
 def _compute_round(session: Session, values: Sequence[RemoteArray | PendingValue]) -> None:
     """Compute pending arrays and values in one round of programs (a wave of :func:`compute`)."""
+    _resolve_deferred(
+        [
+            *(v for v in values if isinstance(v, RemoteArray)),
+            *(r.array for v in values if isinstance(v, PendingValue) for r in v.requests),
+        ]
+    )
     round_ = Round(session)
     computed = plan_materialize(round_, [v for v in values if isinstance(v, RemoteArray)])
     pending = [v for v in values if isinstance(v, PendingValue)]
@@ -371,6 +380,28 @@ def _compute_round(session: Session, values: Sequence[RemoteArray | PendingValue
     _commit(computed)
     for value, pick in zip(pending, picks, strict=True):
         value.resolve(pick(results))
+
+
+def _resolve_deferred(roots: Sequence[GraphArray]) -> None:
+    """Compute together, in one round, the pending values that the pending graphs of ``roots`` read as
+    operands (:class:`~gpupool.client.dispatch.DeferredOperand`), before their programs are built."""
+    found: dict[int, PendingValue] = {}
+    seen: set[int] = set()
+    stack = list(roots)
+    while stack:
+        array = stack.pop()
+        node = array.node
+        if node is None or id(array) in seen:
+            continue
+        seen.add(id(array))
+        for arg in (*node.args, *node.holds):
+            if isinstance(arg, DeferredOperand):
+                if arg.value.pending:
+                    found[id(arg.value)] = arg.value
+            elif isinstance(arg, GraphArray):
+                stack.append(arg)
+    if found:
+        compute(*found.values())
 
 
 def _commit(computed: Sequence[tuple[RemoteArray, Sequence[Piece]]]) -> None:

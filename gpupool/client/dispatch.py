@@ -35,6 +35,7 @@ from gpupool.client.operands import (
 )
 from gpupool.client.rowmoves import reshard
 from gpupool.client.session import Session
+from gpupool.client.values import PendingValue
 from gpupool.protocol.codec import check_dtype
 
 __all__ = [
@@ -149,8 +150,31 @@ def _probe(value: object) -> object:
     return np.zeros((), dtype) if dtype is not None and not isinstance(value, np.generic) else value
 
 
+class DeferredOperand:
+    """A per-shard operand whose value is a pending value (a reduction such as ``x.mean(0)``), sent whole
+    to every shard: computed when the programs that use it are built. :func:`gpupool.compute` and
+    ``persist`` compute every such value their round reads together first, so ``(x - x.mean(0)) /
+    x.std(0)`` costs one round for both reductions, then one for the result."""
+
+    __slots__ = ("_operand", "value")
+
+    def __init__(self, value: PendingValue) -> None:
+        self.value = value
+        self._operand: agent_pb2.Operand | None = None
+
+    def __call__(self, piece: Piece) -> agent_pb2.Operand:
+        if self._operand is None:
+            host = np.asarray(self.value.compute())
+            self._operand = scalar_operand(host) if host.ndim == 0 else constant_operand(host)
+        return self._operand
+
+
 def _argument(lead: GraphArray, value: object, *, aligned: bool) -> GraphArray | PieceOperand:
     """``value`` as an argument of a node led by ``lead``: a remote array with its layout, or an operand."""
+    if isinstance(value, PendingValue):
+        if value.pending and not aligned and value.size * value.dtype.itemsize <= INLINE_LIMIT:
+            return DeferredOperand(value)
+        value = _normalize(np.asarray(value.compute()))
     if isinstance(value, GraphArray):
         if aligned and layout_key(value.layout) == layout_key(lead.layout):
             return value
@@ -194,7 +218,7 @@ def elementwise(name: str, inputs: Sequence[object]) -> ArraySpec:
         ShapeMismatch: the operands do not broadcast, or broadcasting would move the sharded axis.
         UnsupportedDType: an operand or the result has a dtype gpupool does not carry.
     """
-    values = [_normalize(v) for v in inputs]
+    values = [v if isinstance(v, PendingValue) and v.pending else _normalize(v) for v in inputs]
     remotes = [v for v in values if isinstance(v, GraphArray)]
     session = remotes[0].session
     if any(r.session is not session for r in remotes):
