@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Final
 from urllib.parse import urlsplit
@@ -16,6 +18,7 @@ __all__ = [
     "DEFAULT_TOPIC_PREFIX",
     "SUPPORTED_DTYPES",
     "BrokerAddress",
+    "Streams",
     "Timeouts",
     "broker_with_password",
     "coordinator_address",
@@ -89,6 +92,54 @@ class Timeouts:
         plus the time the work takes at :attr:`WORK_BYTES_PER_SECOND` and :attr:`WORK_FLOPS_PER_SECOND`
         (see ``gpupool.agent.program.estimate_work`` for the estimate an agent makes)."""
         return self.rpc + nbytes / self.WORK_BYTES_PER_SECOND + flops / self.WORK_FLOPS_PER_SECOND
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Streams:
+    """How a client moves one shard's bytes: over how many gRPC streams and connections.
+
+    A shard of at least twice ``min_part_bytes`` is split into row ranges ("parts"), up to ``per_shard``
+    of them, each its own upload or download stream into (or out of) one preallocated array; the streams
+    to one agent go round robin over ``connections`` HTTP/2 connections. On a 2-core VM neither helped
+    (scripts/bench, transfer section: no gain in GB/s or CPU per byte; every core is busy copying with one
+    stream per shard already), so one stream and one connection are the default; machines with cores to
+    spare may gain. ``GPUPOOL_STREAMS`` (``per_shard[,connections]``) overrides both for a process.
+
+    Attributes:
+        per_shard: the most streams one shard's bytes are split over (1: no split).
+        connections: HTTP/2 connections per agent (1: gRPC's one).
+        min_part_bytes: the least bytes of one part.
+    """
+
+    ENVIRONMENT: ClassVar[str] = "GPUPOOL_STREAMS"
+
+    per_shard: int = 1
+    connections: int = 1
+    min_part_bytes: int = 8 << 20
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> Streams:
+        """The defaults, or what ``$GPUPOOL_STREAMS`` says.
+
+        Raises:
+            UsageError: a value that is not one or two positive integers.
+        """
+        text = (os.environ if environ is None else environ).get(cls.ENVIRONMENT, "").strip()
+        if not text:
+            return cls()
+        try:
+            numbers = [int(part) for part in text.split(",")]
+        except ValueError:
+            numbers = []
+        if not 1 <= len(numbers) <= 2 or min(numbers) < 1:
+            raise UsageError(f"{cls.ENVIRONMENT}={text!r}: expected STREAMS or STREAMS,CONNECTIONS (>= 1)")
+        return cls(per_shard=numbers[0], connections=numbers[-1] if len(numbers) == 2 else 1)
+
+    def parts(self, rows: int, nbytes: int) -> list[tuple[int, int]]:
+        """The row ranges ``[start, stop)`` a shard of ``rows`` rows and ``nbytes`` bytes moves in."""
+        count = max(1, min(self.per_shard, rows, nbytes // max(self.min_part_bytes, 1)))
+        bounds = [rows * i // count for i in range(count + 1)]
+        return list(itertools.pairwise(bounds))
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ from gpupool._errors import FrameDecodeError, UnsupportedDType
 from gpupool._proto.v1 import agent_pb2, agent_pb2_grpc, control_pb2
 from gpupool.agent.buffers import BufferRegistry, Reservation
 from gpupool.agent.guard import Guard
+from gpupool.agent.parts import Assemblies, Assembly, PartsFailed
 from gpupool.agent.program import estimate_work, forget_frames, is_small, run_program
 from gpupool.agent.pull import Puller
 from gpupool.agent.status import Counters
@@ -140,6 +141,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         self._accepting = accepting
         self._status = status
         self._timeouts = timeouts
+        self._parts: Assemblies | None = None  # made on the loop, by the first upload in parts
 
     async def Upload(
         self, request_iterator: AsyncIterator[agent_pb2.UploadRequest], context: Context
@@ -190,6 +192,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         try:
             async with asyncio.timeout(self._timeouts.rpc):
                 header = await read_header()
+            if header.has_rows:
+                return await self._upload_part(header, chunks, context)
             worker, dtype, shape, nbytes = self._check_header(header)
             reservation = self._registry.reserve(
                 worker=worker.index, buffer_id=header.buffer_id, nbytes=nbytes, session=header.session
@@ -223,6 +227,98 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         if refusal is not None:
             await abort(context, refusal)
         await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, overdue)
+
+    async def _upload_part(
+        self, header: agent_pb2.UploadHeader, chunks: AsyncIterator[bytes], context: Context
+    ) -> agent_pb2.UploadReply:
+        """One part of an upload in several streams (:mod:`gpupool.agent.parts`): claim its rows of the
+        buffer (reserving and allocating the whole buffer if it is the first part), fill them in place, and
+        answer once every part has arrived and the buffer is committed.
+
+        Raises:
+            RpcRefusal: the part was refused, or the upload was dropped (this part's fault or another's).
+            TimeoutError: the upload's deadline passed while this part was receiving.
+        """
+        worker, dtype, shape, nbytes = self._check_header(header)
+        if not shape:
+            raise RpcRefusal(
+                "bad-request", "a 0-d buffer has no rows to upload in parts", buffer_id=header.buffer_id
+            )
+        if self._parts is None:
+            self._parts = Assemblies(self._registry, clock=asyncio.get_running_loop().time)
+        parts = self._parts
+        assembly = parts.get(header.buffer_id)
+        if assembly is None:
+            reservation = self._registry.reserve(
+                worker=worker.index, buffer_id=header.buffer_id, nbytes=nbytes, session=header.session
+            )
+            array: Any
+            try:
+                if worker.backend.host_resident:
+                    array = _allocate(dtype, shape, header.buffer_id)
+                else:
+                    array = await worker.call(_allocate_on_device, worker, dtype, shape, header.buffer_id)
+            except BaseException:
+                self._registry.release(reservation)
+                raise
+            assembly = parts.open(
+                buffer_id=header.buffer_id,
+                worker=worker.index,
+                dtype=dtype,
+                shape=shape,
+                session=header.session,
+                reservation=reservation,
+                array=array,
+                seconds=self._timeouts.for_stream(nbytes),
+            )
+            array = None
+        start, stop = int(header.start), int(header.stop)
+        part_bytes = (stop - start) * assembly.row_bytes
+        parts.enter(assembly)
+        try:
+            parts.check_same(assembly, worker=worker.index, dtype=dtype, shape=shape, session=header.session)
+            assembly.claim(start, stop)
+            parts.progressed(assembly)
+            await context.send_initial_metadata((ACCEPTED,))
+            paced = _paced(_part_chunks(parts, assembly, chunks), self._timeouts.stall)
+            async with asyncio.timeout_at(assembly.deadline):
+                if worker.backend.host_resident:
+                    await _receive_into(assembly.array[start:stop], paced, header.buffer_id)
+                else:
+                    await _receive_to_device(
+                        worker,
+                        assembly.array,
+                        part_bytes,
+                        paced,
+                        header.buffer_id,
+                        base=start * assembly.row_bytes,
+                    )
+        except PartsFailed as exc:
+            raise _detached(exc.refusal) from None
+        except RpcRefusal as exc:
+            parts.fail(assembly, exc)
+            raise
+        except asyncio.CancelledError:
+            failure = parts.stopped_by_failure(assembly)  # another part failed: answer with its refusal
+            if failure is not None:
+                raise _detached(failure.refusal) from None
+            parts.fail(assembly, RpcRefusal("bad-request", "a part of the upload failed: it was cancelled"))
+            raise
+        except BaseException as exc:  # a timeout: the whole upload goes
+            parts.fail(assembly, RpcRefusal("bad-request", f"a part of the upload failed: {exc!r}"))
+            raise
+        finally:
+            parts.leave(assembly)
+        parts.finished(assembly, start, stop)
+        try:
+            await parts.wait(assembly, self._timeouts.stall)
+        except PartsFailed as exc:
+            raise _detached(exc.refusal) from None
+        except BaseException as exc:
+            parts.fail(assembly, RpcRefusal("bad-request", f"a part of the upload failed: {exc!r}"))
+            raise
+        self._counters.bytes_received += part_bytes
+        return agent_pb2.UploadReply(buffer_id=header.buffer_id, nbytes=part_bytes)
 
     def _check_header(
         self, header: agent_pb2.UploadHeader
@@ -480,10 +576,26 @@ def _copy_in(worker: Worker, array: Any, offset: int, block: np.ndarray, buffer_
         worker.backend.copy_in(array, offset, block)
 
 
+async def _part_chunks(
+    parts: Assemblies, assembly: Assembly, chunks: AsyncIterator[bytes]
+) -> AsyncIterator[bytes]:
+    """A part's chunks, each counted as progress of its upload; stops with the upload if another part failed.
+
+    Raises:
+        PartsFailed: the upload was dropped meanwhile.
+    """
+    async for chunk in chunks:
+        if assembly.done.done():
+            assembly.done.result()  # raises PartsFailed: a committed upload has no part still receiving
+        parts.progressed(assembly)
+        yield chunk
+
+
 async def _receive_to_device(
-    worker: Worker, array: Any, expected: int, chunks: AsyncIterator[bytes], buffer_id: str
+    worker: Worker, array: Any, expected: int, chunks: AsyncIterator[bytes], buffer_id: str, *, base: int = 0
 ) -> None:
-    """Fill a device array from the stream's chunks through two staging blocks, in turn.
+    """Fill a device array (its ``expected`` bytes from byte ``base`` on) from the stream's chunks through two
+    staging blocks, in turn.
 
     While the worker's thread copies one full block to the device, the stream fills the other, so the
     copies overlap the network and no host copy of the whole shard is ever made. Refuses too many bytes
@@ -514,7 +626,7 @@ async def _receive_to_device(
                 data = data[taken:]
                 if filled == block_bytes:
                     copies[current] = asyncio.ensure_future(
-                        worker.call(_copy_in, worker, array, offset, blocks[current], buffer_id)
+                        worker.call(_copy_in, worker, array, base + offset, blocks[current], buffer_id)
                     )
                     offset += filled
                     filled = 0
@@ -530,7 +642,7 @@ async def _receive_to_device(
         if filled:
             copies.append(
                 asyncio.ensure_future(
-                    worker.call(_copy_in, worker, array, offset, blocks[current][:filled], buffer_id)
+                    worker.call(_copy_in, worker, array, base + offset, blocks[current][:filled], buffer_id)
                 )
             )
         for waiting in copies:

@@ -9,14 +9,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import itertools
 import logging
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Sequence,
+)
 from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 
-from gpupool._config import CHUNK_BYTES, Timeouts
+from gpupool._config import CHUNK_BYTES, Streams, Timeouts
 from gpupool._errors import AgentLost, FrameDecodeError, GpupoolError, StreamClosed
 from gpupool._proto.v1 import agent_pb2, agent_pb2_grpc
 from gpupool.protocol.codec import array_from_bytes, check_dtype, iter_chunks, meta_of, shape_of
@@ -43,6 +53,7 @@ class AgentChannel:
         ca_pem: the pool CA: given, the agent is dialled with TLS and must present a certificate for
             ``<agent_id>.agent.gpupool`` (so an endpoint someone else answers gets no bytes).
         metadata: called before each call for its metadata (the session's capability on this agent).
+        streams: how many streams (and connections) one shard's bytes go over.
     """
 
     def __init__(
@@ -53,20 +64,31 @@ class AgentChannel:
         *,
         ca_pem: bytes | None = None,
         metadata: Callable[[], Metadata] | None = None,
+        streams: Streams = Streams(),
     ) -> None:
         self.agent_id = agent_id
         self.endpoint = endpoint
         self._timeouts = timeouts
         self._metadata = metadata or (lambda: ())
         server_name = agent_dns_name(agent_id) if ca_pem is not None else ""
+        self._streams = streams
         self._channel = aio_channel(endpoint, ca_pem=ca_pem, server_name=server_name)
+        # More connections for the byte streams: gRPC runs one HTTP/2 connection's frames on one thread.
+        self._more_channels = [
+            aio_channel(endpoint, ca_pem=ca_pem, server_name=server_name, connection=n)
+            for n in range(1, streams.connections)
+        ]
         self.lost = False
         self._calls: set[asyncio.Task[Any]] = set()
         self._abandoned: set[asyncio.Task[Any]] = set()
         self._stub = agent_pb2_grpc.AgentStub(self._channel)  # type: ignore[no-untyped-call]
-        # The raw byte streams (gpupool.protocol.rawstream): no serializers, bytes in and out.
-        self._upload_raw = self._channel.stream_unary(UPLOAD_RAW, None, None)
-        self._download_raw = self._channel.unary_stream(DOWNLOAD_RAW, None, None)
+        # The raw byte streams (gpupool.protocol.rawstream): no serializers, bytes in and out; one pair
+        # per connection, taken in turn.
+        self._raw_methods = [
+            (channel.stream_unary(UPLOAD_RAW, None, None), channel.unary_stream(DOWNLOAD_RAW, None, None))
+            for channel in (self._channel, *self._more_channels)
+        ]
+        self._turn = itertools.count()
         self._raw = True  # False once the agent answered UNIMPLEMENTED (it predates them)
 
     def mark_lost(self) -> None:
@@ -99,8 +121,12 @@ class AgentChannel:
     def _error(self, exc: grpc.aio.AioRpcError) -> Exception:
         return translate_rpc_error(exc, peer=self.endpoint, agent_id=self.agent_id)
 
+    def _next_raw(self) -> tuple[Any, Any]:
+        """The raw upload and download methods of the next connection in turn."""
+        return self._raw_methods[next(self._turn) % len(self._raw_methods)]
+
     async def upload(self, buffer_id: str, worker: int, host: np.ndarray, session: str) -> None:
-        """Stream ``host`` into a new buffer on ``worker``.
+        """Stream ``host`` into a new buffer on ``worker`` (in parts, each its own stream, if it is large).
 
         Raises:
             DeviceOutOfMemory, AgentNotAccepting, RemoteError: the agent refused it.
@@ -114,7 +140,32 @@ class AgentChannel:
             buffer_id=buffer_id, worker=worker, meta=meta_of(host.dtype, host.shape), session=session
         )
         timeout = self._timeouts.for_stream(host.nbytes)
-        if self._raw:
+        parts = self._streams.parts(host.shape[0], host.nbytes) if host.ndim else [(0, 0)]
+        if self._raw and len(parts) > 1:
+            try:
+                # All parts or none: the agent commits the buffer once every part has arrived, and drops
+                # it if any fails (the other parts' calls are cancelled then).
+                await _all_or_first(
+                    self._upload_raw_stream(
+                        agent_pb2.UploadHeader(
+                            buffer_id=buffer_id,
+                            worker=worker,
+                            meta=header.meta,
+                            session=session,
+                            has_rows=True,
+                            start=start,
+                            stop=stop,
+                        ),
+                        host[start:stop],
+                        timeout,
+                    )
+                    for start, stop in parts
+                )
+                return
+            except grpc.aio.AioRpcError as exc:
+                if not self._lacks_raw(exc):
+                    raise self._error(exc) from exc
+        elif self._raw:
             try:
                 await self._upload_raw_stream(header, host, timeout)
                 return
@@ -133,7 +184,8 @@ class AgentChannel:
             raise self._error(exc) from exc
 
     async def download_into(self, buffer_id: str, out: np.ndarray) -> None:
-        """Stream a buffer into ``out``, a C-contiguous array of the buffer's dtype and shape.
+        """Stream a buffer into ``out``, a C-contiguous array of the buffer's dtype and shape (in parts,
+        each a stream of a row range straight into its rows of ``out``, if it is large).
 
         Raises:
             BufferNotFound: the agent does not hold it.
@@ -143,11 +195,23 @@ class AgentChannel:
         await self._watched(self._download_into(buffer_id, out))
 
     async def _download_into(self, buffer_id: str, out: np.ndarray) -> None:
+        parts = self._streams.parts(out.shape[0], out.nbytes) if out.ndim else [(0, 0)]
+        if len(parts) == 1:
+            await self._download_part(buffer_id, out, None)
+            return
+        await _all_or_first(
+            self._download_part(buffer_id, out[start:stop], (start, stop)) for start, stop in parts
+        )
+
+    async def _download_part(self, buffer_id: str, out: np.ndarray, rows: tuple[int, int] | None) -> None:
+        """Stream a buffer, or rows ``[start, stop)`` of it, into ``out``."""
         request = agent_pb2.DownloadRequest(buffer_id=buffer_id, chunk_bytes=CHUNK_BYTES)
+        if rows is not None:
+            request.has_rows, request.start, request.stop = True, rows[0], rows[1]
         timeout = self._timeouts.for_stream(out.nbytes)
         if self._raw:
             try:
-                call = self._download_raw(
+                call = self._next_raw()[1](
                     request.SerializeToString(), timeout=timeout, metadata=self._metadata()
                 )
                 await self._fill(buffer_id, out, self._raw_messages(call))
@@ -176,9 +240,7 @@ class AgentChannel:
         Raises:
             grpc.aio.AioRpcError: the agent refused the upload, or the call failed.
         """
-        call = self._upload_raw(
-            None, timeout=seconds, metadata=self._metadata()
-        )  # no iterator: written below
+        call = self._next_raw()[0](None, timeout=seconds, metadata=self._metadata())  # written below
         try:
             await call.write(header.SerializeToString())
             if host.nbytes > CHUNK_BYTES and ACCEPTED not in tuple(await call.initial_metadata() or ()):
@@ -316,8 +378,37 @@ class AgentChannel:
         return int(reply.freed)
 
     async def close(self) -> None:
-        """Close the channel."""
-        await self._channel.close(grace=None)
+        """Close the channel (and its other connections)."""
+        for channel in (self._channel, *self._more_channels):
+            await channel.close(grace=None)
+
+
+async def _all_or_first(calls: Iterable[Coroutine[Any, Any, None]]) -> None:
+    """Run ``calls`` concurrently; if any fails, cancel the rest and raise the first failure itself.
+
+    Raises:
+        Exception: the first call's failure that is not a cancelled call (a refused part's, not its
+            siblings' CANCELLED), as that call raised it, not in a group.
+    """
+    try:
+        async with asyncio.TaskGroup() as group:
+            for call in calls:
+                group.create_task(call)
+    except BaseExceptionGroup as errors:
+        leaves = _leaves(errors)
+        cancelled = [
+            e for e in leaves if isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.CANCELLED
+        ]
+        first = next((e for e in leaves if e not in cancelled), leaves[0])
+        raise first from None
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
+    return [
+        leaf
+        for error in group.exceptions
+        for leaf in (_leaves(error) if isinstance(error, BaseExceptionGroup) else [error])
+    ]
 
 
 def fetched_arrays(reply: agent_pb2.ExecuteReply, *, peer: str) -> dict[str, np.ndarray]:

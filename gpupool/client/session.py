@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from gpupool._config import Timeouts
+from gpupool._config import Streams, Timeouts
 from gpupool._errors import AgentLost, ArrayFreed, ConnectError, DeadlineExceeded, PlacementError
 from gpupool._ids import new_buffer_id
 from gpupool._proto.v1 import agent_pb2, agent_pb2_grpc, control_pb2, coordinator_pb2
@@ -76,6 +76,7 @@ class Session:
     ) -> None:
         self.address = credentials.address
         self.timeouts = timeouts
+        self.streams = Streams.from_environment()  # how shards' bytes travel (GPUPOOL_STREAMS)
         #: Whether long calls show a progress bar (None when made: in an interactive terminal).
         self.progress = progress_default() if progress is None else progress
         #: Seconds a call runs before its bar appears.
@@ -161,6 +162,7 @@ class Session:
                 self.timeouts,
                 ca_pem=self._agent_ca if self._keeper.holds(agent_id) else None,
                 metadata=lambda: self.capability_metadata(agent_id),
+                streams=self.streams,
             )
         return channel
 

@@ -138,16 +138,21 @@ def _secure_options(server_name: str) -> tuple[tuple[str, object], ...]:
     return (("grpc.ssl_target_name_override", server_name),) if server_name else ()
 
 
-def aio_channel(target: str, *, ca_pem: bytes | None = None, server_name: str = "") -> grpc.aio.Channel:
+def aio_channel(
+    target: str, *, ca_pem: bytes | None = None, server_name: str = "", connection: int = 0
+) -> grpc.aio.Channel:
     """An asyncio channel to ``target``: TLS verified against ``ca_pem`` (for ``server_name``) if given.
 
+    Channels to one target share one connection (gRPC pools them by target and options) unless their
+    ``connection`` numbers differ: each number is a connection of its own.
     Create it on the loop that will use it.
     """
+    own = (("gpupool.connection", connection),) if connection else ()
     if ca_pem is None:
-        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        return grpc.aio.insecure_channel(target, options=(*CHANNEL_OPTIONS, *own))
     credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem)
     return grpc.aio.secure_channel(
-        target, credentials, options=(*CHANNEL_OPTIONS, *_secure_options(server_name))
+        target, credentials, options=(*CHANNEL_OPTIONS, *_secure_options(server_name), *own)
     )
 
 

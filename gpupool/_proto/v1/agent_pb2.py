@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from gpupool._proto.v1 import control_pb2 as gpupool_dot_v1_dot_control__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16gpupool/v1/agent.proto\x12\ngpupool.v1\x1a\x18gpupool/v1/control.proto\")\n\tArrayMeta\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\"g\n\x0cUploadHeader\x12\x11\n\tbuffer_id\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\r\x12#\n\x04meta\x18\x03 \x01(\x0b\x32\x15.gpupool.v1.ArrayMeta\x12\x0f\n\x07session\x18\x04 \x01(\t\"T\n\rUploadRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.gpupool.v1.UploadHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"0\n\x0bUploadReply\x12\x11\n\tbuffer_id\x18\x01 \x01(\t\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\"h\n\x0f\x44ownloadRequest\x12\x11\n\tbuffer_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\r\x12\x10\n\x08has_rows\x18\x03 \x01(\x08\x12\r\n\x05start\x18\x04 \x01(\x03\x12\x0c\n\x04stop\x18\x05 \x01(\x03\"O\n\rDownloadChunk\x12%\n\x04meta\x18\x01 \x01(\x0b\x32\x15.gpupool.v1.ArrayMetaH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"G\n\x06Scalar\x12\x0b\n\x01\x66\x18\x01 \x01(\x01H\x00\x12\x0b\n\x01i\x18\x02 \x01(\x03H\x00\x12\x0b\n\x01\x62\x18\x03 \x01(\x08H\x00\x12\r\n\x05\x64type\x18\x04 \x01(\tB\x07\n\x05value\"=\n\x08\x43onstant\x12#\n\x04meta\x18\x01 \x01(\x0b\x32\x15.gpupool.v1.ArrayMeta\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"s\n\x07Operand\x12\x10\n\x06\x62uffer\x18\x01 \x01(\tH\x00\x12$\n\x06scalar\x18\x02 \x01(\x0b\x32\x12.gpupool.v1.ScalarH\x00\x12(\n\x08\x63onstant\x18\x03 \x01(\x0b\x32\x14.gpupool.v1.ConstantH\x00\x42\x06\n\x04kind\"\xbc\x01\n\x02Op\x12\n\n\x02op\x18\x01 \x01(\t\x12#\n\x06inputs\x18\x02 \x03(\x0b\x32\x13.gpupool.v1.Operand\x12\x0e\n\x06output\x18\x03 \x01(\t\x12%\n\x06\x65xpect\x18\x04 \x01(\x0b\x32\x15.gpupool.v1.ArrayMeta\x12\x10\n\x08has_axis\x18\x05 \x01(\x08\x12\x0c\n\x04\x61xis\x18\x06 \x01(\x05\x12\x0e\n\x06params\x18\x07 \x03(\x03\x12\x0c\n\x04\x61xes\x18\x08 \x03(\x05\x12\x10\n\x08keepdims\x18\t \x01(\x08\"k\n\x0e\x45xecuteRequest\x12\x0e\n\x06worker\x18\x01 \x01(\r\x12\x1b\n\x03ops\x18\x02 \x03(\x0b\x32\x0e.gpupool.v1.Op\x12\r\n\x05\x66\x65tch\x18\x03 \x03(\t\x12\x0c\n\x04\x66ree\x18\x04 \x03(\t\x12\x0f\n\x07session\x18\x05 \x01(\t\"O\n\x07\x46\x65tched\x12\x11\n\tbuffer_id\x18\x01 \x01(\t\x12#\n\x04meta\x18\x02 \x01(\x0b\x32\x15.gpupool.v1.ArrayMeta\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"I\n\x0c\x45xecuteReply\x12$\n\x07\x66\x65tched\x18\x01 \x03(\x0b\x32\x13.gpupool.v1.Fetched\x12\x13\n\x0bmemory_used\x18\x02 \x01(\x04\"2\n\x0b\x46reeRequest\x12\x12\n\nbuffer_ids\x18\x01 \x03(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\"/\n\tFreeReply\x12\r\n\x05\x66reed\x18\x01 \x01(\r\x12\x13\n\x0b\x62ytes_freed\x18\x02 \x01(\x04\"\x0f\n\rHealthRequest\"6\n\x0bHealthReply\x12\'\n\x06status\x18\x01 \x01(\x0b\x32\x17.gpupool.v1.AgentStatus\"t\n\nPullSource\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x11\n\tbuffer_id\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\x03\x12\x0c\n\x04stop\x18\x04 \x01(\x03\x12\x12\n\ncapability\x18\x05 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x06 \x01(\t\"\xad\x01\n\x0bPullRequest\x12\x0e\n\x06worker\x18\x01 \x01(\r\x12\x0e\n\x06output\x18\x02 \x01(\t\x12\'\n\x07sources\x18\x03 \x03(\x0b\x32\x16.gpupool.v1.PullSource\x12\x0f\n\x07\x63ombine\x18\x04 \x01(\t\x12\x0c\n\x04\x61xis\x18\x05 \x01(\x05\x12%\n\x06\x65xpect\x18\x06 \x01(\x0b\x32\x15.gpupool.v1.ArrayMeta\x12\x0f\n\x07session\x18\x07 \x01(\t\"D\n\tPullReply\x12\x11\n\tbuffer_id\x18\x01 \x01(\t\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\x12\x14\n\x0c\x62ytes_pulled\x18\x03 \x01(\x04\x32\xfc\x02\n\x05\x41gent\x12>\n\x06Upload\x12\x19.gpupool.v1.UploadRequest\x1a\x17.gpupool.v1.UploadReply(\x01\x12\x44\n\x08\x44ownload\x12\x1b.gpupool.v1.DownloadRequest\x1a\x19.gpupool.v1.DownloadChunk0\x01\x12?\n\x07\x45xecute\x12\x1a.gpupool.v1.ExecuteRequest\x1a\x18.gpupool.v1.ExecuteReply\x12\x36\n\x04\x46ree\x12\x17.gpupool.v1.FreeRequest\x1a\x15.gpupool.v1.FreeReply\x12<\n\x06Health\x12\x19.gpupool.v1.HealthRequest\x1a\x17.gpupool.v1.HealthReply\x12\x36\n\x04Pull\x12\x17.gpupool.v1.PullRequest\x1a\x15.gpupool.v1.PullReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16gpupool/v1/agent.proto\x12\ngpupool.v1\x1a\x18gpupool/v1/control.proto\")\n\tArrayMeta\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\"\x96\x01\n\x0cUploadHeader\x12\x11\n\tbuffer_id\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\r\x12#\n\x04meta\x18\x03 \x01(\x0b\x32\x15.gpupool.v1.ArrayMeta\x12\x0f\n\x07session\x18\x04 \x01(\t\x12\x10\n\x08has_rows\x18\x05 \x01(\x08\x12\r\n\x05start\x18\x06 \x01(\x03\x12\x0c\n\x04stop\x18\x07 \x01(\x03\"T\n\rUploadRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.gpupool.v1.UploadHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"0\n\x0bUploadReply\x12\x11\n\tbuffer_id\x18\x01 \x01(\t\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\"h\n\x0f\x44ownloadRequest\x12\x11\n\tbuffer_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\r\x12\x10\n\x08has_rows\x18\x03 \x01(\x08\x12\r\n\x05start\x18\x04 \x01(\x03\x12\x0c\n\x04stop\x18\x05 \x01(\x03\"O\n\rDownloadChunk\x12%\n\x04meta\x18\x01 \x01(\x0b\x32\x15.gpupool.v1.ArrayMetaH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"G\n\x06Scalar\x12\x0b\n\x01\x66\x18\x01 \x01(\x01H\x00\x12\x0b\n\x01i\x18\x02 \x01(\x03H\x00\x12\x0b\n\x01\x62\x18\x03 \x01(\x08H\x00\x12\r\n\x05\x64type\x18\x04 \x01(\tB\x07\n\x05value\"=\n\x08\x43onstant\x12#\n\x04meta\x18\x01 \x01(\x0b\x32\x15.gpupool.v1.ArrayMeta\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"s\n\x07Operand\x12\x10\n\x06\x62uffer\x18\x01 \x01(\tH\x00\x12$\n\x06scalar\x18\x02 \x01(\x0b\x32\x12.gpupool.v1.ScalarH\x00\x12(\n\x08\x63onstant\x18\x03 \x01(\x0b\x32\x14.gpupool.v1.ConstantH\x00\x42\x06\n\x04kind\"\xbc\x01\n\x02Op\x12\n\n\x02op\x18\x01 \x01(\t\x12#\n\x06inputs\x18\x02 \x03(\x0b\x32\x13.gpupool.v1.Operand\x12\x0e\n\x06output\x18\x03 \x01(\t\x12%\n\x06\x65xpect\x18\x04 \x01(\x0b\x32\x15.gpupool.v1.ArrayMeta\x12\x10\n\x08has_axis\x18\x05 \x01(\x08\x12\x0c\n\x04\x61xis\x18\x06 \x01(\x05\x12\x0e\n\x06params\x18\x07 \x03(\x03\x12\x0c\n\x04\x61xes\x18\x08 \x03(\x05\x12\x10\n\x08keepdims\x18\t \x01(\x08\"k\n\x0e\x45xecuteRequest\x12\x0e\n\x06worker\x18\x01 \x01(\r\x12\x1b\n\x03ops\x18\x02 \x03(\x0b\x32\x0e.gpupool.v1.Op\x12\r\n\x05\x66\x65tch\x18\x03 \x03(\t\x12\x0c\n\x04\x66ree\x18\x04 \x03(\t\x12\x0f\n\x07session\x18\x05 \x01(\t\"O\n\x07\x46\x65tched\x12\x11\n\tbuffer_id\x18\x01 \x01(\t\x12#\n\x04meta\x18\x02 \x01(\x0b\x32\x15.gpupool.v1.ArrayMeta\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"I\n\x0c\x45xecuteReply\x12$\n\x07\x66\x65tched\x18\x01 \x03(\x0b\x32\x13.gpupool.v1.Fetched\x12\x13\n\x0bmemory_used\x18\x02 \x01(\x04\"2\n\x0b\x46reeRequest\x12\x12\n\nbuffer_ids\x18\x01 \x03(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\"/\n\tFreeReply\x12\r\n\x05\x66reed\x18\x01 \x01(\r\x12\x13\n\x0b\x62ytes_freed\x18\x02 \x01(\x04\"\x0f\n\rHealthRequest\"6\n\x0bHealthReply\x12\'\n\x06status\x18\x01 \x01(\x0b\x32\x17.gpupool.v1.AgentStatus\"t\n\nPullSource\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x11\n\tbuffer_id\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\x03\x12\x0c\n\x04stop\x18\x04 \x01(\x03\x12\x12\n\ncapability\x18\x05 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x06 \x01(\t\"\xad\x01\n\x0bPullRequest\x12\x0e\n\x06worker\x18\x01 \x01(\r\x12\x0e\n\x06output\x18\x02 \x01(\t\x12\'\n\x07sources\x18\x03 \x03(\x0b\x32\x16.gpupool.v1.PullSource\x12\x0f\n\x07\x63ombine\x18\x04 \x01(\t\x12\x0c\n\x04\x61xis\x18\x05 \x01(\x05\x12%\n\x06\x65xpect\x18\x06 \x01(\x0b\x32\x15.gpupool.v1.ArrayMeta\x12\x0f\n\x07session\x18\x07 \x01(\t\"D\n\tPullReply\x12\x11\n\tbuffer_id\x18\x01 \x01(\t\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\x12\x14\n\x0c\x62ytes_pulled\x18\x03 \x01(\x04\x32\xfc\x02\n\x05\x41gent\x12>\n\x06Upload\x12\x19.gpupool.v1.UploadRequest\x1a\x17.gpupool.v1.UploadReply(\x01\x12\x44\n\x08\x44ownload\x12\x1b.gpupool.v1.DownloadRequest\x1a\x19.gpupool.v1.DownloadChunk0\x01\x12?\n\x07\x45xecute\x12\x1a.gpupool.v1.ExecuteRequest\x1a\x18.gpupool.v1.ExecuteReply\x12\x36\n\x04\x46ree\x12\x17.gpupool.v1.FreeRequest\x1a\x15.gpupool.v1.FreeReply\x12<\n\x06Health\x12\x19.gpupool.v1.HealthRequest\x1a\x17.gpupool.v1.HealthReply\x12\x36\n\x04Pull\x12\x17.gpupool.v1.PullRequest\x1a\x15.gpupool.v1.PullReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,44 +34,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ARRAYMETA']._serialized_start=64
   _globals['_ARRAYMETA']._serialized_end=105
-  _globals['_UPLOADHEADER']._serialized_start=107
-  _globals['_UPLOADHEADER']._serialized_end=210
-  _globals['_UPLOADREQUEST']._serialized_start=212
-  _globals['_UPLOADREQUEST']._serialized_end=296
-  _globals['_UPLOADREPLY']._serialized_start=298
-  _globals['_UPLOADREPLY']._serialized_end=346
-  _globals['_DOWNLOADREQUEST']._serialized_start=348
-  _globals['_DOWNLOADREQUEST']._serialized_end=452
-  _globals['_DOWNLOADCHUNK']._serialized_start=454
-  _globals['_DOWNLOADCHUNK']._serialized_end=533
-  _globals['_SCALAR']._serialized_start=535
-  _globals['_SCALAR']._serialized_end=606
-  _globals['_CONSTANT']._serialized_start=608
-  _globals['_CONSTANT']._serialized_end=669
-  _globals['_OPERAND']._serialized_start=671
-  _globals['_OPERAND']._serialized_end=786
-  _globals['_OP']._serialized_start=789
-  _globals['_OP']._serialized_end=977
-  _globals['_EXECUTEREQUEST']._serialized_start=979
-  _globals['_EXECUTEREQUEST']._serialized_end=1086
-  _globals['_FETCHED']._serialized_start=1088
-  _globals['_FETCHED']._serialized_end=1167
-  _globals['_EXECUTEREPLY']._serialized_start=1169
-  _globals['_EXECUTEREPLY']._serialized_end=1242
-  _globals['_FREEREQUEST']._serialized_start=1244
-  _globals['_FREEREQUEST']._serialized_end=1294
-  _globals['_FREEREPLY']._serialized_start=1296
-  _globals['_FREEREPLY']._serialized_end=1343
-  _globals['_HEALTHREQUEST']._serialized_start=1345
-  _globals['_HEALTHREQUEST']._serialized_end=1360
-  _globals['_HEALTHREPLY']._serialized_start=1362
-  _globals['_HEALTHREPLY']._serialized_end=1416
-  _globals['_PULLSOURCE']._serialized_start=1418
-  _globals['_PULLSOURCE']._serialized_end=1534
-  _globals['_PULLREQUEST']._serialized_start=1537
-  _globals['_PULLREQUEST']._serialized_end=1710
-  _globals['_PULLREPLY']._serialized_start=1712
-  _globals['_PULLREPLY']._serialized_end=1780
-  _globals['_AGENT']._serialized_start=1783
-  _globals['_AGENT']._serialized_end=2163
+  _globals['_UPLOADHEADER']._serialized_start=108
+  _globals['_UPLOADHEADER']._serialized_end=258
+  _globals['_UPLOADREQUEST']._serialized_start=260
+  _globals['_UPLOADREQUEST']._serialized_end=344
+  _globals['_UPLOADREPLY']._serialized_start=346
+  _globals['_UPLOADREPLY']._serialized_end=394
+  _globals['_DOWNLOADREQUEST']._serialized_start=396
+  _globals['_DOWNLOADREQUEST']._serialized_end=500
+  _globals['_DOWNLOADCHUNK']._serialized_start=502
+  _globals['_DOWNLOADCHUNK']._serialized_end=581
+  _globals['_SCALAR']._serialized_start=583
+  _globals['_SCALAR']._serialized_end=654
+  _globals['_CONSTANT']._serialized_start=656
+  _globals['_CONSTANT']._serialized_end=717
+  _globals['_OPERAND']._serialized_start=719
+  _globals['_OPERAND']._serialized_end=834
+  _globals['_OP']._serialized_start=837
+  _globals['_OP']._serialized_end=1025
+  _globals['_EXECUTEREQUEST']._serialized_start=1027
+  _globals['_EXECUTEREQUEST']._serialized_end=1134
+  _globals['_FETCHED']._serialized_start=1136
+  _globals['_FETCHED']._serialized_end=1215
+  _globals['_EXECUTEREPLY']._serialized_start=1217
+  _globals['_EXECUTEREPLY']._serialized_end=1290
+  _globals['_FREEREQUEST']._serialized_start=1292
+  _globals['_FREEREQUEST']._serialized_end=1342
+  _globals['_FREEREPLY']._serialized_start=1344
+  _globals['_FREEREPLY']._serialized_end=1391
+  _globals['_HEALTHREQUEST']._serialized_start=1393
+  _globals['_HEALTHREQUEST']._serialized_end=1408
+  _globals['_HEALTHREPLY']._serialized_start=1410
+  _globals['_HEALTHREPLY']._serialized_end=1464
+  _globals['_PULLSOURCE']._serialized_start=1466
+  _globals['_PULLSOURCE']._serialized_end=1582
+  _globals['_PULLREQUEST']._serialized_start=1585
+  _globals['_PULLREQUEST']._serialized_end=1758
+  _globals['_PULLREPLY']._serialized_start=1760
+  _globals['_PULLREPLY']._serialized_end=1828
+  _globals['_AGENT']._serialized_start=1831
+  _globals['_AGENT']._serialized_end=2211
 # @@protoc_insertion_point(module_scope)

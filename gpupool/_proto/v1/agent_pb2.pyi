@@ -16,16 +16,22 @@ class ArrayMeta(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class UploadHeader(_message.Message):
-    __slots__ = ("buffer_id", "worker", "meta", "session")
+    __slots__ = ("buffer_id", "worker", "meta", "session", "has_rows", "start", "stop")
     BUFFER_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
+    HAS_ROWS_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
     buffer_id: str
     worker: int
     meta: ArrayMeta
     session: str
-    def __init__(self, buffer_id: _Optional[str] = ..., worker: _Optional[int] = ..., meta: _Optional[_Union[ArrayMeta, _Mapping]] = ..., session: _Optional[str] = ...) -> None: ...
+    has_rows: bool
+    start: int
+    stop: int
+    def __init__(self, buffer_id: _Optional[str] = ..., worker: _Optional[int] = ..., meta: _Optional[_Union[ArrayMeta, _Mapping]] = ..., session: _Optional[str] = ..., has_rows: _Optional[bool] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ...) -> None: ...
 
 class UploadRequest(_message.Message):
     __slots__ = ("header", "chunk")
