@@ -56,6 +56,24 @@ CASES: list[tuple[str, list[Any], str, list[int], list[int], bool]] = [
     ("swapaxes", [A], "float64", [0, 1], [], False),
     ("tmatmul", [A, A[:, :2]], "float64", [], [], False),
     ("full", [2.5], "float64", [], [], False),
+    # The Array API's elementwise functions, and its newer dtypes (complex, float16, unsigned).
+    ("bitwise_and", [INTS, INTS[::-1]], "int64", [], [], False),
+    ("left_shift", [np.abs(INTS), 2], "int64", [], [], False),
+    ("right_shift", [np.abs(INTS), 1], "int64", [], [], False),
+    ("invert", [INTS.astype(np.uint8)], "uint8", [], [], False),
+    ("copysign", [A, -1.0], "float64", [], [], False),
+    ("nextafter", [A, 0.0], "float64", [], [], False),
+    ("logaddexp", [A, A[::-1]], "float64", [], [], False),
+    ("float_power", [np.abs(A), 1.5], "float64", [], [], False),
+    ("signbit", [A], "bool", [], [], False),
+    ("reciprocal", [A], "float64", [], [], False),
+    ("conjugate", [A + 1j * A[::-1]], "complex128", [], [], False),
+    ("multiply", [(A + 1j).astype(np.complex64), (A - 2j).astype(np.complex64)], "complex64", [], [], False),
+    ("add", [A.astype(np.float16), A[::-1].astype(np.float16)], "float16", [], [], False),
+    ("arcsinh", [A], "float64", [], [], False),
+    ("arccosh", [np.abs(A) + 1], "float64", [], [], False),
+    ("arctanh", [np.clip(A, -0.9, 0.9)], "float64", [], [], False),
+    ("cbrt", [A], "float64", [], [], False),
     ("arange", [1.5, 0.25], "float64", [7], [], False),
 ]
 SHAPES = {"full": (4, 3), "arange": (9,)}
@@ -86,7 +104,8 @@ def test_cupy_gives_what_numpy_gives(
     device_operands = [on_device(backend, operand) for operand in operands]
     host = backend.to_host(apply_op(backend.xp, name, device_operands, expect(dtype, shape), args=args))
     assert host.dtype == want.dtype
-    np.testing.assert_allclose(host, want, rtol=1e-9, atol=1e-12, equal_nan=True)
+    rtol = {"float16": 1e-3, "float32": 1e-6, "complex64": 1e-6}.get(dtype, 1e-9)  # FMA and rounding
+    np.testing.assert_allclose(host, want, rtol=rtol, atol=1e-12, equal_nan=True)
 
 
 def test_cupy_partition_and_random(backend: Any) -> None:
