@@ -78,3 +78,31 @@ def test_a_result_too_large_for_the_limit_is_refused_on_cupy(gpu_pool: gp.Pool) 
         gpu_pool.asarray(np.zeros((3 * limit // 4096, 1024), np.float32))
     x = gpu_pool.asarray(np.ones((100, 4), np.float32))
     np.testing.assert_array_equal((x + 1).get(), np.full((100, 4), 2, np.float32))
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    ["bool", "int8", "int16", "uint8", "uint16", "uint32", "uint64", "float16", "complex64", "complex128"],
+)
+def test_the_array_api_dtypes_on_cupy_match_numpy(gpu_pool: gp.Pool, dtype: str) -> None:
+    a = (np.arange(4098 * 3).reshape(4098, 3) % 7).astype(dtype)
+    x = gpu_pool.asarray(a)
+    np.testing.assert_array_equal(x.get(), a)
+    np.testing.assert_array_equal(gp.equal(x, x).get(), a == a)
+    if dtype != "bool":
+        np.testing.assert_allclose(np.asarray(gp.sum(x, axis=1)), a.sum(axis=1), rtol=1e-3)
+        np.testing.assert_allclose((x * 2).get(), a * 2, rtol=1e-3)
+    if dtype.startswith(("int", "uint")):
+        np.testing.assert_array_equal((x & 3).get(), a & 3)
+        np.testing.assert_array_equal((x << 1).get(), a << 1)
+
+
+def test_the_namespace_and_compositions_on_cupy(gpu_pool: gp.Pool) -> None:
+    a = np.random.default_rng(4).random((3001, 5)).astype(np.float32)
+    with gpu_pool:
+        x = gp.asarray(a)
+        np.testing.assert_allclose(np.asarray(gp.linalg.vector_norm(x)), np.linalg.norm(a), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(np.median(x, axis=1)), np.median(a, axis=1), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(np.cov(x, rowvar=False)), np.cov(a, rowvar=False), rtol=1e-4)
+        np.testing.assert_allclose(((x - x.mean(0)) / x.std(0)).get(), (a - a.mean(0)) / a.std(0), rtol=1e-4)
+        np.testing.assert_array_equal(x[np.array([7, 3000, 0, 7])].get(), a[[7, 3000, 0, 7]])
