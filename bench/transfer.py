@@ -1,11 +1,17 @@
-"""The transfer section: shard bytes in and out of a pool, against bare gRPC and raw TCP.
+"""The transfer section: shard bytes in and out of a pool, against Dask, bare gRPC and raw TCP.
 
 gpupool: ``pool.asarray(host)`` and ``x.get()`` of one float32 array (256 MiB; 16 MiB with ``--quick``),
 its rows split over two local NumPy agents (a :class:`~gpupool.local.LocalPool` with its own broker), so
-the client streams to both at once. Baselines, from ``bench.baselines``: a bare ``grpc.aio`` stream of the
-same bytes in the same 1 MiB chunks (identity serializers, no protobuf), its server and its client each a
-process of their own; and a raw TCP socket, its server a process, its client this one. The baseline
-servers get the malloc thresholds gpupool's agents set for themselves (see :func:`_start_baseline`).
+the client streams to both at once: an open pool (``--insecure`` agents, plaintext), a secure one (TLS and
+capabilities, as ``gpupool up`` runs), and the open pool again from a session that moves each shard over
+:data:`SPLIT` streams (``GPUPOOL_STREAMS``: row ranges, two connections per agent). Dask: ``client.scatter``
+of the same two row halves to a LocalCluster of 2 workers x 1 thread (processes), and ``client.gather`` of
+them (two arrays; the concatenation a caller wanting one array would add is not timed). Baselines, from
+``bench.baselines``: a bare ``grpc.aio`` stream of the same bytes in the same 1 MiB chunks (identity
+serializers, no protobuf), its server and its client each a process of their own; and a raw TCP socket,
+its server a process, its client this one. The baseline servers get the malloc thresholds gpupool's
+agents set for themselves (see :func:`_start_baseline`). Without Dask installed (the ``bench`` extra) its
+rows are left out.
 
 Every figure is the median of ``ctx.repeats`` timed runs after one untimed warm-up run: the first touch of
 memory the VM has not handed to a process before is many times slower than any later one here (0.5 GB/s
@@ -18,6 +24,7 @@ the ones sent.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import socket
@@ -27,53 +34,73 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 import gpupool as gp
 from bench.common import Context, Result
+from gpupool._config import Streams
 from gpupool._process import Child, spawn
 from gpupool.agent._malloc import MMAP_THRESHOLD, TRIM_THRESHOLD
+from gpupool.local import LocalPool
 
 __all__ = ["run"]
 
 SECTION = "transfer"
 _ROOT = Path(__file__).resolve().parent.parent
+#: ``GPUPOOL_STREAMS`` of the split contender: streams per shard, connections per agent.
+SPLIT = "4,2"
 
 
 def run(ctx: Context) -> list[Result]:
     """Upload and download through gpupool, bare gRPC and raw TCP; GB/s and the ratios."""
     mib = 16 if ctx.quick else 256
     host = _sample(mib << 20)
-    # Open agents, like for like with the plaintext baselines; the tls section measures TLS's cost.
-    with _Gpupool(host, secure=False) as ours, _BareGrpc(host) as bare, _RawTcp(host) as tcp:
-        contenders = (ours, bare, tcp)
+    dask = _Dask.available()
+    with contextlib.ExitStack() as stack:
+        ours = stack.enter_context(_Gpupool(host, secure=False))
+        secure = stack.enter_context(_Gpupool(host, secure=True, name="gpupool TLS"))
+        split = stack.enter_context(ours.another_session(f"gpupool {SPLIT} streams", SPLIT))
+        contenders: list[Any] = [ours, secure, split]
+        if dask:
+            contenders.append(stack.enter_context(_Dask(host, [p.stop for p in ours.layout][:-1])))
+        contenders += [stack.enter_context(_BareGrpc(host)), stack.enter_context(_RawTcp(host))]
         samples: dict[tuple[str, str], list[float]] = {}
-        # Rounds interleave the contenders, so a spell of load from elsewhere on the machine lands on all.
+        # Rounds interleave the contenders, so a spell of load from elsewhere on the machine lands on all;
+        # which goes first alternates.
         for round_ in range(ctx.repeats + 1):
             for direction in ("upload", "download"):
-                for contender in contenders:
+                for contender in contenders if round_ % 2 else contenders[::-1]:
                     elapsed = contender.upload() if direction == "upload" else contender.download()
                     if round_:  # round 0 is the warm-up
                         samples.setdefault((contender.name, direction), []).append(elapsed)
-        ours.check()
+        for checked in (ours, secure, split):
+            checked.check()
     note = f"median of {ctx.repeats} after a warm-up run"
+    dask_names = {"upload": "Dask scatter", "download": "Dask gather"}
+    comparisons = [
+        ("gpupool", "bare gRPC", 0.8),
+        ("gpupool", "raw TCP", None),
+        *([("gpupool", "Dask", 1.0), ("gpupool TLS", "Dask", 1.0)] if dask else []),
+        (split.name, "gpupool", None),
+    ]
     results = []
     for direction in ("upload", "download"):
-        name = f"{direction} {mib} MiB float32, 2 agents"
-        value = _gbps(host.nbytes, samples["gpupool", direction])
-        for baseline, target in (("bare gRPC", 0.8), ("raw TCP", None)):
+        for contender, baseline, target in comparisons:
+            tls = ", TLS" if contender == "gpupool TLS" else ""
+            streams = f", {SPLIT} streams" if contender == split.name else ""
             results.append(
                 Result(
                     SECTION,
-                    name,
-                    value,
+                    f"{direction} {mib} MiB float32, 2 agents{tls}{streams}",
+                    _gbps(host.nbytes, samples[contender, direction]),
                     "GB/s",
-                    baseline_name=baseline,
+                    baseline_name=dask_names[direction] if baseline == "Dask" else baseline,
                     baseline=_gbps(host.nbytes, samples[baseline, direction]),
                     target=target,
                     note=note,
-                    samples=[host.nbytes / s / 1e9 for s in samples["gpupool", direction]],
+                    samples=[host.nbytes / s / 1e9 for s in samples[contender, direction]],
                 )
             )
     return results
@@ -98,28 +125,55 @@ class _Gpupool:
     or open ``--insecure`` ones (the tls section compares the two).
     """
 
-    name = "gpupool"
-
-    def __init__(self, host: np.ndarray, *, secure: bool = True) -> None:
+    def __init__(
+        self,
+        host: np.ndarray,
+        *,
+        secure: bool = True,
+        name: str = "gpupool",
+        streams: str = "",
+        local: LocalPool | None = None,
+    ) -> None:
+        self.name = name
         self._host = host
         self._secure = secure
+        self._streams = streams
+        self._local = local
         self._stack = contextlib.ExitStack()
         self._checked_upload = False
         self._last: np.ndarray | None = None
 
     def __enter__(self) -> _Gpupool:
-        from gpupool.local import LocalPool
-
         with self._stack as stack:
-            local = stack.enter_context(
-                LocalPool(agents=2, port=0, backend="numpy", stderr=subprocess.DEVNULL, secure=self._secure)
-            )
-            self._pool = stack.enter_context(local.connect())
+            if self._local is None:
+                self._local = stack.enter_context(
+                    LocalPool(
+                        agents=2, port=0, backend="numpy", stderr=subprocess.DEVNULL, secure=self._secure
+                    )
+                )
+            saved = os.environ.pop(Streams.ENVIRONMENT, None)
+            if self._streams:
+                os.environ[Streams.ENVIRONMENT] = self._streams  # read once, by the session
+            try:
+                self._pool = stack.enter_context(self._local.connect())
+            finally:
+                os.environ.pop(Streams.ENVIRONMENT, None)
+                if saved is not None:
+                    os.environ[Streams.ENVIRONMENT] = saved
             self._resident = self._pool.asarray(self._host)  # what downloads fetch
             if len(self._resident.shards) != 2:
                 raise RuntimeError(f"gpupool: expected 2 shards, got {self._resident.shards}")
             self._stack = stack.pop_all()
         return self
+
+    @property
+    def layout(self) -> list[Any]:
+        """The resident array's pieces, in row order."""
+        return list(self._resident.pieces)
+
+    def another_session(self, name: str, streams: str) -> _Gpupool:
+        """A contender on the same pool, from a session of its own with ``GPUPOOL_STREAMS=streams``."""
+        return _Gpupool(self._host, secure=self._secure, name=name, streams=streams, local=self._local)
 
     def __exit__(self, *exc_info: object) -> None:
         self._stack.close()
@@ -151,6 +205,53 @@ class _Gpupool:
         if self._last is None or not np.array_equal(self._last, self._host):
             raise RuntimeError("gpupool: the downloaded bytes differ from the uploaded ones")
         self._last = None
+
+
+class _Dask:
+    """``client.scatter`` and ``client.gather`` of the array's row blocks on a LocalCluster of 2 x 1."""
+
+    name = "Dask"
+
+    def __init__(self, host: np.ndarray, cuts: list[int]) -> None:
+        self._parts = np.split(host, cuts)
+
+    @staticmethod
+    def available() -> bool:
+        """Whether Dask's distributed is installed (the ``bench`` extra)."""
+        return importlib.util.find_spec("distributed") is not None
+
+    def __enter__(self) -> _Dask:
+        from bench.workloads import _dask_cluster
+
+        self._cluster, self._client = _dask_cluster()
+        try:
+            self._resident = self._client.scatter(self._parts, hash=False)  # what gathers fetch
+            holders = self._client.who_has(self._resident)
+            if len({w for workers in holders.values() for w in workers}) != 2:
+                raise RuntimeError(f"Dask: expected the blocks on 2 workers, got {holders}")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._client.close()
+        self._cluster.close()
+
+    def upload(self) -> float:
+        start = time.perf_counter()
+        futures = self._client.scatter(self._parts, hash=False)
+        elapsed = time.perf_counter() - start
+        self._client.cancel(futures)
+        return elapsed
+
+    def download(self) -> float:
+        start = time.perf_counter()
+        blocks = self._client.gather(self._resident)
+        elapsed = time.perf_counter() - start
+        if sum(block.nbytes for block in blocks) != sum(part.nbytes for part in self._parts):
+            raise RuntimeError("Dask: gathered another size")
+        return elapsed
 
 
 def _baseline_env() -> dict[str, str]:

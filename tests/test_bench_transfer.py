@@ -15,21 +15,35 @@ from bench import transfer
 from bench.common import Context
 
 
-def test_the_transfer_section_measures_all_three_both_ways() -> None:
+def test_the_transfer_section_measures_every_contender_both_ways() -> None:
     rows = transfer.run(Context(repeats=2, quick=True))
-    assert [(row.name.split()[0], row.baseline_name) for row in rows] == [
-        ("upload", "bare gRPC"),
-        ("upload", "raw TCP"),
-        ("download", "bare gRPC"),
-        ("download", "raw TCP"),
+    dask = transfer._Dask.available()
+    per_direction = [
+        ("", "bare gRPC", 0.8),
+        ("", "raw TCP", None),
+        *([("", "Dask", 1.0), (", TLS", "Dask", 1.0)] if dask else []),
+        (f", {transfer.SPLIT} streams", "gpupool", None),
     ]
+    expected = [
+        (direction, suffix, baseline.replace("Dask", "Dask " + verb), target)
+        for direction, verb in (("upload", "scatter"), ("download", "gather"))
+        for suffix, baseline, target in per_direction
+    ]
+    assert [
+        (
+            row.name.split()[0],
+            row.name.removeprefix(row.name.split(" agents")[0] + " agents"),
+            row.baseline_name,
+            row.target,
+        )
+        for row in rows
+    ] == expected
     for row in rows:
         assert row.unit == "GB/s"
         assert row.baseline is not None
         assert row.ratio is not None
         assert all(math.isfinite(x) and x > 0 for x in (row.value, row.baseline, row.ratio)), row
         assert len(row.samples) == 2
-    assert [row.target for row in rows] == [0.8, None, 0.8, None]
 
 
 def test_a_download_that_differs_is_caught() -> None:
