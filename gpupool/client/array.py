@@ -20,7 +20,16 @@ import numpy as np
 from gpupool._errors import ArrayFreed
 from gpupool.client import dispatch
 from gpupool.client.dispatch import DeferredOperand
-from gpupool.client.graph import MAX_DEPTH, ArraySpec, GraphArray, Node, Round, materialize, plan_materialize
+from gpupool.client.graph import (
+    MAX_DEPTH,
+    ArraySpec,
+    GraphArray,
+    Node,
+    Round,
+    materialize,
+    pending_arrays,
+    plan_materialize,
+)
 from gpupool.client.layout import Piece, Place
 from gpupool.client.methods import ArrayMethods
 from gpupool.client.operands import native_contiguous
@@ -386,20 +395,11 @@ def _resolve_deferred(roots: Sequence[GraphArray]) -> None:
     """Compute together, in one round, the pending values that the pending graphs of ``roots`` read as
     operands (:class:`~gpupool.client.dispatch.DeferredOperand`), before their programs are built."""
     found: dict[int, PendingValue] = {}
-    seen: set[int] = set()
-    stack = list(roots)
-    while stack:
-        array = stack.pop()
-        node = array.node
-        if node is None or id(array) in seen:
-            continue
-        seen.add(id(array))
-        for arg in (*node.args, *node.holds):
-            if isinstance(arg, DeferredOperand):
-                if arg.value.pending:
-                    found[id(arg.value)] = arg.value
-            elif isinstance(arg, GraphArray):
-                stack.append(arg)
+    for array in pending_arrays(roots):
+        assert array.node is not None
+        for arg in array.node.args:
+            if isinstance(arg, DeferredOperand) and arg.value.pending:
+                found[id(arg.value)] = arg.value
     if found:
         compute(*found.values())
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias, TypeVar
 
@@ -41,6 +41,7 @@ __all__ = [
     "Round",
     "make_op",
     "materialize",
+    "pending_arrays",
     "plan_materialize",
     "run_programs",
 ]
@@ -120,6 +121,21 @@ class Node:
     #: Arrays the op reads through per-shard operands (a remote ``w`` replicated for a matmul): kept alive
     #: with the node, and what an in-place update of one of them must redirect to its old value.
     holds: tuple[GraphArray, ...] = ()
+
+
+def pending_arrays(roots: Iterable[GraphArray]) -> Iterator[GraphArray]:
+    """Every pending array the graphs of ``roots`` compute (``roots`` among them), each once: what a round
+    that computes ``roots`` emits (a shared node is emitted once per program)."""
+    seen: set[int] = set()
+    stack = list(roots)
+    while stack:
+        array = stack.pop()
+        node = array.node
+        if node is None or id(array) in seen:
+            continue
+        seen.add(id(array))
+        yield array
+        stack.extend(arg for arg in (*node.args, *node.holds) if isinstance(arg, GraphArray))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from types import ModuleType
 from typing import Any, Final
 
 import numpy as np
@@ -17,7 +16,7 @@ import numpy as np
 from gpupool._errors import UsageError
 from gpupool.client import dispatch, indexing, numpy_api
 from gpupool.client.coverage import run_on_host
-from gpupool.client.device import DEVICE, check_api_version, check_device, namespace
+from gpupool.client.device import ArrayApiObject
 from gpupool.client.dispatch import Unsupported
 from gpupool.client.graph import ArraySpec, GraphArray
 from gpupool.client.transposed import Transposed
@@ -38,7 +37,7 @@ def _is_bool(value: object) -> bool:
     return isinstance(value, bool | np.bool_) or getattr(value, "dtype", None) == np.dtype(bool)
 
 
-class ArrayMethods(GraphArray):
+class ArrayMethods(GraphArray, ArrayApiObject):
     """NumPy's operators, protocols and methods over the two hooks ``_make`` and ``_assign``."""
 
     __slots__ = ()
@@ -86,21 +85,6 @@ class ArrayMethods(GraphArray):
         return numpy_api.dispatch_function(func, tuple(args), kwargs)
 
     # -- the Array API's array object --------------------------------------------------------------
-    def __array_namespace__(self, /, *, api_version: str | None = None) -> ModuleType:
-        """The ``gpupool`` package, an Array API namespace (standard 2024.12)."""
-        check_api_version(api_version)
-        return namespace()
-
-    @property
-    def device(self) -> str:
-        """Where the array lives: the pool (:data:`DEVICE`)."""
-        return DEVICE
-
-    def to_device(self, device: object, /, *, stream: object = None) -> Any:
-        """The array itself on the pool's device; other devices are refused (``get()`` brings it here)."""
-        check_device(device)
-        return self
-
     @property
     def mT(self) -> Any:
         """The last two axes swapped (a stack of matrices transposed)."""
@@ -108,19 +92,8 @@ class ArrayMethods(GraphArray):
             raise ValueError(f"mT needs at least 2 dimensions, not {self.ndim}")
         return self._call(np.swapaxes, axis1=-1, axis2=-2)
 
-    def __dlpack__(
-        self,
-        *,
-        stream: Any = None,
-        max_version: tuple[int, int] | None = None,
-        dl_device: tuple[int, int] | None = None,
-        copy: bool | None = None,
-    ) -> Any:
-        """DLPack of the host copy (the data comes back from the agents: use it for interchange only)."""
-        return self.get().__dlpack__(stream=stream, max_version=max_version, dl_device=dl_device, copy=copy)
-
-    def __dlpack_device__(self) -> tuple[int, int]:
-        return (1, 0)  # kDLCPU: the exported copy is in host memory
+    def _host_copy(self) -> np.ndarray:
+        return self.get()
 
     def copy(self) -> Any:
         """A new array with the same values (copied where the shards live)."""

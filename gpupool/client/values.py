@@ -14,13 +14,12 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 from gpupool._proto.v1 import agent_pb2
-from gpupool.client.device import DEVICE, check_api_version, check_device, namespace
+from gpupool.client.device import ArrayApiObject
 from gpupool.client.graph import GraphArray, ProgramBuilder, Round, make_op
 from gpupool.client.operands import buffer_operand
 
@@ -97,7 +96,7 @@ def run_requests(requests: Sequence[Request], *, what: str) -> list[list[np.ndar
 _UNSET: Any = object()
 
 
-class PendingValue:
+class PendingValue(ArrayApiObject):
     """A value the pool computes and the client combines: a NumPy array (0-d for a full reduction) not yet
     computed. ``shape``, ``dtype`` and ``ndim`` are known; :meth:`compute` (or ``float()``, ``int()``,
     ``bool()``, ``.item()``, ``np.asarray``) brings the value, which is then kept.
@@ -219,21 +218,9 @@ class PendingValue:
         host[key] = np.asarray(value.compute()) if isinstance(value, PendingValue) else value
         self._value = host if host.ndim else host[()]
 
-    # -- the Array API's array object ---------------------------------------------------------------
-    def __array_namespace__(self, /, *, api_version: str | None = None) -> ModuleType:
-        """The ``gpupool`` package, as for remote arrays."""
-        check_api_version(api_version)
-        return namespace()
-
-    @property
-    def device(self) -> str:
-        """The pool's device: a value is the pool's result, kept by the client."""
-        return DEVICE
-
-    def to_device(self, device: object, /, *, stream: object = None) -> PendingValue:
-        """The value itself (on the pool's device); other devices are refused."""
-        check_device(device)
-        return self
+    # -- the Array API's array object (namespace, device and DLPack from ArrayApiObject) -------------
+    def _host_copy(self) -> np.ndarray:
+        return np.asarray(self.compute())
 
     @property
     def T(self) -> PendingValue:
@@ -246,20 +233,6 @@ class PendingValue:
         if self.ndim < 2:
             raise ValueError(f"mT needs at least 2 dimensions, not {self.ndim}")
         return PendingValue.known(np.swapaxes(np.asarray(self.compute()), -1, -2))
-
-    def __dlpack__(
-        self,
-        *,
-        stream: Any = None,
-        max_version: tuple[int, int] | None = None,
-        dl_device: tuple[int, int] | None = None,
-        copy: bool | None = None,
-    ) -> Any:
-        host = np.asarray(self.compute())
-        return host.__dlpack__(stream=stream, max_version=max_version, dl_device=dl_device, copy=copy)
-
-    def __dlpack_device__(self) -> tuple[int, int]:
-        return (1, 0)  # kDLCPU
 
     def __iter__(self) -> Any:
         return iter(np.asarray(self.compute()))

@@ -21,7 +21,7 @@ from typing import Final, TypeVar
 
 from gpupool._errors import DeviceOutOfMemory
 from gpupool._proto.v1 import coordinator_pb2
-from gpupool.client.graph import GraphArray
+from gpupool.client.graph import GraphArray, pending_arrays
 from gpupool.client.layout import Place
 from gpupool.client.session import Session
 from gpupool.client.values import Request
@@ -68,17 +68,9 @@ def _shard_bytes(array: GraphArray) -> Iterable[tuple[Place, int]]:
 def _pending_bytes(arrays: Iterable[GraphArray], peak: dict[Place, int]) -> None:
     """Add to ``peak`` the bytes of every pending array the graphs of ``arrays`` compute, each once (a
     program emits a shared node once)."""
-    seen: set[int] = set()
-    stack = list(arrays)
-    while stack:
-        array = stack.pop()
-        node = array.node
-        if node is None or id(array) in seen:
-            continue
-        seen.add(id(array))
+    for array in pending_arrays(arrays):
         for place, nbytes in _shard_bytes(array):
             peak[place] += nbytes
-        stack.extend(arg for arg in node.args if isinstance(arg, GraphArray))
 
 
 def array_chain(array: GraphArray, *, keep: bool = True) -> Chain:
