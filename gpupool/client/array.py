@@ -321,10 +321,13 @@ def upload(session: Session, host: np.ndarray) -> RemoteArray:
 
 def persist(*arrays: RemoteArray) -> tuple[RemoteArray, ...]:
     """Compute pending arrays together: one round of programs per pool, one program per shard, so many
-    small independent ops cost one round trip; returns the arrays.
+    small independent ops cost one round trip; returns the arrays. A batch that would not fit in the
+    agents' memory at once runs in several rounds, waves that fit (:mod:`gpupool.client.waves`).
 
     Raises:
-        RemoteError: an agent refused a program; none of the arrays is changed.
+        DeviceOutOfMemory: one array's chain does not fit even on its own.
+        RemoteError: an agent refused a program; the arrays of that wave are not changed (those of earlier
+            waves stay computed).
     """
     by_session: dict[int, list[RemoteArray]] = {}
     for array in arrays:
@@ -341,10 +344,12 @@ def compute(*values: Any) -> tuple[Any, ...]:
     """The values of many pending arrays and reductions, computed together (as ``dask.compute``): one
     round of programs per pool, one program per shard carrying every array and every partial asked of it;
     returns NumPy values (remote arrays are brought back whole), in order. Other arguments come back as
-    they are.
+    they are. A batch that would not fit in the agents' memory at once runs in waves, as :func:`persist`.
 
     Raises:
-        RemoteError: an agent refused a program; no array is changed and no value kept.
+        DeviceOutOfMemory: one value's chain does not fit even on its own.
+        RemoteError: an agent refused a program; the arrays and values of that wave are not changed (those
+            of earlier waves stay computed).
     """
     by_session: dict[int, tuple[Session, list[RemoteArray], list[PendingValue]]] = {}
     for value in values:
