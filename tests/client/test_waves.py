@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import gpupool as gp
 from gpupool._proto.v1 import control_pb2, coordinator_pb2
@@ -201,3 +203,32 @@ def test_a_chain_too_large_alone_still_runs_out_of_memory(small_pool: gp.Pool) -
         gp.compute(small, large)
     assert float(small) == 4 * ROWS  # the wave before the failing one stays done
     x.free()
+
+
+@pytest.fixture(scope="module")
+def half_mib_rows(small_pool: gp.Pool) -> tuple[np.ndarray, gp.RemoteArray]:
+    """Half a MiB of float64 on each agent, uploaded once: the coordinator counts what it placed against an
+    agent until the agent next reports, so uploading per example would exhaust it, frees or not."""
+    host = np.linspace(-1, 1, ROWS // 2)
+    return host, small_pool.asarray(host, rows=[ROWS // 4, ROWS // 4])
+
+
+@settings(max_examples=10, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(depths=st.lists(st.integers(1, 3), min_size=2, max_size=14), arrays=st.integers(0, 2))
+def test_batches_that_fit_one_at_a_time_fit_in_waves(
+    half_mib_rows: tuple[np.ndarray, gp.RemoteArray], depths: list[int], arrays: int
+) -> None:
+    # Each chain fits beside x and the arrays kept: two ops a step, 3 MiB at most, with x and two kept
+    # arrays 4.5 MiB of each agent's 8 MiB; together the chains reserve up to 42 MiB.
+    host, x = half_mib_rows
+
+    def chain(value: Any, depth: int, i: int) -> Any:
+        for step in range(depth):
+            value = value * 0.5 + (i + step)
+        return value
+
+    asked = [chain(x, d, i) if i < arrays else chain(x, d, i).sum() for i, d in enumerate(depths)]
+    got = gp.compute(*asked)
+    for i, (value, depth) in enumerate(zip(got, depths, strict=True)):
+        want = chain(host, depth, i)
+        np.testing.assert_allclose(value, want if i < arrays else want.sum(), rtol=1e-9, atol=1e-6)
