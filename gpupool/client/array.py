@@ -180,7 +180,7 @@ class RemoteArray(ArrayMethods):
                 )
             )
 
-        with session.track(f"download {self.nbytes / 2**20:,.0f} MiB"):
+        with session.track("download", total=self.nbytes, unit="bytes"):
             session.run(fetch(), timeout=session.timeouts.for_stream(self.nbytes), what="download")
         return out
 

@@ -65,8 +65,11 @@ class AgentChannel:
         ca_pem: bytes | None = None,
         metadata: Callable[[], Metadata] | None = None,
         streams: Streams = Streams(),
+        on_bytes: Callable[[int], None] | None = None,
     ) -> None:
         self.agent_id = agent_id
+        #: Told the size of every chunk uploaded or downloaded (the session's progress bars count them).
+        self._on_bytes = on_bytes or (lambda n: None)
         self.endpoint = endpoint
         self._timeouts = timeouts
         self._metadata = metadata or (lambda: ())
@@ -177,6 +180,7 @@ class AgentChannel:
             yield agent_pb2.UploadRequest(header=header)
             for chunk in iter_chunks(host):
                 yield agent_pb2.UploadRequest(chunk=bytes(chunk))
+                self._on_bytes(len(chunk))
 
         try:
             await self._stub.Upload(requests(), timeout=timeout, metadata=self._metadata())
@@ -247,6 +251,7 @@ class AgentChannel:
                 await call  # no go-ahead: the call's status is the refusal
             for chunk in iter_chunks(host):
                 await call.write(bytes(chunk))
+                self._on_bytes(len(chunk))
             await call.done_writing()
         except asyncio.InvalidStateError:  # the agent ended the call midway: its status says why
             pass
@@ -301,6 +306,7 @@ class AgentChannel:
                     raise StreamClosed(self.endpoint, f"buffer {buffer_id} sent more than {expected} bytes")
                 target[offset:end] = chunk
                 offset = end
+                self._on_bytes(len(chunk))
         if offset != expected:
             raise StreamClosed(self.endpoint, f"buffer {buffer_id}: got {offset} of {expected} bytes")
 

@@ -80,6 +80,11 @@ class Tracker:
         self._closed = False
 
     @property
+    def closed(self) -> bool:
+        """Whether its call has returned."""
+        return self._closed
+
+    @property
     def shown(self) -> bool:
         """Whether the bar has appeared."""
         return self._progress is not None

@@ -81,6 +81,7 @@ class Session:
         self.progress = progress_default() if progress is None else progress
         #: Seconds a call runs before its bar appears.
         self.progress_delay = DELAY
+        self._byte_trackers: list[Tracker] = []
         self._rpc = CoordinatorClient(credentials, timeout=timeouts.rpc)
         self._loop = LoopThread(f"gpupool[{self.address}].loop")
         self._channels: dict[str, AgentChannel] = {}
@@ -144,8 +145,17 @@ class Session:
         return self._loop.run(wrapped(), timeout=timeout, what=what)
 
     def track(self, what: str, *, total: int | None = None, unit: Unit = "steps") -> Tracker:
-        """A progress tracker for one blocking call of this session (a bar only if :attr:`progress`)."""
-        return Tracker(what, total=total, unit=unit, enabled=self.progress, delay=self.progress_delay)
+        """A progress tracker for one blocking call of this session (a bar only if :attr:`progress`); one
+        counting bytes is told of every chunk the session's channels move while it is open."""
+        tracker = Tracker(what, total=total, unit=unit, enabled=self.progress, delay=self.progress_delay)
+        if unit == "bytes" and self.progress:
+            self._byte_trackers = [t for t in self._byte_trackers if not t.closed] + [tracker]
+        return tracker
+
+    def _count_bytes(self, amount: int) -> None:
+        for tracker in self._byte_trackers:
+            if not tracker.closed:
+                tracker.advance(amount)
 
     @property
     def agents_in_use(self) -> list[str]:
@@ -163,6 +173,7 @@ class Session:
                 ca_pem=self._agent_ca if self._keeper.holds(agent_id) else None,
                 metadata=lambda: self.capability_metadata(agent_id),
                 streams=self.streams,
+                on_bytes=self._count_bytes,
             )
         return channel
 
@@ -327,7 +338,7 @@ class Session:
             NoCapacity, PlacementError: the pool cannot take it.
             DeviceOutOfMemory, RemoteError: an agent refused its shard (nothing is left behind).
         """
-        with self.track(f"upload {host.nbytes / 2**20:,.0f} MiB"):
+        with self.track("upload", total=host.nbytes, unit="bytes"):
             return self.run(
                 self._upload(host, rows), timeout=self.timeouts.for_stream(host.nbytes) * 2, what="upload"
             )

@@ -68,9 +68,12 @@ def test_pool_calls_report_progress_when_asked(local_pool: LocalPool) -> None:
         total = float((x * 2).sum())
         np.testing.assert_array_equal(x.get(), np.ones((4000, 8)))
     assert total == 64000
-    whats = [t.what.split()[0] for t in made]
+    whats = [t.what for t in made]
     assert whats[:1] == ["upload"]
     assert "download" in whats
+    transfers = [t for t in made if t.unit == "bytes"]
+    assert [t.total for t in transfers] == [4000 * 8 * 8] * 2
+    assert all(t.done == t.total for t in transfers)  # every chunk counted, as it moved
     programs = [t for t in made if t.unit == "programs"]
     assert programs
     assert all(t.done == t.total for t in programs)
