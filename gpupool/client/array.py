@@ -37,7 +37,7 @@ from gpupool.client.reprs import array_html, array_repr
 from gpupool.client.session import Session
 from gpupool.client.types import Shard
 from gpupool.client.values import PendingValue, plan_requests
-from gpupool.client.waves import array_chain, requests_chain, run_in_waves
+from gpupool.client.waves import run_in_waves
 from gpupool.protocol.codec import check_dtype
 
 __all__ = ["RemoteArray", "compute", "from_spec", "persist", "upload"]
@@ -335,8 +335,7 @@ def persist(*arrays: RemoteArray) -> tuple[RemoteArray, ...]:
         by_session.setdefault(id(array.session), []).append(array)
     for members in by_session.values():
         session = members[0].session
-        chains = [array_chain(array) for array in members]
-        run_in_waves(session, members, chains, functools.partial(_persist_round, session))
+        run_in_waves(session, members, functools.partial(_persist_round, session))
     return arrays
 
 
@@ -360,8 +359,8 @@ def compute(*values: Any) -> tuple[Any, ...]:
             session = value.requests[0].array.session
             by_session.setdefault(id(session), (session, [], []))[2].append(value)
     for session, arrays, pending in by_session.values():
-        chains = [array_chain(a) for a in arrays] + [requests_chain(v.requests) for v in pending]
-        run_in_waves(session, [*arrays, *pending], chains, functools.partial(_compute_round, session))
+        items: list[RemoteArray | PendingValue] = [*arrays, *pending]
+        run_in_waves(session, items, functools.partial(_compute_round, session))
     return tuple(
         value.get()
         if isinstance(value, RemoteArray)

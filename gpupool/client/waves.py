@@ -24,17 +24,19 @@ from gpupool._proto.v1 import coordinator_pb2
 from gpupool.client.graph import GraphArray, pending_arrays
 from gpupool.client.layout import Place
 from gpupool.client.session import Session
-from gpupool.client.values import Request
+from gpupool.client.values import PendingValue, Request
 
 __all__ = [
     "HEADROOM",
     "WAVE_CHECK_BYTES",
     "Chain",
     "array_chain",
+    "footprint",
     "free_by_place",
     "plan_waves",
     "requests_chain",
     "run_in_waves",
+    "total_bytes",
 ]
 
 #: The share of a worker's reported free memory a wave plans to use: the report is a few seconds old
@@ -44,6 +46,7 @@ HEADROOM: Final = 0.75
 WAVE_CHECK_BYTES: Final = 1 << 20
 
 T = TypeVar("T")
+V = TypeVar("V", bound="GraphArray | PendingValue")
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,28 +156,64 @@ def plan_waves(
     return waves
 
 
-def run_in_waves(
-    session: Session, items: Sequence[T], chains: Sequence[Chain], run: Callable[[Sequence[T]], None]
-) -> None:
-    """Run ``items`` (with their ``chains``) through ``run``, in the waves :func:`plan_waves` makes.
+def _graph_bytes(arrays: Iterable[GraphArray]) -> int:
+    """The bytes of every pending array the graphs of ``arrays`` compute, each once, over all workers."""
+    seen: set[int] = set()
+    stack = list(arrays)
+    total = 0
+    while stack:
+        array = stack.pop()
+        node = array.node
+        if node is None or id(array) in seen:
+            continue
+        seen.add(id(array))
+        total += array.dtype.itemsize * math.prod(array.shape)
+        stack.extend(arg for arg in node.args if isinstance(arg, GraphArray))
+    return total
 
-    The workers' free memory (a ListAgents call to ``session``'s coordinator) is asked for only for a batch
-    of more than one chain that reserves :data:`WAVE_CHECK_BYTES` or more on some worker; smaller batches
-    run as one wave.
+
+def total_bytes(item: GraphArray | PendingValue) -> int:
+    """What :func:`footprint` of ``item`` reserves over all workers together (a bound of what it reserves
+    on any one), worked out without a per-worker breakdown."""
+    if isinstance(item, GraphArray):
+        return _graph_bytes([item])
+    total = _graph_bytes([request.array for request in item.requests])
+    for request in item.requests:
+        array = request.array
+        if request.prepare is not None:
+            total += math.prod(array.shape)
+        partial = request.dtype.itemsize * math.prod(request.partial_shape(max(array.shape[0], 1)))
+        total += partial * len(array.layout)
+    return total
+
+
+def footprint(item: GraphArray | PendingValue) -> Chain:
+    """An array's chain (kept once computed) or a pending value's (nothing kept)."""
+    return array_chain(item) if isinstance(item, GraphArray) else requests_chain(item.requests)
+
+
+def run_in_waves(
+    session: Session, items: Sequence[V], run: Callable[[Sequence[V]], None], *, headroom: float = HEADROOM
+) -> None:
+    """Run ``items`` (pending arrays to keep, pending values) through ``run``, in waves that fit.
+
+    A batch of one item, or one that reserves less than :data:`WAVE_CHECK_BYTES` in all, is one wave. Else
+    the workers' free memory is asked of ``session``'s coordinator (a ListAgents call): a batch whose
+    total fits ``headroom`` of the worker with the least is one wave still; otherwise :func:`plan_waves`
+    groups the footprints of the items (:func:`footprint`).
 
     Raises:
-        DeviceOutOfMemory: one chain alone does not fit (a wave the agents refuse is split in halves first,
-            down to single chains). Whatever ``run`` raises otherwise. Waves before the failing one stay
+        DeviceOutOfMemory: one item alone does not fit (a wave the agents refuse is split in halves first,
+            down to single items). Whatever ``run`` raises otherwise. Waves before the failing one stay
             done.
     """
     waves = [list(range(len(items)))] if items else []
     if len(items) > 1:
-        totals: dict[Place, int] = defaultdict(int)
-        for chain in chains:
-            for place, nbytes in chain.peak.items():
-                totals[place] += nbytes
-        if max(totals.values(), default=0) >= WAVE_CHECK_BYTES:
-            waves = plan_waves(chains, free_by_place(session.list_agents()))
+        total = sum(total_bytes(item) for item in items)
+        if total >= WAVE_CHECK_BYTES:
+            free = free_by_place(session.list_agents())
+            if total > headroom * min(free.values(), default=0):
+                waves = plan_waves([footprint(item) for item in items], free, headroom=headroom)
     for wave in waves:
         _run_splitting([items[i] for i in wave], run)
 

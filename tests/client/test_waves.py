@@ -21,10 +21,12 @@ from gpupool.client.values import Request
 from gpupool.client.waves import (
     Chain,
     array_chain,
+    footprint,
     free_by_place,
     plan_waves,
     requests_chain,
     run_in_waves,
+    total_bytes,
 )
 from gpupool.local import LocalPool
 
@@ -124,23 +126,43 @@ def test_free_by_place_prefers_telemetry() -> None:
     assert free_by_place(records) == {A: 90, B: 30}
 
 
+def test_total_bytes_bounds_the_footprint_on_every_worker() -> None:
+    x = Fake((10, 4), np.float32, [6, 4])
+    y = Fake((10, 4), np.float32, [6, 4], Node("tanh", (x,)))
+    z = Fake((10, 4), np.float64, [6, 4], Node("add", (y, y)))
+    assert total_bytes(z) == sum(array_chain(z).peak.values()) == 10 * 4 * (4 + 8)
+    value = gp.PendingValue(
+        [
+            Request(
+                array=z, op="sum", partial_shape=lambda rows: (1, 4), axes=(0,), dtype=np.dtype(np.float64)
+            )
+        ],
+        lambda partials: 0.0,
+        shape=(4,),
+        dtype=np.dtype(np.float64),
+    )
+    assert total_bytes(value) == sum(footprint(value).peak.values()) == 10 * 4 * (4 + 8) + 2 * 32
+    assert footprint(value).kept == {}
+    assert total_bytes(x) == 0
+
+
 def test_run_in_waves_splits_a_wave_the_agents_refuse() -> None:
+    items = [Fake((10,), np.float64, [5, 5]) for _ in range(5)]  # resident: one wave, nothing asked
     ran: list[list[int]] = []
 
-    def run(items: Sequence[int]) -> None:
-        if len(items) > 2:  # as an agent that cannot hold more than two chains' intermediates
+    def run(wave: Sequence[Fake]) -> None:
+        if len(wave) > 2:  # as an agent that cannot hold more than two chains' intermediates
             raise gp.DeviceOutOfMemory("a", "out of memory")
-        ran.append(list(items))
+        ran.append([items.index(item) for item in wave])
 
-    small = [Chain({A: 1})] * 5  # under WAVE_CHECK_BYTES: one wave, no question to the coordinator
-    run_in_waves(None, list(range(5)), small, run)  # type: ignore[arg-type]
+    run_in_waves(None, items, run)  # type: ignore[arg-type]
     assert ran == [[0, 1], [2], [3, 4]]
 
-    def refuse(items: Sequence[int]) -> None:
+    def refuse(wave: Sequence[Fake]) -> None:
         raise gp.DeviceOutOfMemory("a", "out of memory")
 
     with pytest.raises(gp.DeviceOutOfMemory):
-        run_in_waves(None, [0, 1], small[:2], refuse)  # type: ignore[arg-type]
+        run_in_waves(None, items[:2], refuse)  # type: ignore[arg-type]
 
 
 # -- on a pool whose agents hold 8 MiB each -----------------------------------------------------------------
