@@ -52,10 +52,10 @@ class Assembly:
         deadline: the loop time by which every part must have arrived and finished.
         claimed: the row ranges parts have claimed, in arrival order.
         rows_done: rows whose part has arrived in full.
-        receiving: the tasks of parts still writing into ``array``: a failed upload cancels them at once, and
-            its reservation is released once none is left.
-        stopped: the tasks this assembly cancelled (their parts answer with the upload's refusal).
+        receiving: how many parts are still writing into ``array``: a failed upload's array and reservation
+            go once none is (each stops at its next chunk, or at the stall deadline if none comes).
         last_progress: the loop time of the last chunk or part, for the stall deadline.
+        allocated: resolved once ``array`` is allocated (parts arriving before wait for it).
         done: resolved on commit, or set to the refusal that dropped the upload.
     """
 
@@ -69,10 +69,10 @@ class Assembly:
     deadline: float
     last_progress: float
     done: asyncio.Future[None]
+    allocated: asyncio.Future[None]
     claimed: list[tuple[int, int]] = field(default_factory=list)
     rows_done: int = 0
-    receiving: set[asyncio.Task[Any]] = field(default_factory=set)
-    stopped: set[asyncio.Task[Any]] = field(default_factory=set)
+    receiving: int = 0
 
     @property
     def row_bytes(self) -> int:
@@ -132,11 +132,12 @@ class Assemblies:
         shape: tuple[int, ...],
         session: str,
         reservation: Reservation,
-        array: Any,
         seconds: float,
     ) -> Assembly:
-        """Start the assembly of a buffer whose memory ``reservation`` holds and ``array`` is."""
+        """Start the assembly of a buffer whose memory ``reservation`` holds; :meth:`allocate` gives it its
+        array (parts that arrive meanwhile wait for it in :meth:`join`)."""
         now = self._clock()
+        loop = asyncio.get_running_loop()
         assembly = Assembly(
             buffer_id=buffer_id,
             worker=worker,
@@ -144,13 +145,34 @@ class Assemblies:
             shape=shape,
             session=session,
             reservation=reservation,
-            array=array,
+            array=None,
             deadline=now + seconds,
             last_progress=now,
-            done=asyncio.get_running_loop().create_future(),
+            done=loop.create_future(),
+            allocated=loop.create_future(),
         )
         self._open[buffer_id] = assembly
         return assembly
+
+    def allocate(self, assembly: Assembly, array: Any) -> None:
+        """The array the parts fill is ready."""
+        if not assembly.done.done():
+            assembly.array = array
+            assembly.allocated.set_result(None)
+
+    async def join(self, assembly: Assembly) -> None:
+        """Wait, as a part that found the assembly open, until its array is allocated.
+
+        Raises:
+            PartsFailed: the allocation failed, or the upload was dropped meanwhile.
+            TimeoutError: the upload's deadline passed.
+        """
+        if not assembly.allocated.done():
+            async with asyncio.timeout_at(assembly.deadline):
+                # asyncio.wait leaves the futures alone, whatever happens to this wait
+                await asyncio.wait([assembly.allocated, assembly.done], return_when=asyncio.FIRST_COMPLETED)
+        if assembly.done.done() and assembly.done.exception() is not None:
+            assembly.done.result()
 
     def check_same(
         self, assembly: Assembly, *, worker: int, dtype: np.dtype[Any], shape: tuple[int, ...], session: str
@@ -190,40 +212,24 @@ class Assemblies:
             assembly.done.set_result(None)
 
     def fail(self, assembly: Assembly, refusal: RpcRefusal) -> None:
-        """Drop the upload: every part is refused, the parts still receiving are cancelled; the array and the
-        reservation go once none of them is left writing into the array."""
+        """Drop the upload: every part is refused (one still receiving at its next chunk: cancelling a call's
+        handler midway would leave gRPC unable to answer it); the array and the reservation go once no part
+        writes into the array any more."""
         if self._open.get(assembly.buffer_id) is assembly:
             del self._open[assembly.buffer_id]
         if not assembly.done.done():
             assembly.done.set_exception(PartsFailed(refusal))
             assembly.done.exception()  # retrieved: a failure no part waits for is not an unhandled error
-        current = asyncio.current_task()
-        for task in assembly.receiving - assembly.stopped:
-            if task is not current:
-                assembly.stopped.add(task)
-                task.cancel()
         self._let_go(assembly)
 
     def enter(self, assembly: Assembly) -> None:
-        """The current task, a part, starts writing into the array."""
-        task = asyncio.current_task()
-        assert task is not None
-        assembly.receiving.add(task)
+        """A part starts writing into the array."""
+        assembly.receiving += 1
 
     def leave(self, assembly: Assembly) -> None:
-        """The current task, a part, stopped writing into the array (whatever happened)."""
-        assembly.receiving.discard(asyncio.current_task())
+        """A part stopped writing into the array (whatever happened)."""
+        assembly.receiving -= 1
         self._let_go(assembly)
-
-    def stopped_by_failure(self, assembly: Assembly) -> PartsFailed | None:
-        """If the current task was cancelled because the upload failed: undo that cancel, and the failure."""
-        task = asyncio.current_task()
-        if task is None or task not in assembly.stopped:
-            return None
-        assembly.stopped.discard(task)
-        task.uncancel()
-        failure = assembly.done.exception()
-        return failure if isinstance(failure, PartsFailed) else None
 
     def _let_go(self, assembly: Assembly) -> None:
         if not assembly.receiving and assembly.done.done() and assembly.done.exception() is not None:
@@ -247,11 +253,7 @@ class Assemblies:
                 self.fail(assembly, _overdue(assembly, f"no part sent anything for {stall:g} s"))
                 break
             wake = min(assembly.deadline, assembly.last_progress + stall)
-            try:
-                async with asyncio.timeout_at(wake):
-                    await asyncio.shield(assembly.done)
-            except TimeoutError:
-                continue
+            await asyncio.wait([assembly.done], timeout=max(wake - now, 0))
         assembly.done.result()
 
 

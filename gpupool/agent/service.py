@@ -252,15 +252,6 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             reservation = self._registry.reserve(
                 worker=worker.index, buffer_id=header.buffer_id, nbytes=nbytes, session=header.session
             )
-            array: Any
-            try:
-                if worker.backend.host_resident:
-                    array = _allocate(dtype, shape, header.buffer_id)
-                else:
-                    array = await worker.call(_allocate_on_device, worker, dtype, shape, header.buffer_id)
-            except BaseException:
-                self._registry.release(reservation)
-                raise
             assembly = parts.open(
                 buffer_id=header.buffer_id,
                 worker=worker.index,
@@ -268,10 +259,26 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                 shape=shape,
                 session=header.session,
                 reservation=reservation,
-                array=array,
                 seconds=self._timeouts.for_stream(nbytes),
             )
-            array = None
+            try:
+                if worker.backend.host_resident:
+                    parts.allocate(assembly, _allocate(dtype, shape, header.buffer_id))
+                else:
+                    array = await worker.call(_allocate_on_device, worker, dtype, shape, header.buffer_id)
+                    parts.allocate(assembly, array)
+                    array = None
+            except RpcRefusal as exc:
+                parts.fail(assembly, exc)
+                raise
+            except BaseException as exc:
+                parts.fail(assembly, RpcRefusal("bad-request", f"a part of the upload failed: {exc!r}"))
+                raise
+        else:
+            try:
+                await parts.join(assembly)  # its first part may still be allocating the array
+            except PartsFailed as exc:
+                raise _detached(exc.refusal) from None
         start, stop = int(header.start), int(header.stop)
         part_bytes = (stop - start) * assembly.row_bytes
         parts.enter(assembly)
@@ -299,9 +306,6 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             parts.fail(assembly, exc)
             raise
         except asyncio.CancelledError:
-            failure = parts.stopped_by_failure(assembly)  # another part failed: answer with its refusal
-            if failure is not None:
-                raise _detached(failure.refusal) from None
             parts.fail(assembly, RpcRefusal("bad-request", "a part of the upload failed: it was cancelled"))
             raise
         except BaseException as exc:  # a timeout: the whole upload goes
