@@ -9,10 +9,11 @@ and a partial, fetch the partials and combine them here.
 
 from __future__ import annotations
 
+import bisect
 import weakref
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
@@ -122,8 +123,9 @@ _SMALL_INT = 1 << 31
 def _result_dtype(name: str, values: Sequence[object]) -> np.dtype[Any]:
     """NumPy's result dtype for ``name`` over these operands, by running it on stand-ins (cached).
 
-    Python scalars are weakly typed, so only their type matters, except where NumPy refuses some values
-    (ints too big for int32, integers to negative powers): those are probed every time.
+    Python scalars are weakly typed, so only their type matters, except where NumPy refuses some values:
+    a Python int out of an integer array's range (``uint8 * -1``, ``int8 + 200``) is keyed by the range
+    it falls in; ints too big for int32 and integers to negative powers are probed every time.
     """
     key: tuple[object, ...] = (name,)
     for v in values:
@@ -133,6 +135,7 @@ def _result_dtype(name: str, values: Sequence[object]) -> np.dtype[Any]:
         key += (
             getattr(v, "dtype", None) if not isinstance(v, bool | int | float) else type(v),
             isinstance(v, np.generic),
+            _int_range(v) if isinstance(v, int) and not isinstance(v, bool) else None,
         )
     cached = _RESULT_DTYPES.get(key) if key else None
     if cached is not None:
@@ -142,6 +145,16 @@ def _result_dtype(name: str, values: Sequence[object]) -> np.dtype[Any]:
     if key:
         _RESULT_DTYPES[key] = dtype
     return dtype
+
+
+#: The bounds of the integer dtypes below int64: a Python int's place among them decides which integer
+#: arrays NumPy lets it meet (NEP 50).
+_INT_BOUNDS: Final = (-(1 << 15), -(1 << 7), 0, 1 << 7, 1 << 8, 1 << 15, 1 << 16)
+
+
+def _int_range(value: int) -> int:
+    """Which of the ranges between :data:`_INT_BOUNDS` a Python int falls in."""
+    return bisect.bisect_right(_INT_BOUNDS, value)
 
 
 def _probe(value: object) -> object:

@@ -301,3 +301,20 @@ def test_chain_of_ops_fused(pool: gp.Pool, example: Any) -> None:
         y_host = np.tanh(host * 2 + 1) - host / 3
     assert_like(total, y_host.sum(), scale=magnitude(y_host))
     assert_like(per_row, numpy_result(lambda: y_host.max(axis=-1)) if host.shape[-1] else per_row)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "first", "then"), [("uint8", 2, -1), ("uint8", 1, 300), ("int8", 1, 200), ("uint32", 1, -5)]
+)
+def test_a_python_int_out_of_range_is_refused_after_one_in_range(
+    pool: gp.Pool, dtype: str, first: int, then: int
+) -> None:
+    # Regression: result dtypes were cached by the scalar's type alone, so after x * 2 the refusal NumPy
+    # gives x * -1 of a uint8 x (OverflowError) was skipped and the agent failed the op instead.
+    x = pool.asarray(np.array([0, 3], dtype))
+    np.testing.assert_array_equal((x * first).get(), np.array([0, 3], dtype) * first)
+    with pytest.raises(OverflowError, match="out of bounds"):
+        x * then
+    with pytest.raises(OverflowError, match="out of bounds"):
+        x += then
+    np.testing.assert_array_equal(x.get(), np.array([0, 3], dtype))
