@@ -255,7 +255,8 @@ def where_inputs(array: GraphArray, key: Any, value: Any, make: Callable[[ArrayS
     key = key if isinstance(key, tuple) else (key,)
     if isinstance(value, GraphArray):
         raise Unsupported("setitem: a remote value")
-    host = np.asarray(value).astype(array.dtype)
+    host = np.empty(np.shape(value), array.dtype)
+    host[...] = value  # NumPy's assignment casting: x[0] = -1 of a uint8 x raises, as it does there
     if len(key) == 1 and isinstance(key[0], GraphArray):
         mask = key[0]
         if mask.dtype != np.bool_ or host.ndim or mask.shape not in (array.shape, array.shape[:1]):

@@ -161,3 +161,17 @@ def test_setitem_with_an_empty_or_reversed_slice_of_columns(pool: gp.Pool, colum
     x = pool.asarray(host)
     x[key] = 1
     np.testing.assert_array_equal(x.get(), expected)
+
+
+@pytest.mark.parametrize(("dtype", "value"), [("uint8", -1), ("int8", 200), ("int32", np.nan)])
+def test_setitem_refuses_what_numpy_refuses(pool: gp.Pool, dtype: str, value: object) -> None:
+    # Regression: the value was cast with astype, so x[0] = -1 of a uint8 x stored 255 where NumPy raises.
+    host = np.arange(6, dtype=dtype).reshape(3, 2)
+    with pytest.raises((OverflowError, ValueError)) as numpy_error:
+        host[0] = value
+    x = pool.asarray(host)
+    with pytest.raises(numpy_error.type):
+        x[0] = value
+    with pytest.raises(numpy_error.type):
+        x[x > 2] = value
+    np.testing.assert_array_equal(x.get(), host)
