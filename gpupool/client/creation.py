@@ -168,10 +168,15 @@ def create_by_steps(
     return from_spec(ArraySpec(session=session, shape=shape, dtype=dtype, layout=tuple(pieces)))
 
 
-def _fill_operands(fill_value: object, shape: tuple[int, ...]) -> ShardOperands:
+def _fill_operands(fill_value: object, shape: tuple[int, ...], dtype: np.dtype[Any]) -> ShardOperands:
     """Each shard's fill value: a scalar, or a small array broadcast to the shape (sliced by rows when it
-    has the rows' axis)."""
+    has the rows' axis).
+
+    Raises:
+        OverflowError: NumPy's, for a Python int ``dtype`` cannot hold (-1 as uint8).
+    """
     if is_scalar(fill_value):
+        np.full((), fill_value, dtype)  # numpy.full's refusals (and warnings) here, not the agent's
         operand = scalar_operand(fill_value)
         return lambda piece: [operand]
     host = np.asarray(fill_value)
@@ -193,7 +198,7 @@ def _fill_operands(fill_value: object, shape: tuple[int, ...]) -> ShardOperands:
 def _new(shape: ShapeLike, fill_value: object, dtype: object) -> RemoteArray:
     dims = normalize_shape(shape)
     target = check_dtype(dtype)
-    operands = _fill_operands(fill_value, dims)
+    operands = _fill_operands(fill_value, dims, target)
     return create(current_pool()._session, dims, target, "full", operands)
 
 
@@ -241,7 +246,8 @@ def full_like(
     target = check_dtype(like_dtype if dtype is None else dtype)
     dims = like_shape if shape is None else normalize_shape(shape)
     if isinstance(a, RemoteArray) and dims == a.shape:
-        return create(a.session, dims, target, "full", _fill_operands(fill_value, dims), layout=a.layout)
+        operands = _fill_operands(fill_value, dims, target)
+        return create(a.session, dims, target, "full", operands, layout=a.layout)
     return _new(dims, fill_value, target)
 
 

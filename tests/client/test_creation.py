@@ -142,6 +142,17 @@ def test_bad_arguments_raise_before_anything_is_sent() -> None:
         gp.zeros(2.5)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(("fill", "dtype"), [(-1, "uint8"), (300, "int8"), (1 << 40, "uint32")])
+def test_a_fill_value_numpy_refuses_is_refused_before_anything_is_sent(fill: int, dtype: str) -> None:
+    # Regression: the agent refused it instead (RemoteKernelError, after the placement).
+    with pytest.raises(OverflowError):
+        np.full(3, fill, dtype)
+    with pytest.raises(OverflowError, match="out of bounds"):
+        gp.full(3, fill, dtype=dtype)
+    with pytest.raises(OverflowError, match="out of bounds"):
+        gp.full_like(gp.zeros(3, dtype=dtype), fill)
+
+
 def test_zero_dimensional_arrays_are_values_kept_on_the_client() -> None:
     for made, expected in [
         (gp.zeros(()), np.zeros(())),
