@@ -10,7 +10,7 @@ a worker's whole memory from the others).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,9 +89,17 @@ class BufferRegistry:
         limits: bytes each worker may hold, by worker index.
         session_limits: bytes one session may hold (resident and reserved) on each worker, by worker
             index; None, or a None entry, for no cap beyond the worker's.
+        on_freed: called (under the lock: keep it quick) whenever buffers are freed.
     """
 
-    def __init__(self, limits: Sequence[int], *, session_limits: Sequence[int | None] | None = None) -> None:
+    def __init__(
+        self,
+        limits: Sequence[int],
+        *,
+        session_limits: Sequence[int | None] | None = None,
+        on_freed: Callable[[], None] | None = None,
+    ) -> None:
+        self._on_freed = on_freed
         self._limits = list(limits)
         self._session_limits = list(session_limits or [None] * len(self._limits))
         if len(self._session_limits) != len(self._limits):
@@ -265,6 +273,8 @@ class BufferRegistry:
             self._used[buffer.worker] -= buffer.nbytes
             self._count_session(buffer.worker, buffer.session, -buffer.nbytes)
             self._counts[buffer.worker] -= 1
+        if freed and self._on_freed is not None:
+            self._on_freed()
         return len(freed), sum(buffer.nbytes for buffer in freed)
 
     def usage(self, worker: int) -> WorkerUsage:

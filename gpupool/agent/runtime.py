@@ -51,6 +51,10 @@ CAPABILITY_LIFETIME: Final = 600.0
 #: Seconds a signed command may be old (by this agent's clock) and still obeyed: commands are never
 #: retained, so an older one is a replay; ids seen are refused within this time too.
 COMMAND_MAX_AGE: Final = 300.0
+#: Seconds after buffers are freed before memory is reported (the frees of one burst make one report),
+#: and at least this long after the previous report (an agent freeing all the time reports 5 times a second).
+FREED_REPORT_DELAY: Final = 0.02
+MIN_FREED_REPORT_GAP: Final = 0.2
 
 State = control_pb2.AgentState
 READY: Final = control_pb2.AGENT_STATE_READY
@@ -110,6 +114,9 @@ class Agent:
         self._session: MqttSession | None = None
         self._identity: Identity | None = None
         self._gpu_telemetry: dict[int, GpuTelemetry] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._freed = asyncio.Event()
+        self._reported = 0.0  # time.monotonic() of the last telemetry published
         self._status_dirty = False
         self._last_published: tuple[object, ...] = ()
         self._shut_down = False
@@ -168,6 +175,7 @@ class Agent:
         self._registry = BufferRegistry(
             [worker.memory_limit for worker in setup.workers],
             session_limits=[config.session_limit(worker.memory_limit) for worker in setup.workers],
+            on_freed=self._note_freed,
         )
         identity = config.identity
         if identity is not None:
@@ -430,13 +438,35 @@ class Agent:
         self._last_published = fingerprint
         self._registered.set()
 
+    def _note_freed(self) -> None:
+        """Buffers were freed (any thread): report memory soon, not at the next heartbeat, so that the
+        coordinator places new arrays in the room at once."""
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self._freed.set)
+
+    async def _next_report(self) -> bool:
+        """Wait for the next heartbeat, or for buffers to be freed (then a moment more, so that a burst of
+        frees makes one report); returns whether it is a heartbeat."""
+        try:
+            async with asyncio.timeout(self.config.heartbeat):
+                await self._freed.wait()
+        except TimeoutError:
+            return True
+        gap = self._reported + MIN_FREED_REPORT_GAP - time.monotonic()
+        await asyncio.sleep(max(FREED_REPORT_DELAY, gap))
+        self._freed.clear()
+        return False
+
     async def _telemetry_loop(self) -> None:
-        """Every heartbeat: read the GPUs, publish telemetry, and the status if it changed."""
+        """Every heartbeat, and soon after buffers are freed: publish telemetry (reading the GPUs on
+        heartbeats), and the status if it changed."""
         session = self._require(self._session)
         setup = self._require(self._setup)
+        self._loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(self.config.heartbeat)
-            if setup.nvml is not None:
+            heartbeat = await self._next_report()
+            if heartbeat and setup.nvml is not None:
                 try:
                     async with asyncio.timeout(self.config.heartbeat):
                         self._gpu_telemetry = await asyncio.to_thread(self._read_gpus, setup)
@@ -455,6 +485,7 @@ class Agent:
                 await session.publish(
                     self._topics.telemetry(self.agent_id), encode_json(self._signed(report)), qos=0
                 )
+                self._reported = time.monotonic()
             except GpupoolError as exc:
                 log.debug("telemetry not published: %s", exc)
                 continue

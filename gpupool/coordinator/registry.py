@@ -199,6 +199,9 @@ class Registry:
         # Kept between calls, dropped when a status changes what they hold (None: rebuild when asked).
         self._listing: list[AgentEntry] | None = None
         self._ready: ReadyWorkers | None = None
+        #: How many memory reports (statuses and telemetry) have been taken in: a placement that found no
+        #: room while some of it was only placed, not yet reported, waits for this to move.
+        self.reports = 0
 
     def __len__(self) -> int:
         return len(self._agents)
@@ -239,6 +242,7 @@ class Registry:
         entry.status = copy
         entry.last_seen = now
         entry.silenced_from = None
+        self.reports += 1
         if restarted:
             entry.telemetry = None
             events.append(AgentRestarted(agent_id, entry.name))
@@ -263,6 +267,7 @@ class Registry:
         copy.CopyFrom(telemetry)
         entry.telemetry = copy
         entry.last_seen = now
+        self.reports += 1
         self._apply_memory(
             entry, ((w.index, w.memory_limit, w.memory_used) for w in copy.workers), _seconds(copy.time)
         )
@@ -370,6 +375,11 @@ class Registry:
             entry = self._agents.get(shard.agent_id)
             if entry is not None and shard.worker in entry.memory:
                 entry.memory[shard.worker].placed += shard.rows * row_bytes
+
+    @staticmethod
+    def unreported(ready: ReadyWorkers) -> int:
+        """Bytes placed on ``ready``'s workers that their agents have not reported holding yet."""
+        return sum(memory.placed for memory in ready.memory)
 
     @staticmethod
     def reserve_split(ready: ReadyWorkers, split: Iterable[tuple[int, int, int]], row_bytes: int) -> None:

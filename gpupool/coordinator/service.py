@@ -9,6 +9,7 @@ network (telling agents a session ended, forgetting an agent) is done by the run
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import secrets
@@ -81,6 +82,11 @@ CAPABILITY_TTL = 600.0
 
 #: Most source shards one PlanMoves call may name (the plan's work grows with them).
 MAX_MOVE_SOURCES = 65536
+
+#: Longest a placement that found no room waits for reports of memory placed but not yet reported (agents
+#: report within a heartbeat, and at once after they free buffers), and how often it looks.
+CAPACITY_WAIT = 3.0
+CAPACITY_POLL = 0.01
 
 
 class PoolControl(Protocol):
@@ -288,7 +294,27 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     async def Place(self, request: PlaceRequest, context: Context, caller: TokenRecord) -> PlaceReply:
         """Row shards for a new array over the ready agents' workers, by free memory, with capabilities."""
         self._session(request.session, caller)
-        return self._place(request.session, request, list(request.exclude_agents))
+        return await self._place_waiting(request.session, request, list(request.exclude_agents))
+
+    async def _place_waiting(
+        self, session: str, request: PlaceRequest | PlanMovesRequest, exclude: list[str]
+    ) -> PlaceReply:
+        """:meth:`_place`; where there is no room but some of the room is taken by recent placements the
+        agents have not reported yet (an array uploaded and freed a moment ago), wait for their next
+        reports, up to :data:`CAPACITY_WAIT` seconds, and try again each time one arrives."""
+        deadline = time.monotonic() + CAPACITY_WAIT
+        while True:
+            try:
+                return self._place(session, request, exclude)
+            except RpcRefusal as refusal:
+                ready = self._registry.ready(exclude=exclude)
+                if refusal.kind != "no-capacity" or not ready or not self._registry.unreported(ready):
+                    raise
+                reports = self._registry.reports
+                while self._registry.reports == reports:
+                    if time.monotonic() >= deadline:
+                        raise
+                    await asyncio.sleep(CAPACITY_POLL)
 
     @requires("client")
     async def PlanMoves(
@@ -304,7 +330,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         if len(request.sources) > MAX_MOVE_SOURCES:
             raise RpcRefusal("bad-request", f"PlanMoves takes at most {MAX_MOVE_SOURCES} sources")
         reply = PlanMovesReply()
-        placed = self._place(request.session, request, list(request.exclude_agents))
+        placed = await self._place_waiting(request.session, request, list(request.exclude_agents))
         reply.targets.extend(placed.shards)
         source = [
             Span(agent_id=s.agent_id, worker=s.worker, start=s.start, stop=s.stop) for s in request.sources
