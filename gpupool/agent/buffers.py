@@ -89,7 +89,7 @@ class BufferRegistry:
         limits: bytes each worker may hold, by worker index.
         session_limits: bytes one session may hold (resident and reserved) on each worker, by worker
             index; None, or a None entry, for no cap beyond the worker's.
-        on_freed: called (under the lock: keep it quick) whenever buffers are freed.
+        on_change: called (under the lock: keep it quick) whenever buffers are committed or freed.
     """
 
     def __init__(
@@ -97,9 +97,9 @@ class BufferRegistry:
         limits: Sequence[int],
         *,
         session_limits: Sequence[int | None] | None = None,
-        on_freed: Callable[[], None] | None = None,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
-        self._on_freed = on_freed
+        self._on_change = on_change
         self._limits = list(limits)
         self._session_limits = list(session_limits or [None] * len(self._limits))
         if len(self._session_limits) != len(self._limits):
@@ -223,6 +223,8 @@ class BufferRegistry:
                 self._count_session(buffer.worker, buffer.session, buffer.nbytes)
                 self._counts[buffer.worker] += 1
                 made.append(buffer)
+            if made and self._on_change is not None:
+                self._on_change()
             return made
 
     def get(self, buffer_id: str, *, worker: int | None = None) -> Buffer:
@@ -273,8 +275,8 @@ class BufferRegistry:
             self._used[buffer.worker] -= buffer.nbytes
             self._count_session(buffer.worker, buffer.session, -buffer.nbytes)
             self._counts[buffer.worker] -= 1
-        if freed and self._on_freed is not None:
-            self._on_freed()
+        if freed and self._on_change is not None:
+            self._on_change()
         return len(freed), sum(buffer.nbytes for buffer in freed)
 
     def usage(self, worker: int) -> WorkerUsage:

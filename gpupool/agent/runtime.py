@@ -51,8 +51,8 @@ CAPABILITY_LIFETIME: Final = 600.0
 #: Seconds a signed command may be old (by this agent's clock) and still obeyed: commands are never
 #: retained, so an older one is a replay; ids seen are refused within this time too.
 COMMAND_MAX_AGE: Final = 300.0
-#: Seconds after buffers are freed before memory is reported (the frees of one burst make one report),
-#: and at least this long after the previous report (an agent freeing all the time reports 5 times a second).
+#: Seconds after buffers are committed or freed before memory is reported (a burst makes one report), and
+#: at least this long after the previous report (an agent busy all the time reports 5 times a second).
 FREED_REPORT_DELAY: Final = 0.02
 MIN_FREED_REPORT_GAP: Final = 0.2
 
@@ -115,7 +115,7 @@ class Agent:
         self._identity: Identity | None = None
         self._gpu_telemetry: dict[int, GpuTelemetry] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._freed = asyncio.Event()
+        self._memory_changed = asyncio.Event()
         self._reported = 0.0  # time.monotonic() of the last telemetry published
         self._status_dirty = False
         self._last_published: tuple[object, ...] = ()
@@ -175,7 +175,7 @@ class Agent:
         self._registry = BufferRegistry(
             [worker.memory_limit for worker in setup.workers],
             session_limits=[config.session_limit(worker.memory_limit) for worker in setup.workers],
-            on_freed=self._note_freed,
+            on_change=self._note_memory_change,
         )
         identity = config.identity
         if identity is not None:
@@ -438,28 +438,28 @@ class Agent:
         self._last_published = fingerprint
         self._registered.set()
 
-    def _note_freed(self) -> None:
-        """Buffers were freed (any thread): report memory soon, not at the next heartbeat, so that the
-        coordinator places new arrays in the room at once."""
+    def _note_memory_change(self) -> None:
+        """Buffers were committed or freed (any thread): report memory soon, not at the next heartbeat,
+        so that the coordinator places new arrays by what is really free."""
         loop = self._loop
         if loop is not None:
-            loop.call_soon_threadsafe(self._freed.set)
+            loop.call_soon_threadsafe(self._memory_changed.set)
 
     async def _next_report(self) -> bool:
-        """Wait for the next heartbeat, or for buffers to be freed (then a moment more, so that a burst of
-        frees makes one report); returns whether it is a heartbeat."""
+        """Wait for the next heartbeat, or for memory to change (then a moment more, so that a burst of
+        changes makes one report); returns whether it is a heartbeat."""
         try:
             async with asyncio.timeout(self.config.heartbeat):
-                await self._freed.wait()
+                await self._memory_changed.wait()
         except TimeoutError:
             return True
         gap = self._reported + MIN_FREED_REPORT_GAP - time.monotonic()
         await asyncio.sleep(max(FREED_REPORT_DELAY, gap))
-        self._freed.clear()
+        self._memory_changed.clear()
         return False
 
     async def _telemetry_loop(self) -> None:
-        """Every heartbeat, and soon after buffers are freed: publish telemetry (reading the GPUs on
+        """Every heartbeat, and soon after memory changes: publish telemetry (reading the GPUs on
         heartbeats), and the status if it changed."""
         session = self._require(self._session)
         setup = self._require(self._setup)
