@@ -11,6 +11,7 @@ this module makes no arrays.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -47,7 +48,9 @@ _FLOAT64: Final = np.dtype(np.float64)
 _INT64: Final = np.dtype(np.int64)
 
 
+@functools.cache
 def _result_dtype(op: str, dtype: np.dtype[Any]) -> np.dtype[Any]:
+    """NumPy's result dtype for reduction ``op`` of ``dtype`` (worked out once per pair, then remembered)."""
     if op in ARG_REDUCTIONS or op == "count_nonzero":
         return _INT64
     with warnings.catch_warnings(), np.errstate(all="ignore"):
