@@ -16,7 +16,7 @@ import traceback
 
 from bench.common import Context, Result, machine, render, write_json
 
-SECTIONS = ("transfer", "overhead", "tls", "workloads", "numpy", "fleet", "gpu")
+SECTIONS = ("transfer", "moves", "overhead", "tls", "workloads", "numpy", "fleet", "gpu")
 MODULES = {"numpy": "numpy_workloads"}  # a section whose module is not named after it
 
 
