@@ -442,7 +442,9 @@ class Agent:
         """Buffers were committed or freed (any thread): report memory soon, not at the next heartbeat,
         so that the coordinator places new arrays by what is really free."""
         loop = self._loop
-        if loop is not None:
+        # Every program commits and frees: wake the loop only when no report is due yet (reading the flag
+        # from another thread is safe; at worst one wake-up too many).
+        if loop is not None and not self._memory_changed.is_set():
             loop.call_soon_threadsafe(self._memory_changed.set)
 
     async def _next_report(self) -> bool:

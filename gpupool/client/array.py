@@ -276,25 +276,29 @@ class RemoteArray(ArrayMethods):
             )
         return bool(self.get().reshape(()))
 
-    def __int__(self) -> int:
+    def _single(self) -> Any:
+        """The one element of a one-element array, fetched.
+
+        Raises:
+            TypeError: more or fewer elements, as NumPy says it for arrays.
+        """
         if self.size != 1:
             raise TypeError("only single-element remote arrays can be converted to Python scalars")
-        return int(self.get().reshape(()))
+        return self.get().reshape(())[()]
+
+    def __int__(self) -> int:
+        return int(self._single())
 
     def __complex__(self) -> complex:
-        if self.size != 1:
-            raise TypeError("only single-element remote arrays can be converted to Python scalars")
-        return complex(self.get().reshape(()))
+        return complex(self._single())
 
     def __index__(self) -> int:
         if self.size != 1 or self.dtype.kind not in "iu":
             raise TypeError("only single-element integer remote arrays can be used as an index")
-        return operator.index(self.get().reshape(())[()])
+        return operator.index(self._single())
 
     def __float__(self) -> float:
-        if self.size != 1:
-            raise TypeError("only single-element remote arrays can be converted to Python scalars")
-        return float(self.get().reshape(()))
+        return float(self._single())
 
 
 def from_spec(spec: ArraySpec) -> RemoteArray:

@@ -30,6 +30,12 @@ def size_text(nbytes: int) -> str:
     return f"{int(value)} B" if unit == 0 else f"{value:.1f} {_UNITS[unit]}"
 
 
+def _sizes(shape: tuple[int, ...], dtype: np.dtype[Any]) -> tuple[int, int]:
+    """Bytes of one row (axis 0) and of the whole array."""
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
+    return row_bytes, row_bytes * (shape[0] if shape else 1)
+
+
 def _agent(piece: Piece) -> str:
     return piece.agent_id[:8] + (f"/{piece.worker}" if piece.worker else "")
 
@@ -50,8 +56,7 @@ def array_repr(
 ) -> str:
     """One line: shape, dtype, size, state, and where the rows are (each shard's agent and rows, or the
     shards per agent when there are many)."""
-    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
-    nbytes = row_bytes * (shape[0] if shape else 1)
+    _, nbytes = _sizes(shape, dtype)
     state = _state(freed, pending_op)
     head = f"<gpupool.RemoteArray shape={shape} dtype={dtype.name} {size_text(nbytes)}, {state}"
     agents = Counter(p.agent_id for p in pieces)
@@ -76,8 +81,7 @@ def array_html(
     pending_op: str | None,
 ) -> str:
     """A notebook's table: the array's summary, then one row per shard (agent, worker, rows, bytes)."""
-    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
-    nbytes = row_bytes * (shape[0] if shape else 1)
+    row_bytes, nbytes = _sizes(shape, dtype)
     cells = "".join(
         f"<tr><td>{index}</td><td>{html.escape(p.agent_id)}</td><td>{html.escape(p.endpoint)}</td>"
         f"<td>{p.worker}</td><td>{p.start}:{p.stop}</td>"
