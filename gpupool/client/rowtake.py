@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -80,14 +81,7 @@ def take_rows(array: GraphArray, indices: np.ndarray, make: Make) -> ArraySpec:
         shape = (int(picks.size), *rest)
         offsets = np.cumsum([0, *(positions.size for _, positions in taken)])
         stand_ins = [
-            Piece(
-                agent_id=part.agent_id,
-                endpoint=part.endpoint,
-                worker=part.worker,
-                start=int(start),
-                stop=int(stop),
-                buffer_id=part.buffer_id,
-            )
+            replace(part, start=int(start), stop=int(stop))
             for part, start, stop in zip(parts, offsets[:-1], offsets[1:], strict=True)
         ]
         targets, _ = session.plan_moves(shape, dtype, stand_ins)

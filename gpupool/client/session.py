@@ -257,17 +257,8 @@ class Session:
             self._call_coordinator("PlanMoves", request), timeout=self.timeouts.rpc * 2, what="plan moves"
         )
         self._keeper.keep_placed(reply.targets)
-        targets = [
-            Piece(
-                agent_id=t.agent_id,
-                endpoint=t.endpoint,
-                worker=t.worker,
-                start=t.start,
-                stop=t.stop,
-                buffer_id=self.new_buffer_id(),
-            )
-            for t in reply.targets
-        ]
+        # In row order already (the segments number them so); the sort in pieces_from_placement is stable.
+        targets = pieces_from_placement(reply.targets, self.new_buffer_id)
         segments = [
             Segment(target=s.target, source=s.source, start=s.start, stop=s.stop, moved=s.moved)
             for s in reply.segments
