@@ -28,6 +28,8 @@ class AgentConfig:
         listen_port: its port; 0 picks a free one (the ready line and the status tell which).
         advertise: the host clients should dial; empty means the listen host, or this machine's
             address when listening on every interface.
+        bulk_port: the port of the bulk byte path other agents read rows from, on ``listen_host``
+            (0 picks a free one); None for none (rows go over gRPC only).
         backend: ``auto`` (CuPy where CUDA works, else NumPy), ``cupy`` (fail without CUDA) or ``numpy``.
         memory_limit: per worker, a percentage of the GPU's memory (of host RAM for a NumPy worker)
             or a size (``80%``, ``6GiB``, ``1000000``).
@@ -48,6 +50,7 @@ class AgentConfig:
     listen_host: str = "0.0.0.0"
     listen_port: int = DEFAULT_AGENT_PORT
     advertise: str = ""
+    bulk_port: int | None = 0
     backend: BackendChoice = "auto"
     memory_limit: str = "80%"
     session_memory_limit: str = ""

@@ -67,6 +67,14 @@ class Guard:
         for key, value in context.invocation_metadata() or ():
             if key == CAPABILITY_KEY and isinstance(value, str):
                 token = value
+        return self.session_of_token(token, claimed)
+
+    def session_of_token(self, token: str, claimed: str = "") -> str:
+        """:meth:`session_of` for a capability shown some other way than in call metadata (the bulk path).
+
+        Raises:
+            RpcRefusal: as :meth:`session_of`.
+        """
         if not token:
             raise RpcRefusal(
                 "unauthenticated",
@@ -177,6 +185,15 @@ class Guard:
             await handler(request.SerializeToString(), context)
 
         return guarded
+
+    def confine_read(self, request: agent_pb2.DownloadRequest, token: str) -> None:
+        """Guard a read of the bulk byte path (:mod:`gpupool.agent.bulk`) as ``DownloadRaw`` is guarded: the
+        capability ``token`` must hold, and the buffer id is qualified with its session (in place).
+
+        Raises:
+            RpcRefusal: as :meth:`session_of`, or bad-request for a buffer id too long.
+        """
+        request.buffer_id = _qualified(self.session_of_token(token), request.buffer_id)
 
     def execute(
         self, handler: Callable[[agent_pb2.ExecuteRequest, Context], Awaitable[agent_pb2.ExecuteReply]]

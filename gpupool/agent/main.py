@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="host clients dial (default: the listen host, or this machine's address)",
     )
     parser.add_argument(
+        "--bulk-port",
+        default="0",
+        metavar="PORT|off",
+        help="port of the bulk byte path other agents read rows from (on the listen host; TLS like the "
+        "data plane); 0 picks one, off reads and serves rows over gRPC only (default %(default)s)",
+    )
+    parser.add_argument(
         "--backend",
         choices=("auto", "cupy", "numpy"),
         default="auto",
@@ -156,6 +163,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         raise UsageError(f"--stall-timeout must be more than zero, not {args.stall_timeout}")
     backend: BackendChoice = args.backend
     return AgentConfig(
+        bulk_port=_bulk_port(args.bulk_port),
         broker=broker_with_password(parse_broker_url(args.broker)),
         insecure=args.insecure,
         agent_id=args.id or new_agent_id(),
@@ -170,6 +178,23 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         heartbeat=args.heartbeat,
         timeouts=Timeouts(stall=args.stall_timeout),
     )
+
+
+def _bulk_port(text: str) -> int | None:
+    """``--bulk-port``: a port, or None for off.
+
+    Raises:
+        UsageError: neither a port nor ``off``.
+    """
+    if text.strip().lower() == "off":
+        return None
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--bulk-port takes a port (0 picks one) or off, not {text!r}")
+    return port
 
 
 async def with_identity(config: AgentConfig, args: argparse.Namespace) -> AgentConfig:

@@ -23,6 +23,7 @@ from gpupool._proto.v1 import control_pb2
 from gpupool._ratelog import RateLimitedLog
 from gpupool._version import __version__
 from gpupool.agent.buffers import BufferRegistry
+from gpupool.agent.bulk import BulkServer
 from gpupool.agent.config import AgentConfig
 from gpupool.agent.discovery import GpuTelemetry
 from gpupool.agent.guard import Guard
@@ -38,6 +39,7 @@ from gpupool.security.pki import fingerprint, load_private_key, load_public_key
 from gpupool.security.signing import sign_message, verify_message
 from gpupool.transport.mqtt import LastWill, MqttSession
 from gpupool.transport.rpc import ServerTLS, format_endpoint, start_server
+from gpupool.transport.tlssocket import server_context
 
 __all__ = ["Agent", "advertised_host", "format_endpoint"]
 
@@ -111,6 +113,7 @@ class Agent:
         self._registered = asyncio.Event()
         self._registry: BufferRegistry | None = None
         self._server: grpc.aio.Server | None = None
+        self._bulk: BulkServer | None = None
         self._session: MqttSession | None = None
         self._identity: Identity | None = None
         self._gpu_telemetry: dict[int, GpuTelemetry] = {}
@@ -224,6 +227,22 @@ class Agent:
         except ConnectError as exc:
             raise UsageError(f"cannot listen on {address} (in use, or not an address of this host)") from exc
         port = parse_endpoint(bound)[1]
+        bulk_port = 0
+        if config.bulk_port is not None:
+            self._bulk = BulkServer(
+                read_rows=service.host_rows,
+                confine=guard.confine_read if guard is not None else None,
+                counters=self._counters,
+                timeouts=config.timeouts,
+                tls=server_context(tls) if tls is not None else None,
+            )
+            try:
+                bulk_port = await self._bulk.start(config.listen_host, config.bulk_port)
+            except OSError as exc:
+                raise UsageError(
+                    f"cannot listen for the bulk path on port {config.bulk_port} of {config.listen_host}: "
+                    f"{exc} (--bulk-port picks another, or off)"
+                ) from exc
         host = advertised_host(config.listen_host, config.advertise, config.broker.host)
         self._identity = Identity(
             agent_id=self.agent_id,
@@ -234,6 +253,7 @@ class Agent:
             backend=setup.backend,
             note=setup.note,
             started=now(),
+            bulk_port=bulk_port,
         )
         offline = self.status()
         offline.state = OFFLINE
@@ -300,6 +320,8 @@ class Agent:
             await self._session.close(final=(self._topics.status(self.agent_id), final))
         if self._server is not None:
             await self._server.stop(self.config.shutdown_grace)
+        if self._bulk is not None:
+            await self._bulk.close()
         if self._peers is not None:
             await self._peers.close()
 

@@ -368,6 +368,21 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             await abort(context, RpcRefusal("bad-request", str(exc)))
         await self._download(parsed, write, context)
 
+    async def host_rows(self, request: agent_pb2.DownloadRequest) -> np.ndarray:
+        """The rows a download asks for, on the host: a view of a host-resident buffer, or a copy from the
+        device. Also what the bulk byte path sends (:mod:`gpupool.agent.bulk`).
+
+        Raises:
+            RpcRefusal: buffer-not-found, bad-request (rows outside the buffer), out-of-memory, kernel-failed.
+        """
+        buffer = self._registry.get(request.buffer_id)
+        worker = self._workers[buffer.worker]
+        rows = _row_range(request, buffer.shape, buffer.buffer_id)
+        if not worker.backend.host_resident:
+            return await worker.call(_to_host, worker, buffer.array, buffer.buffer_id, rows)
+        host: np.ndarray = buffer.array if rows is None else buffer.array[rows[0] : rows[1]]
+        return host
+
     async def _download(
         self,
         request: agent_pb2.DownloadRequest,
@@ -383,12 +398,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         stalled = False
         host: Any = None
         try:
-            buffer = self._registry.get(request.buffer_id)
-            worker = self._workers[buffer.worker]
-            rows = _row_range(request, buffer.shape, buffer.buffer_id)
-            host = buffer.array if rows is None else buffer.array[rows[0] : rows[1]]
-            if not worker.backend.host_resident:
-                host = await worker.call(_to_host, worker, buffer.array, buffer.buffer_id, rows)
+            host = await self.host_rows(request)
             chunk_bytes = min(max(request.chunk_bytes or CHUNK_BYTES, MIN_CHUNK_BYTES), MAX_CHUNK_BYTES)
             stall = self._timeouts.stall
             async with asyncio.timeout(self._timeouts.for_stream(host.nbytes)):

@@ -45,6 +45,7 @@ class Identity:
         backend: ``"cupy"`` or ``"numpy"``.
         note: why this backend (may be empty).
         started: when the agent started.
+        bulk_port: the port of its bulk byte path on the endpoint's host (0: none).
     """
 
     agent_id: str
@@ -55,6 +56,7 @@ class Identity:
     backend: str
     note: str
     started: Timestamp
+    bulk_port: int = 0
 
 
 def build_status(
@@ -77,6 +79,7 @@ def build_status(
         updated=now(),
         note=identity.note,
         started=identity.started,
+        bulk_port=identity.bulk_port,
     )
     for worker in workers:
         usage = registry.usage(worker.index)

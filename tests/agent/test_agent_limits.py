@@ -498,7 +498,21 @@ def test_the_command_line_takes_the_new_limits() -> None:
     assert config.timeouts.stall == 2.5
     assert config.session_limit(1000) == 500
     assert config_from_args(build_parser().parse_args(["--broker", "mqtt://h"])).session_limit(1000) is None
-    for flags in (["--stall-timeout", "0"], ["--session-memory-limit", "lots"]):
+    assert config.bulk_port == 0  # a free port, unless told
+    for text, port in (("off", None), ("OFF", None), ("50053", 50053), ("0", 0)):
+        assert (
+            config_from_args(
+                build_parser().parse_args(["--broker", "mqtt://h", "--bulk-port", text])
+            ).bulk_port
+            == port
+        )
+    for flags in (
+        ["--stall-timeout", "0"],
+        ["--session-memory-limit", "lots"],
+        ["--bulk-port", "65536"],
+        ["--bulk-port", "-1"],
+        ["--bulk-port", "auto"],
+    ):
         with pytest.raises(UsageError):
             config_from_args(build_parser().parse_args(["--broker", "mqtt://h", *flags]))
 

@@ -10,6 +10,7 @@ a pool-CA certificate that it is the agent named; a capability works only for it
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -27,11 +28,14 @@ import gpupool as gp
 from gpupool._proto.v1 import agent_pb2, coordinator_pb2
 from gpupool.client.array import RemoteArray
 from gpupool.local import LocalPool
+from gpupool.protocol import bulk
 from gpupool.protocol.codec import meta_of
+from gpupool.protocol.errors import RpcRefusal
 from gpupool.protocol.rawstream import DOWNLOAD_RAW, SERVICE
 from gpupool.security.capability import issue_capability
 from gpupool.security.pki import agent_dns_name
 from gpupool.transport.rpc import ServerTLS, start_server
+from gpupool.transport.tlssocket import client_context
 
 from .attackers import (
     AgentCalls,
@@ -309,6 +313,101 @@ def test_a_peer_that_cannot_prove_it_is_the_agent_gets_no_request(
     run(attempts(), timeout=120)
     assert served == []
     assert own_ca  # the attacker's CA signed the first certificate, not the pool's
+
+
+# -- the bulk byte path --------------------------------------------------------------------------------------
+
+
+def bulk_port(local: LocalPool, index: int) -> int:
+    """Agent ``index``'s bulk port, as its status gives it to anyone who asks."""
+
+    async def ask() -> int:
+        async with AgentCalls(endpoints(local)[index], agent_ids(local)[index], pool_ca(local)) as agent:
+            reply = await agent.stub.Health(agent_pb2.HealthRequest(), timeout=10)
+            return int(reply.status.bulk_port)
+
+    port = run(ask())
+    assert port > 0
+    return port
+
+
+def bulk_read(local: LocalPool, index: int, buffer_id: str, capability: str) -> np.ndarray | RpcRefusal:
+    """Rows 0..ROWS of ``buffer_id`` read straight from agent ``index``'s bulk path over TLS, showing
+    ``capability``, as a pulling agent (or an attacker) would."""
+    context = client_context(pool_ca(local))
+    with (
+        socket.create_connection(("127.0.0.1", bulk_port(local, index)), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname=agent_dns_name(agent_ids(local)[index])) as sock,
+    ):
+        request = agent_pb2.DownloadRequest(buffer_id=buffer_id, has_rows=True, start=0, stop=ROWS)
+        sock.sendall(bulk.encode_request(request, capability))
+        reply = bulk.read_reply(sock)
+        if isinstance(reply, RpcRefusal):
+            return reply
+        out = np.empty(tuple(reply.shape), np.dtype(reply.dtype))
+        bulk.recv_into(sock, out.reshape(-1).view(np.uint8).data, deadline=time.monotonic() + 30)
+        return out
+
+
+def test_the_bulk_path_reads_only_the_capabilitys_session(
+    local: LocalPool, victim: Victim, attacker: Attacker
+) -> None:
+    a, b = agent_ids(local)
+    on_a = victim.piece_on(a)
+    session = victim.x.session
+    # the victim's own capability reads its rows: the path works, and what follows is refused for cause
+    rows = bulk_read(local, 0, on_a.buffer_id, session.capability_token(a))
+    assert isinstance(rows, np.ndarray)
+    np.testing.assert_array_equal(rows, victim.data[on_a.start : on_a.start + ROWS])
+    cases = {
+        "the attacker's own capability": (on_a.buffer_id, attacker.capabilities[a], "buffer-not-found"),
+        "the victim's session named": (
+            f"{session.id}/{on_a.buffer_id}",
+            attacker.capabilities[a],
+            "buffer-not-found",
+        ),
+        "no capability": (on_a.buffer_id, "", "unauthenticated"),
+        "the victim's capability on the other agent": (
+            on_a.buffer_id,
+            session.capability_token(b),
+            "unauthenticated",
+        ),
+        "a forged capability": (
+            on_a.buffer_id,
+            foreign_capability(session=session.id, agent_id=a),
+            "unauthenticated",
+        ),
+    }
+    for name, (buffer_id, capability, kind) in cases.items():
+        refusal = bulk_read(local, 0, buffer_id, capability)
+        assert isinstance(refusal, RpcRefusal), name
+        assert refusal.kind == kind, (name, refusal.message)
+    np.testing.assert_array_equal(victim.x.get(), victim.data)
+
+
+def test_the_bulk_path_speaks_only_tls(local: LocalPool, victim: Victim) -> None:
+    a = agent_ids(local)[0]
+    on_a = victim.piece_on(a)
+    request = agent_pb2.DownloadRequest(buffer_id=on_a.buffer_id, has_rows=True, start=0, stop=ROWS)
+    with socket.create_connection(("127.0.0.1", bulk_port(local, 0)), timeout=30) as sock:
+        sock.sendall(bulk.encode_request(request, victim.x.session.capability_token(a)))
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(1 << 16):
+                received += chunk
+    assert victim.data.tobytes()[:64] not in received
+    assert b"M" not in received[:1]  # no meta: the handshake failed and the agent hung up
+
+
+def test_large_moves_in_a_secure_pool_take_the_bulk_path_intact(local: LocalPool) -> None:
+    rows = 1024
+    data = np.random.default_rng(7).standard_normal((rows, 512)).astype(np.float32)  # 2 MiB
+    with local.connect() as pool:
+        x = pool.asarray(data, rows=[rows // 2, rows // 2])
+        assert len({piece.agent_id for piece in x.layout}) == 2
+        # reshape across the sharded axis makes each agent pull the other's rows (1 MiB halves)
+        np.testing.assert_array_equal(x.reshape(512, 1024).get(), data.reshape(512, 1024))
+        np.testing.assert_allclose(np.asarray(x.T @ x), data.T @ data, rtol=1e-4, atol=1e-3)
 
 
 # -- PlanMoves ---------------------------------------------------------------------------------------------
