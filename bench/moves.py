@@ -2,7 +2,8 @@
 pulling the other's half straight from it (``Pull``; the client sends two requests, not the bytes), on an
 open pool and on a secure one (TLS, capabilities). The baseline is Dask moving the same two blocks between
 its 2 workers (a LocalCluster of 2 x 1, processes): a task pinned to the other worker for each block, so the
-worker fetches it from its holder, as a computation's dependencies move.
+worker fetches it from its holder, as a computation's dependencies move; plaintext for the open pool, TLS
+(Dask's ``Security.temporary()``) for the secure one, which is also shown against plaintext Dask.
 
 Each contender's rounds interleave with the other's, the first alternating, so load from elsewhere lands
 on all alike; the moved rows are checked against the host array once.
@@ -92,17 +93,17 @@ class _GpupoolSwap:
 class _DaskSwap:
     """Two blocks, freshly scattered one to each worker of a LocalCluster of 2 x 1 (untimed), each then
     fetched by the other worker (timed). Fresh blocks each round: a fetched block stays on the fetching
-    worker as a replica, so fetching the same one again would move nothing."""
+    worker as a replica, so fetching the same one again would move nothing. ``secure``: TLS everywhere."""
 
-    name = "Dask"
-
-    def __init__(self, host: np.ndarray) -> None:
+    def __init__(self, host: np.ndarray, *, secure: bool = False) -> None:
         self._parts = np.split(host, [host.shape[0] // 2])
+        self._secure = secure
+        self.name = "Dask TLS" if secure else "Dask"
 
     def __enter__(self) -> _DaskSwap:
         from bench.workloads import _dask_cluster
 
-        self._cluster, self._client = _dask_cluster()
+        self._cluster, self._client = _dask_cluster(secure=self._secure)
         self._workers = sorted(self._client.scheduler_info()["workers"])
         if len(self._workers) != 2:
             self.__exit__()
@@ -145,6 +146,7 @@ def run(ctx: Context) -> list[Result]:
         dask = _Dask.available()
         if dask:
             contenders.append(stack.enter_context(_DaskSwap(host)))
+            contenders.append(stack.enter_context(_DaskSwap(host, secure=True)))
         samples: dict[str, list[float]] = {c.name: [] for c in contenders}
         for round_ in range(ctx.repeats + 1):
             for contender in contenders if round_ % 2 else contenders[::-1]:
@@ -157,16 +159,19 @@ def run(ctx: Context) -> list[Result]:
 
     note = f"both halves swap agents; median of {ctx.repeats} after a warm-up run"
     results = []
-    for name in ("gpupool", "gpupool TLS"):
+    # Each pool against Dask secured alike; the secure pool against plaintext Dask too (no target).
+    rows = [("gpupool", "Dask", 1.0), ("gpupool TLS", "Dask TLS", 1.0), ("gpupool TLS", "Dask", None)]
+    for name, baseline, target in rows:
+        secure = name.endswith("TLS")
         results.append(
             Result(
                 SECTION,
-                f"move {mib} MiB float32 between 2 agents{', TLS' if name.endswith('TLS') else ''}",
+                f"move {mib} MiB float32 between 2 agents{', TLS' if secure else ''}",
                 gbps(name),
                 "GB/s",
-                baseline_name="Dask worker to worker" if dask else "",
-                baseline=gbps("Dask") if dask else None,
-                target=1.0 if dask else None,
+                baseline_name=f"{baseline} worker to worker" if dask else "",
+                baseline=gbps(baseline) if dask else None,
+                target=target if dask else None,
                 note=note,
                 samples=[host.nbytes / s / 1e9 for s in samples[name]],
             )

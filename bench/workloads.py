@@ -18,19 +18,24 @@ from bench._pools import local_gpupool
 from bench.common import Context, Result, median_time
 
 
-def _dask_cluster():  # type: ignore[no-untyped-def]
+def _dask_cluster(*, secure: bool = False):  # type: ignore[no-untyped-def]
+    """A LocalCluster of 2 workers x 1 thread (processes) and its client; ``secure``: TLS between all of
+    them, with Dask's own temporary certificates (``Security.temporary()``)."""
     import dask
     from distributed import Client, LocalCluster
+    from distributed.security import Security
 
     dask.config.set({"logging.distributed": "error"})
+    security = Security.temporary() if secure else None
     cluster = LocalCluster(
         n_workers=2,
         threads_per_worker=1,
         processes=True,
-        dashboard_address=None,
+        dashboard_address=":0",  # None still takes 8787, and a second cluster then warns that it is in use
         env={"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+        **({"security": security, "protocol": "tls://"} if secure else {}),
     )
-    return cluster, Client(cluster)
+    return cluster, Client(cluster, security=security) if secure else Client(cluster)
 
 
 def _dask_persist_time(client: Any, make: Callable[[], Any], repeats: int) -> float:

@@ -17,6 +17,7 @@ def test_the_moves_section_swaps_halves_through_gpupool_and_dask() -> None:
     assert [row.name for row in rows] == [
         "move 16 MiB float32 between 2 agents",
         "move 16 MiB float32 between 2 agents, TLS",
+        "move 16 MiB float32 between 2 agents, TLS",  # against Dask with TLS, then plaintext Dask
     ]
     for row in rows:
         assert row.value > 0
