@@ -13,7 +13,18 @@ from gpupool.client.operands import INLINE_LIMIT
 
 
 def used(pool: gp.Pool) -> int:
-    return sum(a.memory_used for a in pool.agents())
+    """Bytes the pool's agents hold, once their reports have settled: agents report memory shortly after
+    it changes (a few hundredths of a second, at most 5 times a second), so a read right after an upload
+    may not show it yet. Two equal reads 0.5 s apart, within 10 s."""
+    deadline = time.monotonic() + 10
+    last = sum(a.memory_used for a in pool.agents())
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = sum(a.memory_used for a in pool.agents())
+        if now == last:
+            break
+        last = now
+    return last
 
 
 def test_ops_are_pending_until_a_result_is_needed(pool: gp.Pool) -> None:
