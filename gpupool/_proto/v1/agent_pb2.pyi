@@ -102,7 +102,7 @@ class Operand(_message.Message):
     def __init__(self, buffer: _Optional[str] = ..., scalar: _Optional[_Union[Scalar, _Mapping]] = ..., constant: _Optional[_Union[Constant, _Mapping]] = ...) -> None: ...
 
 class Op(_message.Message):
-    __slots__ = ("op", "inputs", "output", "expect", "has_axis", "axis", "params", "axes", "keepdims")
+    __slots__ = ("op", "inputs", "output", "expect", "has_axis", "axis", "params", "axes", "keepdims", "kernel", "loop", "outputs", "expects")
     OP_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,10 @@ class Op(_message.Message):
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     AXES_FIELD_NUMBER: _ClassVar[int]
     KEEPDIMS_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_FIELD_NUMBER: _ClassVar[int]
+    LOOP_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTS_FIELD_NUMBER: _ClassVar[int]
     op: str
     inputs: _containers.RepeatedCompositeFieldContainer[Operand]
     output: str
@@ -121,7 +125,59 @@ class Op(_message.Message):
     params: _containers.RepeatedScalarFieldContainer[int]
     axes: _containers.RepeatedScalarFieldContainer[int]
     keepdims: bool
-    def __init__(self, op: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Operand, _Mapping]]] = ..., output: _Optional[str] = ..., expect: _Optional[_Union[ArrayMeta, _Mapping]] = ..., has_axis: _Optional[bool] = ..., axis: _Optional[int] = ..., params: _Optional[_Iterable[int]] = ..., axes: _Optional[_Iterable[int]] = ..., keepdims: _Optional[bool] = ...) -> None: ...
+    kernel: Kernel
+    loop: Loop
+    outputs: _containers.RepeatedScalarFieldContainer[str]
+    expects: _containers.RepeatedCompositeFieldContainer[ArrayMeta]
+    def __init__(self, op: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Operand, _Mapping]]] = ..., output: _Optional[str] = ..., expect: _Optional[_Union[ArrayMeta, _Mapping]] = ..., has_axis: _Optional[bool] = ..., axis: _Optional[int] = ..., params: _Optional[_Iterable[int]] = ..., axes: _Optional[_Iterable[int]] = ..., keepdims: _Optional[bool] = ..., kernel: _Optional[_Union[Kernel, _Mapping]] = ..., loop: _Optional[_Union[Loop, _Mapping]] = ..., outputs: _Optional[_Iterable[str]] = ..., expects: _Optional[_Iterable[_Union[ArrayMeta, _Mapping]]] = ...) -> None: ...
+
+class Kernel(_message.Message):
+    __slots__ = ("kind", "name", "in_params", "out_params", "operation", "map_expr", "reduce_expr", "post_map_expr", "identity", "preamble", "code", "grid", "block", "options", "shared_mem")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    IN_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    OUT_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    OPERATION_FIELD_NUMBER: _ClassVar[int]
+    MAP_EXPR_FIELD_NUMBER: _ClassVar[int]
+    REDUCE_EXPR_FIELD_NUMBER: _ClassVar[int]
+    POST_MAP_EXPR_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    PREAMBLE_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    GRID_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEM_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    name: str
+    in_params: str
+    out_params: str
+    operation: str
+    map_expr: str
+    reduce_expr: str
+    post_map_expr: str
+    identity: str
+    preamble: str
+    code: str
+    grid: _containers.RepeatedScalarFieldContainer[int]
+    block: _containers.RepeatedScalarFieldContainer[int]
+    options: _containers.RepeatedScalarFieldContainer[str]
+    shared_mem: int
+    def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., in_params: _Optional[str] = ..., out_params: _Optional[str] = ..., operation: _Optional[str] = ..., map_expr: _Optional[str] = ..., reduce_expr: _Optional[str] = ..., post_map_expr: _Optional[str] = ..., identity: _Optional[str] = ..., preamble: _Optional[str] = ..., code: _Optional[str] = ..., grid: _Optional[_Iterable[int]] = ..., block: _Optional[_Iterable[int]] = ..., options: _Optional[_Iterable[str]] = ..., shared_mem: _Optional[int] = ...) -> None: ...
+
+class Loop(_message.Message):
+    __slots__ = ("trips", "counter", "carry", "body", "next")
+    TRIPS_FIELD_NUMBER: _ClassVar[int]
+    COUNTER_FIELD_NUMBER: _ClassVar[int]
+    CARRY_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    NEXT_FIELD_NUMBER: _ClassVar[int]
+    trips: int
+    counter: str
+    carry: _containers.RepeatedScalarFieldContainer[str]
+    body: _containers.RepeatedCompositeFieldContainer[Op]
+    next: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, trips: _Optional[int] = ..., counter: _Optional[str] = ..., carry: _Optional[_Iterable[str]] = ..., body: _Optional[_Iterable[_Union[Op, _Mapping]]] = ..., next: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExecuteRequest(_message.Message):
     __slots__ = ("worker", "ops", "fetch", "free", "session")

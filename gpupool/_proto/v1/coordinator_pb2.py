@@ -27,7 +27,7 @@ from gpupool._proto.v1 import agent_pb2 as gpupool_dot_v1_dot_agent__pb2
 from gpupool._proto.v1 import control_pb2 as gpupool_dot_v1_dot_control__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cgpupool/v1/coordinator.proto\x12\ngpupool.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16gpupool/v1/agent.proto\x1a\x18gpupool/v1/control.proto\"8\n\x0e\x43onnectRequest\x12\x0e\n\x06\x63lient\x18\x01 \x01(\t\x12\x16\n\x0e\x63lient_version\x18\x02 \x01(\t\"\x81\x01\n\x0c\x43onnectReply\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x1b\n\x13\x63oordinator_version\x18\x02 \x01(\t\x12\x14\n\x0cready_agents\x18\x03 \x01(\r\x12\x16\n\x0e\x63\x61_certificate\x18\x04 \x01(\t\x12\x15\n\rlease_seconds\x18\x05 \x01(\x01\"\x1f\n\x0cRenewRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\";\n\nRenewReply\x12\x15\n\rlease_seconds\x18\x01 \x01(\x01\x12\x16\n\x0eoffline_agents\x18\x02 \x03(\t\"2\n\x0cGrantRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x11\n\tagent_ids\x18\x02 \x03(\t\">\n\nCapability\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07\x65xpires\x18\x03 \x01(\x01\":\n\nGrantReply\x12,\n\x0c\x63\x61pabilities\x18\x01 \x03(\x0b\x32\x16.gpupool.v1.Capability\"-\n\x0c\x45nrolRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\x12\x0c\n\x04name\x18\x02 \x01(\t\"\xb3\x01\n\nEnrolReply\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x02 \x01(\x0c\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x03 \x01(\x0c\x12\x1a\n\x12\x63\x61pability_key_pem\x18\x04 \x01(\x0c\x12\x15\n\rmqtt_username\x18\x05 \x01(\t\x12\x15\n\rmqtt_password\x18\x06 \x01(\t\x12\x14\n\x0ctopic_prefix\x18\x07 \x01(\t\"$\n\x11\x44isconnectRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"\x11\n\x0f\x44isconnectReply\",\n\x11ListAgentsRequest\x12\x17\n\x0finclude_offline\x18\x01 \x01(\x08\"\x81\x01\n\x0b\x41gentRecord\x12\'\n\x06status\x18\x01 \x01(\x0b\x32\x17.gpupool.v1.AgentStatus\x12-\n\ttelemetry\x18\x02 \x01(\x0b\x32\x1a.gpupool.v1.AgentTelemetry\x12\x1a\n\x12seconds_since_seen\x18\x03 \x01(\x01\"k\n\x0fListAgentsReply\x12\'\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x17.gpupool.v1.AgentRecord\x12\x18\n\x10\x62roker_connected\x18\x02 \x01(\x08\x12\x15\n\rbroker_detail\x18\x03 \x01(\t\"\\\n\x0cPlaceRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12#\n\x04meta\x18\x02 \x01(\x0b\x32\x15.gpupool.v1.ArrayMeta\x12\x16\n\x0e\x65xclude_agents\x18\x03 \x03(\t\"\x8d\x01\n\x0eShardPlacement\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x0e\n\x06worker\x18\x03 \x01(\r\x12\r\n\x05start\x18\x04 \x01(\x03\x12\x0c\n\x04stop\x18\x05 \x01(\x03\x12*\n\ncapability\x18\x06 \x01(\x0b\x32\x16.gpupool.v1.Capability\"8\n\nPlaceReply\x12*\n\x06shards\x18\x01 \x03(\x0b\x32\x1a.gpupool.v1.ShardPlacement\"\x1e\n\x0fListJobsRequest\x12\x0b\n\x03\x61ll\x18\x01 \x01(\x08\"\xe9\x01\n\x07JobInfo\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63lient\x18\x02 \x01(\t\x12+\n\x07started\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05state\x18\x04 \x01(\t\x12\x15\n\rarrays_placed\x18\x05 \x01(\r\x12\x14\n\x0c\x62ytes_placed\x18\x06 \x01(\x04\x12\x14\n\x0c\x65nded_reason\x18\x07 \x01(\t\x12+\n\x07renewed\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ntoken_name\x18\t \x01(\t\"\x1f\n\rEndJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"/\n\x0b\x45ndJobReply\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.gpupool.v1.JobInfo\"2\n\rListJobsReply\x12!\n\x04jobs\x18\x01 \x03(\x0b\x32\x13.gpupool.v1.JobInfo\"0\n\x0c\x41\x64minRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"H\n\nAdminReply\x12&\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x17.gpupool.v1.AgentStatus\x12\x12\n\ncommand_id\x18\x02 \x01(\t\"K\n\nMoveSource\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\r\x12\r\n\x05start\x18\x03 \x01(\x03\x12\x0c\n\x04stop\x18\x04 \x01(\x03\"\x89\x01\n\x10PlanMovesRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12#\n\x04meta\x18\x02 \x01(\x0b\x32\x15.gpupool.v1.ArrayMeta\x12\'\n\x07sources\x18\x03 \x03(\x0b\x32\x16.gpupool.v1.MoveSource\x12\x16\n\x0e\x65xclude_agents\x18\x04 \x03(\t\"U\n\x07Segment\x12\x0e\n\x06target\x18\x01 \x01(\r\x12\x0e\n\x06source\x18\x02 \x01(\r\x12\r\n\x05start\x18\x03 \x01(\x03\x12\x0c\n\x04stop\x18\x04 \x01(\x03\x12\r\n\x05moved\x18\x05 \x01(\x08\"d\n\x0ePlanMovesReply\x12+\n\x07targets\x18\x01 \x03(\x0b\x32\x1a.gpupool.v1.ShardPlacement\x12%\n\x08segments\x18\x02 \x03(\x0b\x32\x13.gpupool.v1.Segment2\xd9\x04\n\x0b\x43oordinator\x12?\n\x07\x43onnect\x12\x1a.gpupool.v1.ConnectRequest\x1a\x18.gpupool.v1.ConnectReply\x12H\n\nDisconnect\x12\x1d.gpupool.v1.DisconnectRequest\x1a\x1b.gpupool.v1.DisconnectReply\x12\x39\n\x05Renew\x12\x18.gpupool.v1.RenewRequest\x1a\x16.gpupool.v1.RenewReply\x12\x39\n\x05Grant\x12\x18.gpupool.v1.GrantRequest\x1a\x16.gpupool.v1.GrantReply\x12H\n\nListAgents\x12\x1d.gpupool.v1.ListAgentsRequest\x1a\x1b.gpupool.v1.ListAgentsReply\x12\x39\n\x05Place\x12\x18.gpupool.v1.PlaceRequest\x1a\x16.gpupool.v1.PlaceReply\x12\x45\n\tPlanMoves\x12\x1c.gpupool.v1.PlanMovesRequest\x1a\x1a.gpupool.v1.PlanMovesReply\x12\x42\n\x08ListJobs\x12\x1b.gpupool.v1.ListJobsRequest\x1a\x19.gpupool.v1.ListJobsReply\x12\x39\n\x05\x45nrol\x12\x18.gpupool.v1.EnrolRequest\x1a\x16.gpupool.v1.EnrolReply2\xb6\x02\n\x05\x41\x64min\x12\x39\n\x05\x44rain\x12\x18.gpupool.v1.AdminRequest\x1a\x16.gpupool.v1.AdminReply\x12:\n\x06\x43ordon\x12\x18.gpupool.v1.AdminRequest\x1a\x16.gpupool.v1.AdminReply\x12<\n\x08Uncordon\x12\x18.gpupool.v1.AdminRequest\x1a\x16.gpupool.v1.AdminReply\x12:\n\x06\x46orget\x12\x18.gpupool.v1.AdminRequest\x1a\x16.gpupool.v1.AdminReply\x12<\n\x06\x45ndJob\x12\x19.gpupool.v1.EndJobRequest\x1a\x17.gpupool.v1.EndJobReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cgpupool/v1/coordinator.proto\x12\ngpupool.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16gpupool/v1/agent.proto\x1a\x18gpupool/v1/control.proto\"8\n\x0e\x43onnectRequest\x12\x0e\n\x06\x63lient\x18\x01 \x01(\t\x12\x16\n\x0e\x63lient_version\x18\x02 \x01(\t\"\x81\x01\n\x0c\x43onnectReply\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x1b\n\x13\x63oordinator_version\x18\x02 \x01(\t\x12\x14\n\x0cready_agents\x18\x03 \x01(\r\x12\x16\n\x0e\x63\x61_certificate\x18\x04 \x01(\t\x12\x15\n\rlease_seconds\x18\x05 \x01(\x01\"\x1f\n\x0cRenewRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\";\n\nRenewReply\x12\x15\n\rlease_seconds\x18\x01 \x01(\x01\x12\x16\n\x0eoffline_agents\x18\x02 \x03(\t\"2\n\x0cGrantRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x11\n\tagent_ids\x18\x02 \x03(\t\">\n\nCapability\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07\x65xpires\x18\x03 \x01(\x01\":\n\nGrantReply\x12,\n\x0c\x63\x61pabilities\x18\x01 \x03(\x0b\x32\x16.gpupool.v1.Capability\"-\n\x0c\x45nrolRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\x12\x0c\n\x04name\x18\x02 \x01(\t\"\xb3\x01\n\nEnrolReply\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x02 \x01(\x0c\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x03 \x01(\x0c\x12\x1a\n\x12\x63\x61pability_key_pem\x18\x04 \x01(\x0c\x12\x15\n\rmqtt_username\x18\x05 \x01(\t\x12\x15\n\rmqtt_password\x18\x06 \x01(\t\x12\x14\n\x0ctopic_prefix\x18\x07 \x01(\t\"$\n\x11\x44isconnectRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"\x11\n\x0f\x44isconnectReply\",\n\x11ListAgentsRequest\x12\x17\n\x0finclude_offline\x18\x01 \x01(\x08\"\x81\x01\n\x0b\x41gentRecord\x12\'\n\x06status\x18\x01 \x01(\x0b\x32\x17.gpupool.v1.AgentStatus\x12-\n\ttelemetry\x18\x02 \x01(\x0b\x32\x1a.gpupool.v1.AgentTelemetry\x12\x1a\n\x12seconds_since_seen\x18\x03 \x01(\x01\"k\n\x0fListAgentsReply\x12\'\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x17.gpupool.v1.AgentRecord\x12\x18\n\x10\x62roker_connected\x18\x02 \x01(\x08\x12\x15\n\rbroker_detail\x18\x03 \x01(\t\"m\n\x0cPlaceRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12#\n\x04meta\x18\x02 \x01(\x0b\x32\x15.gpupool.v1.ArrayMeta\x12\x16\n\x0e\x65xclude_agents\x18\x03 \x03(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\"\x8d\x01\n\x0eShardPlacement\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x0e\n\x06worker\x18\x03 \x01(\r\x12\r\n\x05start\x18\x04 \x01(\x03\x12\x0c\n\x04stop\x18\x05 \x01(\x03\x12*\n\ncapability\x18\x06 \x01(\x0b\x32\x16.gpupool.v1.Capability\"8\n\nPlaceReply\x12*\n\x06shards\x18\x01 \x03(\x0b\x32\x1a.gpupool.v1.ShardPlacement\"\x1e\n\x0fListJobsRequest\x12\x0b\n\x03\x61ll\x18\x01 \x01(\x08\"\xe9\x01\n\x07JobInfo\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63lient\x18\x02 \x01(\t\x12+\n\x07started\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05state\x18\x04 \x01(\t\x12\x15\n\rarrays_placed\x18\x05 \x01(\r\x12\x14\n\x0c\x62ytes_placed\x18\x06 \x01(\x04\x12\x14\n\x0c\x65nded_reason\x18\x07 \x01(\t\x12+\n\x07renewed\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ntoken_name\x18\t \x01(\t\"\x1f\n\rEndJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"/\n\x0b\x45ndJobReply\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.gpupool.v1.JobInfo\"2\n\rListJobsReply\x12!\n\x04jobs\x18\x01 \x03(\x0b\x32\x13.gpupool.v1.JobInfo\"0\n\x0c\x41\x64minRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"H\n\nAdminReply\x12&\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x17.gpupool.v1.AgentStatus\x12\x12\n\ncommand_id\x18\x02 \x01(\t\"K\n\nMoveSource\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\r\x12\r\n\x05start\x18\x03 \x01(\x03\x12\x0c\n\x04stop\x18\x04 \x01(\x03\"\x89\x01\n\x10PlanMovesRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12#\n\x04meta\x18\x02 \x01(\x0b\x32\x15.gpupool.v1.ArrayMeta\x12\'\n\x07sources\x18\x03 \x03(\x0b\x32\x16.gpupool.v1.MoveSource\x12\x16\n\x0e\x65xclude_agents\x18\x04 \x03(\t\"U\n\x07Segment\x12\x0e\n\x06target\x18\x01 \x01(\r\x12\x0e\n\x06source\x18\x02 \x01(\r\x12\r\n\x05start\x18\x03 \x01(\x03\x12\x0c\n\x04stop\x18\x04 \x01(\x03\x12\r\n\x05moved\x18\x05 \x01(\x08\"d\n\x0ePlanMovesReply\x12+\n\x07targets\x18\x01 \x03(\x0b\x32\x1a.gpupool.v1.ShardPlacement\x12%\n\x08segments\x18\x02 \x03(\x0b\x32\x13.gpupool.v1.Segment2\xd9\x04\n\x0b\x43oordinator\x12?\n\x07\x43onnect\x12\x1a.gpupool.v1.ConnectRequest\x1a\x18.gpupool.v1.ConnectReply\x12H\n\nDisconnect\x12\x1d.gpupool.v1.DisconnectRequest\x1a\x1b.gpupool.v1.DisconnectReply\x12\x39\n\x05Renew\x12\x18.gpupool.v1.RenewRequest\x1a\x16.gpupool.v1.RenewReply\x12\x39\n\x05Grant\x12\x18.gpupool.v1.GrantRequest\x1a\x16.gpupool.v1.GrantReply\x12H\n\nListAgents\x12\x1d.gpupool.v1.ListAgentsRequest\x1a\x1b.gpupool.v1.ListAgentsReply\x12\x39\n\x05Place\x12\x18.gpupool.v1.PlaceRequest\x1a\x16.gpupool.v1.PlaceReply\x12\x45\n\tPlanMoves\x12\x1c.gpupool.v1.PlanMovesRequest\x1a\x1a.gpupool.v1.PlanMovesReply\x12\x42\n\x08ListJobs\x12\x1b.gpupool.v1.ListJobsRequest\x1a\x19.gpupool.v1.ListJobsReply\x12\x39\n\x05\x45nrol\x12\x18.gpupool.v1.EnrolRequest\x1a\x16.gpupool.v1.EnrolReply2\xb6\x02\n\x05\x41\x64min\x12\x39\n\x05\x44rain\x12\x18.gpupool.v1.AdminRequest\x1a\x16.gpupool.v1.AdminReply\x12:\n\x06\x43ordon\x12\x18.gpupool.v1.AdminRequest\x1a\x16.gpupool.v1.AdminReply\x12<\n\x08Uncordon\x12\x18.gpupool.v1.AdminRequest\x1a\x16.gpupool.v1.AdminReply\x12:\n\x06\x46orget\x12\x18.gpupool.v1.AdminRequest\x1a\x16.gpupool.v1.AdminReply\x12<\n\x06\x45ndJob\x12\x19.gpupool.v1.EndJobRequest\x1a\x17.gpupool.v1.EndJobReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -63,35 +63,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTAGENTSREPLY']._serialized_start=1051
   _globals['_LISTAGENTSREPLY']._serialized_end=1158
   _globals['_PLACEREQUEST']._serialized_start=1160
-  _globals['_PLACEREQUEST']._serialized_end=1252
-  _globals['_SHARDPLACEMENT']._serialized_start=1255
-  _globals['_SHARDPLACEMENT']._serialized_end=1396
-  _globals['_PLACEREPLY']._serialized_start=1398
-  _globals['_PLACEREPLY']._serialized_end=1454
-  _globals['_LISTJOBSREQUEST']._serialized_start=1456
-  _globals['_LISTJOBSREQUEST']._serialized_end=1486
-  _globals['_JOBINFO']._serialized_start=1489
-  _globals['_JOBINFO']._serialized_end=1722
-  _globals['_ENDJOBREQUEST']._serialized_start=1724
-  _globals['_ENDJOBREQUEST']._serialized_end=1755
-  _globals['_ENDJOBREPLY']._serialized_start=1757
-  _globals['_ENDJOBREPLY']._serialized_end=1804
-  _globals['_LISTJOBSREPLY']._serialized_start=1806
-  _globals['_LISTJOBSREPLY']._serialized_end=1856
-  _globals['_ADMINREQUEST']._serialized_start=1858
-  _globals['_ADMINREQUEST']._serialized_end=1906
-  _globals['_ADMINREPLY']._serialized_start=1908
-  _globals['_ADMINREPLY']._serialized_end=1980
-  _globals['_MOVESOURCE']._serialized_start=1982
-  _globals['_MOVESOURCE']._serialized_end=2057
-  _globals['_PLANMOVESREQUEST']._serialized_start=2060
-  _globals['_PLANMOVESREQUEST']._serialized_end=2197
-  _globals['_SEGMENT']._serialized_start=2199
-  _globals['_SEGMENT']._serialized_end=2284
-  _globals['_PLANMOVESREPLY']._serialized_start=2286
-  _globals['_PLANMOVESREPLY']._serialized_end=2386
-  _globals['_COORDINATOR']._serialized_start=2389
-  _globals['_COORDINATOR']._serialized_end=2990
-  _globals['_ADMIN']._serialized_start=2993
-  _globals['_ADMIN']._serialized_end=3303
+  _globals['_PLACEREQUEST']._serialized_end=1269
+  _globals['_SHARDPLACEMENT']._serialized_start=1272
+  _globals['_SHARDPLACEMENT']._serialized_end=1413
+  _globals['_PLACEREPLY']._serialized_start=1415
+  _globals['_PLACEREPLY']._serialized_end=1471
+  _globals['_LISTJOBSREQUEST']._serialized_start=1473
+  _globals['_LISTJOBSREQUEST']._serialized_end=1503
+  _globals['_JOBINFO']._serialized_start=1506
+  _globals['_JOBINFO']._serialized_end=1739
+  _globals['_ENDJOBREQUEST']._serialized_start=1741
+  _globals['_ENDJOBREQUEST']._serialized_end=1772
+  _globals['_ENDJOBREPLY']._serialized_start=1774
+  _globals['_ENDJOBREPLY']._serialized_end=1821
+  _globals['_LISTJOBSREPLY']._serialized_start=1823
+  _globals['_LISTJOBSREPLY']._serialized_end=1873
+  _globals['_ADMINREQUEST']._serialized_start=1875
+  _globals['_ADMINREQUEST']._serialized_end=1923
+  _globals['_ADMINREPLY']._serialized_start=1925
+  _globals['_ADMINREPLY']._serialized_end=1997
+  _globals['_MOVESOURCE']._serialized_start=1999
+  _globals['_MOVESOURCE']._serialized_end=2074
+  _globals['_PLANMOVESREQUEST']._serialized_start=2077
+  _globals['_PLANMOVESREQUEST']._serialized_end=2214
+  _globals['_SEGMENT']._serialized_start=2216
+  _globals['_SEGMENT']._serialized_end=2301
+  _globals['_PLANMOVESREPLY']._serialized_start=2303
+  _globals['_PLANMOVESREPLY']._serialized_end=2403
+  _globals['_COORDINATOR']._serialized_start=2406
+  _globals['_COORDINATOR']._serialized_end=3007
+  _globals['_ADMIN']._serialized_start=3010
+  _globals['_ADMIN']._serialized_end=3320
 # @@protoc_insertion_point(module_scope)

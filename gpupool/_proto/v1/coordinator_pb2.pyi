@@ -134,14 +134,16 @@ class ListAgentsReply(_message.Message):
     def __init__(self, agents: _Optional[_Iterable[_Union[AgentRecord, _Mapping]]] = ..., broker_connected: _Optional[bool] = ..., broker_detail: _Optional[str] = ...) -> None: ...
 
 class PlaceRequest(_message.Message):
-    __slots__ = ("session", "meta", "exclude_agents")
+    __slots__ = ("session", "meta", "exclude_agents", "backend")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_AGENTS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     session: str
     meta: _agent_pb2.ArrayMeta
     exclude_agents: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, session: _Optional[str] = ..., meta: _Optional[_Union[_agent_pb2.ArrayMeta, _Mapping]] = ..., exclude_agents: _Optional[_Iterable[str]] = ...) -> None: ...
+    backend: str
+    def __init__(self, session: _Optional[str] = ..., meta: _Optional[_Union[_agent_pb2.ArrayMeta, _Mapping]] = ..., exclude_agents: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class ShardPlacement(_message.Message):
     __slots__ = ("agent_id", "endpoint", "worker", "start", "stop", "capability")
