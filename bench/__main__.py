@@ -1,7 +1,8 @@
 """``scripts/bench``: every section in one run, a table on stdout, JSON with ``--json PATH``.
 
 Sections: transfer, overhead, tls (a secure pool against an open one), workloads, numpy (everyday NumPy
-code on a resident array), fleet, gpu (skipped without CuPy and a CUDA device).
+code on a resident array), tasks (``pool.map``: tiny tasks and a sweep of trainings), fleet, gpu (skipped
+without CuPy and a CUDA device).
 Every figure is a median over repeated runs; every comparison is a ratio against a baseline measured in
 the same run, on the same machine.
 """
@@ -16,7 +17,7 @@ import traceback
 
 from bench.common import Context, Result, machine, render, write_json
 
-SECTIONS = ("transfer", "moves", "overhead", "tls", "workloads", "numpy", "fleet", "gpu")
+SECTIONS = ("transfer", "moves", "overhead", "tls", "workloads", "numpy", "tasks", "fleet", "gpu")
 MODULES = {"numpy": "numpy_workloads"}  # a section whose module is not named after it
 
 

@@ -4,6 +4,7 @@
 
     gpupool up [--agents N] [--broker URL] [--port 50051]    a whole pool here, in the foreground
     gpupool demo                                             a sharded workload checked against NumPy
+    gpupool demo --sweep [--quick]                           32 trainings via pool.map, checked likewise
     gpupool status | agents [--json] [--all] | jobs          what the coordinator knows
     gpupool drain | cordon | uncordon | forget AGENT         change an agent's state, or remove it
     gpupool jobs end JOB                                     end a client session
@@ -96,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--rows", type=int, default=50_001, help="rows of the input matrix (default 50001)")
     sub.add_argument("--cols", type=int, default=512, help="columns of the input matrix (default 512)")
     sub.add_argument("--backend", choices=["auto", "cupy", "numpy"], default="auto", help="agents' backend")
+    sub.add_argument(
+        "--sweep",
+        action="store_true",
+        help="run examples/sweep.py (32 trainings via pool.map) instead, each checked against NumPy",
+    )
+    sub.add_argument("--quick", action="store_true", help="with --sweep: a small sweep (8 trainings)")
     sub.set_defaults(handler=_run_demo)
 
     sub = commands.add_parser("status", parents=[connection], help="a summary of the pool")
@@ -150,9 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from gpupool.cli import demo  # imports the client library; only the demo needs it
+    from gpupool.cli import demo, sweep  # import the client library; only the demo needs it
 
-    return demo.run(args)
+    return sweep.run(args) if args.sweep else demo.run(args)
 
 
 def _operator(handler: Handler) -> Handler:
