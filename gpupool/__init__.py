@@ -45,6 +45,7 @@ from gpupool.client import AgentInfo, GpuInfo, Pool, RemoteArray, Shard, compute
 from gpupool.client.coverage import coverage
 from gpupool.client.current import current_pool
 from gpupool.client.values import PendingValue
+from gpupool.kernels import ElementwiseKernel, RawKernel, ReductionKernel
 
 #: The Array API standard this namespace implements (``x.__array_namespace__()`` is this package).
 __array_api_version__ = "2024.12"
@@ -59,6 +60,7 @@ __all__ = [
     "ConnectError",
     "DeadlineExceeded",
     "DeviceOutOfMemory",
+    "ElementwiseKernel",
     "FrameDecodeError",
     "GpuInfo",
     "GpupoolError",
@@ -68,6 +70,8 @@ __all__ = [
     "PlacementError",
     "Pool",
     "ProtocolError",
+    "RawKernel",
+    "ReductionKernel",
     "RemoteArray",
     "RemoteError",
     "RemoteKernelError",

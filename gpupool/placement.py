@@ -8,12 +8,23 @@ worker of the pool on each Place call and so keeps its per-worker Python work sm
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from gpupool._errors import NoCapacity, PlacementError
 
-__all__ = ["MIN_SHARD_BYTES", "RowShard", "WorkerCapacity", "place_rows", "split_rows"]
+__all__ = [
+    "BACKENDS",
+    "MIN_SHARD_BYTES",
+    "RowShard",
+    "WorkerCapacity",
+    "agents_without_backend",
+    "place_rows",
+    "split_rows",
+]
+
+#: The backends a placement may ask for ("" for any).
+BACKENDS = ("", "cupy", "numpy")
 
 #: The coordinator's default smallest shard worth its own worker: below it, one more round trip per op
 #: costs more than the parallel work saves (a 1,000-element array goes to one worker, not two).
@@ -94,6 +105,27 @@ def place_rows(
         worker = laid_out[position]
         shards.append(RowShard(worker.agent_id, worker.endpoint, worker.worker, start, stop))
     return shards
+
+
+def agents_without_backend(agents: Iterable[tuple[str, str, Sequence[str]]], backend: str) -> list[str]:
+    """The ids of the agents that cannot take work needing ``backend`` ("" needs none: no agent).
+
+    ``agents`` gives each agent's id, its status's backend and its workers' backends; an agent takes the
+    work only if every worker of it runs ``backend`` (a worker that names none runs the agent's).
+
+    Raises:
+        PlacementError: a backend other than those of :data:`BACKENDS`.
+    """
+    if backend not in BACKENDS:
+        raise PlacementError(f"unknown backend {backend!r}; known: 'cupy', 'numpy' or '' for any")
+    if not backend:
+        return []
+    return [
+        agent_id
+        for agent_id, agent_backend, worker_backends in agents
+        if (agent_backend != backend and not worker_backends)
+        or any((w or agent_backend) != backend for w in worker_backends)
+    ]
 
 
 def split_rows(

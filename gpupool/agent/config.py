@@ -31,6 +31,7 @@ class AgentConfig:
         bulk_port: the port of the bulk byte path other agents read rows from, on ``listen_host``
             (0 picks a free one); None for none (rows go over gRPC only).
         backend: ``auto`` (CuPy where CUDA works, else NumPy), ``cupy`` (fail without CUDA) or ``numpy``.
+        allow_kernels: run users' CUDA kernels (op ``kernel``); refused with permission-denied otherwise.
         memory_limit: per worker, a percentage of the GPU's memory (of host RAM for a NumPy worker)
             or a size (``80%``, ``6GiB``, ``1000000``).
         session_memory_limit: per worker, the most one session may hold there, resident and reserved:
@@ -52,6 +53,7 @@ class AgentConfig:
     advertise: str = ""
     bulk_port: int | None = 0
     backend: BackendChoice = "auto"
+    allow_kernels: bool = False
     memory_limit: str = "80%"
     session_memory_limit: str = ""
     topic_prefix: str = DEFAULT_TOPIC_PREFIX

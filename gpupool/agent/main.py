@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: CuPy where CUDA works, else NumPy (default %(default)s)",
     )
     parser.add_argument(
+        "--allow-kernels",
+        action="store_true",
+        help="run users' CUDA kernels (gp.ElementwiseKernel, ReductionKernel, RawKernel) on this rig's "
+        "GPUs: they run in the agent's process and can read any session's device memory (SECURITY.md)",
+    )
+    parser.add_argument(
         "--memory-limit",
         default="80%",
         help="per worker: a share of GPU memory (host RAM for NumPy) or a size (default %(default)s)",
@@ -172,6 +178,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         listen_port=port,
         advertise=args.advertise,
         backend=backend,
+        allow_kernels=args.allow_kernels,
         memory_limit=args.memory_limit,
         session_memory_limit=args.session_memory_limit,
         topic_prefix=args.topic_prefix,

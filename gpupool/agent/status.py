@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from gpupool._proto.v1 import control_pb2
+from gpupool.agent import kernel_cache
 from gpupool.agent.buffers import BufferRegistry
 from gpupool.agent.discovery import GpuTelemetry
 from gpupool.agent.workers import Worker
@@ -25,11 +26,17 @@ def now() -> Timestamp:
 
 @dataclass(slots=True)
 class Counters:
-    """Work done since start, reported in telemetry. Updated on the event loop only."""
+    """Work done since start, reported in telemetry. Updated on the event loop only.
+
+    The kernel counts are those of kernels run outside this process (worker processes report theirs
+    here); telemetry adds this process's own kernel cache (:func:`gpupool.agent.kernel_cache.counts`).
+    """
 
     ops_executed: int = 0
     bytes_received: int = 0
     bytes_sent: int = 0
+    kernel_cache_hits: int = 0
+    kernel_compiles: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -106,6 +113,7 @@ def build_telemetry(
     counters: Counters,
 ) -> control_pb2.AgentTelemetry:
     """One telemetry report; ``gpu_telemetry`` is by worker index (absent for NumPy workers)."""
+    kernels = kernel_cache.counts()
     report = control_pb2.AgentTelemetry(
         schema_version=SCHEMA_VERSION,
         agent_id=agent_id,
@@ -113,6 +121,8 @@ def build_telemetry(
         ops_executed=counters.ops_executed,
         bytes_received=counters.bytes_received,
         bytes_sent=counters.bytes_sent,
+        kernel_cache_hits=counters.kernel_cache_hits + kernels.hits,
+        kernel_compiles=counters.kernel_compiles + kernels.compiles,
     )
     for worker in workers:
         usage = registry.usage(worker.index)

@@ -10,6 +10,7 @@ and a partial, fetch the partials and combine them here.
 from __future__ import annotations
 
 import bisect
+import math
 import weakref
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import replace
@@ -24,6 +25,8 @@ from gpupool.client.graph import (
     GraphArray,
     Node,
     PieceOperand,
+    Round,
+    make_op,
 )
 from gpupool.client.layout import Piece, Place, layout_key, whole_copies
 from gpupool.client.operands import (
@@ -45,6 +48,7 @@ __all__ = [
     "depth_after",
     "elementwise",
     "inplace",
+    "kernel_op",
     "matmul",
     "pending_spec",
     "replicate",
@@ -339,3 +343,65 @@ def inplace(name: str, target: GraphArray, inputs: Sequence[object]) -> ArraySpe
         getattr(np, name)(*probes, out=np.zeros((), target.dtype))  # raises NumPy's UFuncTypeError
         raise TypeError(f"cannot cast {name}'s {spec.dtype} result to {target.dtype} with same_kind casting")
     return replace(spec, dtype=target.dtype)
+
+
+def kernel_op(
+    kernel: agent_pb2.Kernel,
+    inputs: Sequence[object],
+    lead: GraphArray,
+    dtype: np.dtype[Any],
+    shape: tuple[int, ...],
+    shard_shape: Callable[[int], tuple[int, ...]],
+    *,
+    whole: Sequence[bool],
+    axes: Sequence[int] = (),
+    keepdims: bool = False,
+    one_row_each: bool = False,
+) -> ArraySpec:
+    """Run a user's kernel (op ``kernel``) on each shard of ``lead`` now; the spec of its resident result.
+
+    ``inputs`` are the kernel's inputs in order: remote arrays with ``lead``'s rows meet it shard by shard
+    (moved agent to agent if laid out otherwise); those marked ``whole``, and those without ``lead``'s
+    rows, go whole to every shard (host values, or remote ones brought over once); scalars as scalars.
+    Pending inputs are computed in the same program. A shard of ``rows`` rows gives a result of
+    ``shard_shape(rows)``; the whole result has ``shape``, in ``lead``'s layout, or with
+    ``one_row_each`` one row per shard (per-shard partials, the shard's index as its row). An input that
+    is already a per-shard operand (a callable of the shard's piece) is used as it is.
+
+    Raises:
+        UsageError: inputs of different pools; a broadcast input too large to send with each program.
+        RemoteError: an agent refused the kernel (``RemoteKernelError`` with the compiler's log).
+    """
+    session = lead.session
+
+    def carries_rows(v: object) -> bool:
+        return len(_shape(v)) == lead.ndim and lead.ndim > 0 and _shape(v)[0] == lead.shape[0]
+
+    args: list[GraphArray | PieceOperand] = []
+    for value, alone in zip(inputs, whole, strict=True):
+        if callable(value) and not isinstance(value, GraphArray | PendingValue):
+            args.append(value)  # already a per-shard operand
+            continue
+        if not (isinstance(value, PendingValue) and value.pending):
+            value = _normalize(value)
+        if isinstance(value, GraphArray) and value.session is not session:
+            raise UsageError(f"kernel {kernel.name}: operands live in different pools")
+        args.append(_argument(lead, value, aligned=not alone and carries_rows(value)))
+    round_ = Round(session)
+    layout = lead.layout
+    pieces: list[Piece] = []
+    for index, piece in enumerate(layout):
+        builder = round_.builder(layout, index)
+        operands = [buffer_operand(builder.emit(a)) if isinstance(a, GraphArray) else a(piece) for a in args]
+        out = session.new_buffer_id()
+        expected = shard_shape(piece.stop - piece.start)
+        op = make_op("kernel", operands, out, dtype, expected, axes=axes, keepdims=keepdims)
+        op.kernel.CopyFrom(kernel)
+        builder.program.ops.append(op)
+        placed = piece.with_buffer(out)
+        builder.program.creates.append(placed)
+        elements = (piece.stop - piece.start) * math.prod(lead.shape[1:])
+        builder.program.work_bytes += elements * lead.dtype.itemsize * (1 + len(args))
+        pieces.append(replace(placed, start=index, stop=index + 1) if one_row_each else placed)
+    round_.run(what=f"kernel {kernel.name}")
+    return ArraySpec(session=session, shape=shape, dtype=dtype, layout=tuple(pieces))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextvars import ContextVar, Token
+from typing import Literal
 
 import numpy as np
 
@@ -98,20 +99,28 @@ class Pool:
         return [agent_info_from_record(record) for record in records]
 
     def asarray(
-        self, data: object, dtype: object = None, *, rows: Sequence[int] | None = None
+        self,
+        data: object,
+        dtype: object = None,
+        *,
+        rows: Sequence[int] | None = None,
+        backend: Literal["", "cupy", "numpy"] = "",
     ) -> RemoteArray:
         """Upload ``data`` (an array or nested sequence), its rows sharded over the ready agents.
 
         By default the coordinator splits the rows by the agents' free memory. ``rows`` chooses the
         sharding instead: row counts, one per shard, in row order (zero-row shards allowed), adding up to
         ``len(data)``; the shards go to the ready agents in agent id order, round robin when there are more
-        shards than agents. Two arrays uploaded with the same ``rows`` have the same layout.
+        shards than agents. Two arrays uploaded with the same ``rows`` have the same layout. ``backend``
+        ``"cupy"`` places the rows only on agents whose workers run CuPy (where user kernels run,
+        :class:`gpupool.ElementwiseKernel` and its kin); ``""`` on any.
 
         Raises:
             UnsupportedDType: a dtype gpupool does not carry (before anything is sent).
             UsageError: a 0-d array (shard along axis 0 needs one); ``rows`` that are not non-negative
                 integers adding up to the row count, or given with a remote array.
-            NoCapacity, PlacementError: the pool cannot take it.
+            NoCapacity, PlacementError: the pool cannot take it (PlacementError too when no ready agent
+                runs ``backend``).
             DeviceOutOfMemory, RemoteError: an agent refused its shard (nothing is left behind).
         """
         self._session.check_open()
@@ -128,7 +137,7 @@ class Pool:
             raise UsageError("pool.asarray needs an array of at least one dimension (rows are sharded)")
         counts = None if rows is None else check_rows(rows, host.shape[0])
         host = native_contiguous(host)
-        pieces = self._session.upload(host, rows=counts)
+        pieces = self._session.upload(host, rows=counts, backend=backend)
         return from_spec(
             ArraySpec(session=self._session, shape=host.shape, dtype=host.dtype, layout=tuple(pieces))
         )

@@ -318,12 +318,15 @@ class Session:
         return fetched_arrays(reply, peer=place.endpoint)
 
     # -- upload -----------------------------------------------------------------------------------
-    def upload(self, host: np.ndarray, *, rows: Sequence[int] | None = None) -> list[Piece]:
+    def upload(
+        self, host: np.ndarray, *, rows: Sequence[int] | None = None, backend: str = ""
+    ) -> list[Piece]:
         """Have the coordinator place ``host``'s rows, and upload each shard; returns the pieces.
 
         With ``rows`` (row counts, one per shard, adding up to ``len(host)``: see
         :func:`~gpupool.client.layout.check_rows`), the shards go round robin over the ready agents in
-        agent id order (:meth:`place_rows`) instead of by free memory.
+        agent id order (:meth:`place_rows`) instead of by free memory. With ``backend`` ("cupy"), only
+        agents whose workers all run it take rows.
 
         Raises:
             NoCapacity, PlacementError: the pool cannot take it.
@@ -331,19 +334,21 @@ class Session:
         """
         with self.track("upload", total=host.nbytes, unit="bytes"):
             return self.run(
-                self._upload(host, rows), timeout=self.timeouts.for_stream(host.nbytes) * 2, what="upload"
+                self._upload(host, rows, backend),
+                timeout=self.timeouts.for_stream(host.nbytes) * 2,
+                what="upload",
             )
 
-    async def _upload(self, host: np.ndarray, rows: Sequence[int] | None) -> list[Piece]:
+    async def _upload(self, host: np.ndarray, rows: Sequence[int] | None, backend: str) -> list[Piece]:
         if rows is None:
-            pieces = await self._place(host.shape, host.dtype)
+            pieces = await self._place(host.shape, host.dtype, backend)
         else:
-            pieces = await self._place_rows(host.shape, host.dtype, rows)
+            pieces = await self._place_rows(host.shape, host.dtype, rows, backend)
         await self.upload_pieces(host, pieces)
         return pieces
 
     async def _place_rows(
-        self, shape: tuple[int, ...], dtype: np.dtype[Any], counts: Sequence[int]
+        self, shape: tuple[int, ...], dtype: np.dtype[Any], counts: Sequence[int], backend: str = ""
     ) -> list[Piece]:
         """Pieces of ``counts`` rows each, in row order, round robin over the ready agents by agent id.
 
@@ -358,10 +363,12 @@ class Session:
         agents = sorted(
             r.status.agent_id
             for r in listed.agents
-            if r.status.state == control_pb2.AGENT_STATE_READY and r.status.endpoint
+            if r.status.state == control_pb2.AGENT_STATE_READY
+            and r.status.endpoint
+            and (not backend or all((w.backend or r.status.backend) == backend for w in r.status.workers))
         )
         if not agents:
-            raise PlacementError("no ready agents to place rows on")
+            raise PlacementError(f"no ready {backend + ' ' if backend else ''}agents to place rows on")
         split = round_robin(counts, len(agents))
         held: dict[int, int] = {}
         for position, start, stop in split:
@@ -375,6 +382,7 @@ class Session:
                         session=self.id,
                         meta=meta_of(dtype, (held[p], *shape[1:])),
                         exclude_agents=[a for a in agents if a != agents[p]],
+                        backend=backend,
                     ),
                 )
                 for p in positions
@@ -406,8 +414,8 @@ class Session:
         self.check_open()
         return self.run(self._place(shape, dtype), timeout=self.timeouts.rpc * 2, what="place")
 
-    async def _place(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> list[Piece]:
-        request = coordinator_pb2.PlaceRequest(session=self.id, meta=meta_of(dtype, shape))
+    async def _place(self, shape: tuple[int, ...], dtype: np.dtype[Any], backend: str = "") -> list[Piece]:
+        request = coordinator_pb2.PlaceRequest(session=self.id, meta=meta_of(dtype, shape), backend=backend)
         reply = await self._call_coordinator("Place", request)
         self._keeper.keep_placed(reply.shards)
         return pieces_from_placement(reply.shards, self.new_buffer_id)

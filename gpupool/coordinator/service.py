@@ -64,7 +64,7 @@ from gpupool.coordinator.commands import AgentCommander
 from gpupool.coordinator.jobs import Jobs
 from gpupool.coordinator.registry import Registry, state_name
 from gpupool.moves import Span, plan_moves
-from gpupool.placement import MIN_SHARD_BYTES, split_rows
+from gpupool.placement import MIN_SHARD_BYTES, agents_without_backend, split_rows
 from gpupool.protocol.codec import check_dtype, shape_of
 from gpupool.protocol.errors import RpcRefusal
 from gpupool.security.capability import issue_capability
@@ -294,7 +294,36 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     async def Place(self, request: PlaceRequest, context: Context, caller: TokenRecord) -> PlaceReply:
         """Row shards for a new array over the ready agents' workers, by free memory, with capabilities."""
         self._session(request.session, caller)
-        return await self._place_waiting(request.session, request, list(request.exclude_agents))
+        exclude = list(request.exclude_agents)
+        if request.backend:
+            exclude += self._without_backend(request.backend, exclude)
+        return await self._place_waiting(request.session, request, exclude)
+
+    def _without_backend(self, backend: str, excluded: list[str]) -> list[str]:
+        """The agents that do not run ``backend`` (for Place's ``backend``).
+
+        Raises:
+            RpcRefusal: bad-request for an unknown backend; no-agents when no ready agent runs it.
+        """
+        agents = self._registry.agents()
+        try:
+            without = agents_without_backend(
+                ((e.agent_id, e.status.backend, [w.backend for w in e.status.workers]) for e in agents),
+                backend,
+            )
+        except PlacementError as exc:
+            raise RpcRefusal("bad-request", str(exc)) from exc
+        if not self._registry.ready(exclude=[*excluded, *without]):
+            ready = self._registry.ready(exclude=excluded)
+            kinds = {e.agent_id: e.status.backend or "unknown" for e in agents}
+            listed = sorted({kinds[a] for a in ready.agent_ids})
+            others = f" (the ready agents run {', '.join(listed)})" if listed else ""
+            need = "; user kernels run only on agents whose workers run CuPy (a GPU with CUDA)"
+            raise RpcRefusal(
+                "no-agents",
+                f"no ready agent runs the {backend} backend{others}" + (need if backend == "cupy" else ""),
+            )
+        return without
 
     async def _place_waiting(
         self, session: str, request: PlaceRequest | PlanMovesRequest, exclude: list[str]

@@ -133,7 +133,7 @@ class WorkerTelemetry(_message.Message):
     def __init__(self, index: _Optional[int] = ..., memory_used: _Optional[int] = ..., memory_limit: _Optional[int] = ..., buffers: _Optional[int] = ..., gpu_memory_free: _Optional[int] = ..., utilization_percent: _Optional[float] = ..., temperature_c: _Optional[float] = ..., power_w: _Optional[float] = ...) -> None: ...
 
 class AgentTelemetry(_message.Message):
-    __slots__ = ("schema_version", "agent_id", "time", "workers", "ops_executed", "bytes_received", "bytes_sent", "signature")
+    __slots__ = ("schema_version", "agent_id", "time", "workers", "ops_executed", "bytes_received", "bytes_sent", "signature", "kernel_cache_hits", "kernel_compiles")
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +142,8 @@ class AgentTelemetry(_message.Message):
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_COMPILES_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
     agent_id: str
     time: _timestamp_pb2.Timestamp
@@ -150,7 +152,9 @@ class AgentTelemetry(_message.Message):
     bytes_received: int
     bytes_sent: int
     signature: bytes
-    def __init__(self, schema_version: _Optional[int] = ..., agent_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., workers: _Optional[_Iterable[_Union[WorkerTelemetry, _Mapping]]] = ..., ops_executed: _Optional[int] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    kernel_cache_hits: int
+    kernel_compiles: int
+    def __init__(self, schema_version: _Optional[int] = ..., agent_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., workers: _Optional[_Iterable[_Union[WorkerTelemetry, _Mapping]]] = ..., ops_executed: _Optional[int] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., signature: _Optional[bytes] = ..., kernel_cache_hits: _Optional[int] = ..., kernel_compiles: _Optional[int] = ...) -> None: ...
 
 class AgentCommand(_message.Message):
     __slots__ = ("schema_version", "command_id", "kind", "reason", "issued", "session", "agent_id", "signature")
