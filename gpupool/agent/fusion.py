@@ -18,6 +18,7 @@ from typing import Any, Final
 import numpy as np
 
 from gpupool._proto.v1 import agent_pb2
+from gpupool.agent.compound import buffer_reads
 from gpupool.agent.ops import BINARY, UNARY, Expected, apply_op, op_args
 
 __all__ = ["BLOCK_ELEMENTS", "Run", "plan_runs", "run_fused"]
@@ -60,9 +61,8 @@ def plan_runs(
     temporary: two or more elementwise ops of one shape, or one followed by a foldable reduction."""
     consumers: dict[str, list[int]] = {}
     for index, op in enumerate(ops):
-        for item in op.inputs:
-            if item.WhichOneof("kind") == "buffer":
-                consumers.setdefault(item.buffer, []).append(index)
+        for buffer_id in buffer_reads(op):
+            consumers.setdefault(buffer_id, []).append(index)
     runs: dict[int, Run] = {}
     index = 0
     while index < len(ops):

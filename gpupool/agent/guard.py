@@ -205,10 +205,7 @@ class Guard:
                 session = self.session_of(context, request.session)
                 request.session = session
                 for op in request.ops:
-                    op.output = _qualified(session, op.output)
-                    for operand in op.inputs:
-                        if operand.WhichOneof("kind") == "buffer":
-                            operand.buffer = _qualified(session, operand.buffer)
+                    _confine_op(op, session)
                 request.fetch[:] = [_qualified(session, b) for b in request.fetch]
                 request.free[:] = [_qualified(session, b) for b in request.free]
             except RpcRefusal as refusal:
@@ -269,6 +266,24 @@ def _qualified(session: str, buffer_id: str) -> str:
     if len(buffer_id) > MAX_BUFFER_ID:
         raise RpcRefusal("bad-request", f"a buffer id longer than {MAX_BUFFER_ID} characters")
     return qualify(session, buffer_id) if buffer_id else buffer_id
+
+
+def _confine_op(op: agent_pb2.Op, session: str) -> None:
+    """Qualify every buffer id an op names with ``session``: its output(s), its buffer inputs and, for a
+    loop, every name in its body (carried values, the counter, the body's ops, recursively), so that a
+    loop body cannot name another session's buffer either."""
+    op.output = _qualified(session, op.output)
+    op.outputs[:] = [_qualified(session, name) for name in op.outputs]
+    for operand in op.inputs:
+        if operand.WhichOneof("kind") == "buffer":
+            operand.buffer = _qualified(session, operand.buffer)
+    if op.HasField("loop"):
+        loop = op.loop
+        loop.carry[:] = [_qualified(session, name) for name in loop.carry]
+        loop.next[:] = [_qualified(session, name) for name in loop.next]
+        loop.counter = _qualified(session, loop.counter)
+        for body_op in loop.body:
+            _confine_op(body_op, session)
 
 
 def _confine_header(header: agent_pb2.UploadHeader, session: str) -> None:

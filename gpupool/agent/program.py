@@ -24,13 +24,20 @@ import numpy as np
 from gpupool._proto.v1 import agent_pb2
 from gpupool.agent.backend import ArrayBackend
 from gpupool.agent.buffers import BufferRegistry, Reservation
+from gpupool.agent.compound import (
+    COMPOUND,
+    buffer_reads,
+    check_any,
+    compound_work,
+    outputs_of,
+    run_loop,
+    scratch_bytes,
+)
 from gpupool.agent.fusion import plan_runs, run_fused
 from gpupool.agent.ops import (
     Expected,
     apply_op,
-    check_op,
     constant_array,
-    expected_result,
     op_args,
     scalar_value,
 )
@@ -65,7 +72,7 @@ def is_small(request: agent_pb2.ExecuteRequest, resident_nbytes: Callable[[str],
     produced: set[str] = set()
     budget = SMALL_ELEMENTS * 8  # bytes, counting float64
     for op in request.ops:
-        if op.op in CONTRACTIONS:
+        if op.op in CONTRACTIONS or op.op in COMPOUND:
             return False
         for item in op.inputs:
             if item.WhichOneof("kind") == "buffer" and item.buffer not in produced:
@@ -96,27 +103,43 @@ def estimate_work(
     Fetched resident buffers count once more, for the copy out.
     """
     declared: dict[str, tuple[int, int]] = {}  # output -> (bytes, elements), for later ops' operands
-    touched = 0
-    flops = 0
-    for op in request.ops:
+
+    def op_work(op: agent_pb2.Op) -> tuple[int, int]:
+        if op.op in COMPOUND:
+            for name, meta in zip(op.outputs, op.expects, strict=False):
+                elements = max(math.prod(meta.shape), 0)
+                declared[name] = (elements * _itemsize(meta), elements)
+            return compound_work(op, op_work)
         elements = max(math.prod(op.expect.shape), 0)  # negative dimensions are refused later
-        try:
-            itemsize = max(np.dtype(op.expect.dtype).itemsize, 1) if op.expect.dtype else 8
-        except (TypeError, ValueError):  # an unsupported dtype, refused later
-            itemsize = 8
+        itemsize = _itemsize(op.expect)
         sizes = [_operand_size(item, declared, resident_nbytes, itemsize) for item in op.inputs]
-        touched += sum(nbytes for nbytes, _ in sizes) + elements * itemsize
+        touched = sum(nbytes for nbytes, _ in sizes) + elements * itemsize
         if op.op in CONTRACTIONS and len(sizes) == 2:
             # The contracted length: matmul (m, k) @ (k, n) has k² m n / (m n); tmatmul (m, k).T @ (m, n)
             # has m² k n / (k n).
             product = sizes[0][1] * sizes[1][1]
-            flops += 2 * elements * math.isqrt(product // max(elements, 1))
+            flops = 2 * elements * math.isqrt(product // max(elements, 1))
         else:
             largest = max([elements, *(count for _, count in sizes)])
-            flops += largest * _sorting_factor(op.op, largest)
+            flops = largest * _sorting_factor(op.op, largest)
         declared[op.output] = (elements * itemsize, elements)
+        return touched, flops
+
+    touched = 0
+    flops = 0
+    for op in request.ops:
+        op_touched, op_flops = op_work(op)
+        touched += op_touched
+        flops += op_flops
     touched += sum(resident_nbytes(buffer_id) for buffer_id in request.fetch if buffer_id not in declared)
     return touched, flops
+
+
+def _itemsize(meta: agent_pb2.ArrayMeta) -> int:
+    try:
+        return max(np.dtype(meta.dtype).itemsize, 1) if meta.dtype else 8
+    except (TypeError, ValueError):  # an unsupported dtype, refused later
+        return 8
 
 
 def _operand_size(
@@ -227,9 +250,8 @@ class Program:
         self._last_read: dict[str, int] = {}
         if fused:
             for index, op in enumerate(self._ops):
-                for item in op.inputs:
-                    if item.WhichOneof("kind") == "buffer":
-                        self._last_read[item.buffer] = index
+                for buffer_id in buffer_reads(op):
+                    self._last_read[buffer_id] = index
         self._index = 0
         self._local: dict[str, Any] = {}
         self._reservations: list[Reservation] = []
@@ -250,14 +272,20 @@ class Program:
         run = self._runs.get(start)
         end = run.end if run is not None else start + 1
         for op in self._ops[start:end]:
-            self._reservations.append(
-                self._registry.reserve(
-                    worker=self._request.worker,
-                    buffer_id=op.output,
-                    nbytes=self._expected[op.output].nbytes,
-                    session=self._request.session,
+            for output in outputs_of(op):
+                self._reservations.append(
+                    self._registry.reserve(
+                        worker=self._request.worker,
+                        buffer_id=output,
+                        nbytes=self._expected[output].nbytes,
+                        session=self._request.session,
+                    )
                 )
-            )
+        op = self._ops[start]
+        if op.op in COMPOUND:
+            self._step_compound(op)
+            self._index = end
+            return
         with device_errors(self._backend, self._request.worker):
             if run is not None:
                 self._local.update(
@@ -282,6 +310,42 @@ class Program:
                     kernel_errors=self._backend.kernel_errors,
                 )
         self._index = end
+
+    def _step_compound(self, op: agent_pb2.Op) -> None:
+        """Run a loop (or a kernel), its body's scratch memory reserved while it runs."""
+        scratch = scratch_bytes(op, check_any)
+        reservation = None
+        if scratch:
+            reservation = self._registry.reserve(
+                worker=self._request.worker,
+                buffer_id=f"{op.outputs[0]}~scratch",
+                nbytes=scratch,
+                session=self._request.session,
+            )
+        try:
+            expects = [self._expected[name] for name in op.outputs]
+            with device_errors(self._backend, self._request.worker):
+                results = run_loop(
+                    op,
+                    [self._operand(item) for item in op.inputs],
+                    expects,
+                    backend=self._backend,
+                    outer=self._buffer,
+                    checkpoint=self._checkpoint,
+                )
+        finally:
+            if reservation is not None:
+                self._registry.release(reservation)
+        self._local.update(zip(op.outputs, results, strict=True))
+
+    def _checkpoint(self) -> None:
+        if self._cancelled.is_set():
+            raise ProgramCancelled()
+
+    def _buffer(self, buffer_id: str) -> Any:
+        if buffer_id in self._local:
+            return self._local[buffer_id]
+        return self._registry.get(buffer_id, worker=self._request.worker).array
 
     def commit(self) -> agent_pb2.ExecuteReply:
         """Wait for the device, fetch, keep the outputs not freed, and free what the request frees.
@@ -316,9 +380,7 @@ class Program:
     def _operand(self, item: agent_pb2.Operand) -> Any:
         kind = item.WhichOneof("kind")
         if kind == "buffer":
-            if item.buffer in self._local:
-                return self._local[item.buffer]
-            return self._registry.get(item.buffer, worker=self._request.worker).array
+            return self._buffer(item.buffer)
         if kind == "scalar":
             return scalar_value(item.scalar)
         if kind == "constant":
@@ -377,12 +439,10 @@ def _check_request(request: agent_pb2.ExecuteRequest, registry: BufferRegistry) 
     """Every output's declared result, after checking the whole request; nothing computed yet."""
     expected: dict[str, Expected] = {}
     for op in request.ops:
-        check_op(op)
-        if not op.output:
-            raise RpcRefusal("bad-request", f"op {op.op!r} names no output buffer")
-        if op.output in expected or registry.contains(op.output):
-            raise RpcRefusal("buffer-exists", f"buffer {op.output} already exists", buffer_id=op.output)
-        expected[op.output] = expected_result(op)
+        for output, result in check_any(op):
+            if output in expected or registry.contains(output):
+                raise RpcRefusal("buffer-exists", f"buffer {output} already exists", buffer_id=output)
+            expected[output] = result
     fetch_bytes = 0
     for buffer_id in request.fetch:
         if buffer_id in expected:

@@ -239,13 +239,32 @@ def read_program(buffer_id: str, output: str, rows: int) -> agent_pb2.ExecuteReq
     )
 
 
+def loop_program(buffer_id: str, rows: int, *, as_init: bool) -> agent_pb2.ExecuteRequest:
+    """A fori_loop that reads ``buffer_id``: as its initial carry, or from inside its body."""
+    meta = agent_pb2.ArrayMeta(dtype="float64", shape=[rows, 32])
+    zeros = agent_pb2.Operand(constant=agent_pb2.Constant(meta=meta, data=np.zeros((rows, 32)).tobytes()))
+    init = agent_pb2.Operand(buffer=buffer_id) if as_init else zeros
+    read = agent_pb2.Operand(buffer="carried" if as_init else buffer_id)
+    body = agent_pb2.Op(
+        op="add", inputs=[agent_pb2.Operand(buffer="carried"), read], output="next", expect=meta
+    )
+    loop = agent_pb2.Loop(trips=1, carry=["carried"], body=[body], next=["next"])
+    return agent_pb2.ExecuteRequest(
+        ops=[agent_pb2.Op(op="fori_loop", inputs=[init], outputs=["stolen"], expects=[meta], loop=loop)],
+        fetch=["stolen"],
+    )
+
+
 def reads_of(agent: AgentCalls, buffer_id: str, rows: int) -> list[Callable[[], Awaitable[Any]]]:
-    """Every way to read a buffer: both downloads, a program over it, a fetch of it."""
+    """Every way to read a buffer: both downloads, a program over it, a fetch of it, a loop's initial
+    value and a loop's body."""
     return [
         lambda: agent.download(buffer_id),
         lambda: agent.download_raw(buffer_id),
         lambda: agent.execute(read_program(buffer_id, "stolen", rows)),
         lambda: agent.execute(agent_pb2.ExecuteRequest(fetch=[buffer_id])),
+        lambda: agent.execute(loop_program(buffer_id, rows, as_init=True)),
+        lambda: agent.execute(loop_program(buffer_id, rows, as_init=False)),
     ]
 
 
