@@ -44,6 +44,8 @@ from gpupool._warnings import HostFallbackWarning
 from gpupool.client import AgentInfo, GpuInfo, Pool, RemoteArray, Shard, compute, connect, persist
 from gpupool.client.coverage import coverage
 from gpupool.client.current import current_pool
+from gpupool.client.tasks import Replicated, TaskFuture
+from gpupool.client.trace import TracingError, fori_loop
 from gpupool.client.values import PendingValue
 from gpupool.kernels import ElementwiseKernel, RawKernel, ReductionKernel
 
@@ -75,11 +77,14 @@ __all__ = [
     "RemoteArray",
     "RemoteError",
     "RemoteKernelError",
+    "Replicated",
     "SchedulingError",
     "Shard",
     "ShapeMismatch",
     "StreamClosed",
+    "TaskFuture",
     "Timeouts",
+    "TracingError",
     "TransportError",
     "UnsupportedDType",
     "UsageError",
@@ -90,6 +95,7 @@ __all__ = [
     "coverage",
     "current_pool",
     "fft",
+    "fori_loop",
     "linalg",
     "persist",
     "random",

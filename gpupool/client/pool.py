@@ -6,9 +6,9 @@ frees) is its :class:`~gpupool.client.session.Session`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextvars import ContextVar, Token
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -19,6 +19,7 @@ from gpupool.client.graph import ArraySpec
 from gpupool.client.layout import check_rows
 from gpupool.client.operands import native_contiguous
 from gpupool.client.session import Session
+from gpupool.client.tasks import DEFAULT_RETRIES, Replicated, TaskFuture, Tasks
 from gpupool.client.types import AgentInfo, agent_info_from_record
 from gpupool.protocol.codec import check_dtype
 from gpupool.transport.coordinator import PoolCredentials
@@ -55,6 +56,7 @@ class Pool:
     ) -> None:
         self._session = Session(credentials, timeouts=timeouts, client=client, progress=progress)
         self._entered: list[Token[tuple[Pool, ...]]] = []
+        self._tasks = Tasks(self._session)
 
     # -- what the session says --------------------------------------------------------------------
     @property
@@ -141,6 +143,40 @@ class Pool:
         return from_spec(
             ArraySpec(session=self._session, shape=host.shape, dtype=host.dtype, layout=tuple(pieces))
         )
+
+    # -- independent tasks ------------------------------------------------------------------------
+    def submit(
+        self, fn: Callable[..., Any], /, *args: Any, retries: int = DEFAULT_RETRIES, **kwargs: Any
+    ) -> TaskFuture:
+        """Run ``fn(*args, **kwargs)`` as a task on one worker; its future.
+
+        ``fn`` is traced now into a program of the agents' ops (:mod:`gpupool.client.trace`): write it
+        with gpupool's namespace (``gp.exp``, ``x @ w``, ``gp.where``, :func:`gpupool.fori_loop`).
+        Arguments may be Python scalars, small host arrays (sent inline) and data sets given with
+        :meth:`replicate`. The result comes back as NumPy arrays, in the structure ``fn`` returned. A task
+        whose agent is lost runs again on another worker, up to ``retries`` times.
+
+        Raises:
+            TracingError: ``fn`` does something that cannot be traced (the message says what).
+        """
+        return self._tasks.submit(fn, args, kwargs, retries=retries)
+
+    def map(
+        self, fn: Callable[..., Any], /, *iterables: Iterable[Any], retries: int = DEFAULT_RETRIES
+    ) -> list[TaskFuture]:
+        """Run ``fn`` on each item (one of each iterable per task, as the builtin ``map``) as tasks, one per
+        worker at a time, placed as workers free up; the futures, in the items' order (a progress bar shows
+        for long maps). Everything :meth:`submit` says holds for each task.
+
+        Raises:
+            TracingError: ``fn`` cannot be traced for some item; no task is queued then.
+        """
+        return self._tasks.map(fn, iterables, retries=retries)
+
+    def replicate(self, data: Any) -> Replicated:
+        """One whole copy of ``data`` (a host or remote array) on each worker that runs tasks, for tasks to
+        read locally: pass the handle as a task's argument."""
+        return self._tasks.replicate(data)
 
     def use(self) -> Pool:
         """Make this the current pool (where ``gp.zeros``, ``gp.asarray``... create arrays) in this thread,

@@ -34,7 +34,7 @@ __all__ = ["DELAY", "Tracker", "progress_default"]
 #: Seconds a call runs before its bar appears.
 DELAY: Final = 1.0
 
-Unit = Literal["bytes", "programs", "steps"]
+Unit = Literal["bytes", "programs", "steps", "tasks"]
 
 
 def progress_default() -> bool:

@@ -16,7 +16,7 @@ import logging
 import socket
 import threading
 from collections import defaultdict
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -143,6 +143,15 @@ class Session:
             return await awaitable
 
         return self._loop.run(wrapped(), timeout=timeout, what=what)
+
+    def spawn(self, coroutine: Coroutine[Any, Any, object]) -> None:
+        """Start ``coroutine`` on the session's loop and return at once (its failures are its own to report).
+
+        Raises:
+            UsageError: the session is closed.
+        """
+        self.check_open()
+        asyncio.run_coroutine_threadsafe(coroutine, self._loop.loop)
 
     def track(self, what: str, *, total: int | None = None, unit: Unit = "steps") -> Tracker:
         """A progress tracker for one blocking call of this session (a bar only if :attr:`progress`); one

@@ -1,0 +1,327 @@
+"""Independent tasks on the pool's workers: ``pool.submit``, ``pool.map`` and ``pool.replicate``.
+
+Each task is a function traced on the client into a program of the agents' ops
+(:mod:`gpupool.client.trace`); a worker runs it whole, reading its data sets locally, and the results
+come back inline. The pool's workers take tasks from one queue, one at a time each by default (a GPU runs
+one training at a time best), so faster workers take more; a task whose agent is lost or stops answering
+runs again on another worker, a bounded number of times, with the lost agent left out. The futures are
+:class:`concurrent.futures.Future`\\s: ``result``, ``exception``, ``as_completed`` and ``wait`` work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import functools
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Final
+
+import numpy as np
+
+from gpupool._errors import AgentLost, ConnectError, DeadlineExceeded, PlacementError, UsageError
+from gpupool._proto.v1 import control_pb2
+from gpupool.client.layout import Piece, Place
+from gpupool.client.progress import Tracker
+from gpupool.client.session import Session
+from gpupool.client.trace import Trace, TracingError, rename, trace
+from gpupool.protocol.codec import check_dtype
+
+__all__ = ["DEFAULT_RETRIES", "Replicated", "TaskFuture", "Tasks"]
+
+#: How many times a task runs again after its agent was lost, by default.
+DEFAULT_RETRIES: Final = 2
+#: Seconds a view of the pool's workers is trusted before it is asked for again.
+SLOTS_FRESH: Final = 5.0
+#: Failures that mean the worker, not the task: the task runs again elsewhere.
+_LOST: Final = (AgentLost, ConnectError, DeadlineExceeded)
+
+
+class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
+    """The result of one task. ``where`` names the agent and worker that ran it (once it has run)."""
+
+    where: str = ""
+
+
+class Replicated:
+    """A data set with one whole copy on each worker that runs tasks (made as workers first need it), for
+    tasks to read locally. Pass it as a task's argument; free it with :meth:`free` (or drop it).
+
+    The client keeps the host array, to copy it to a worker that joins later or to replace a lost copy.
+    """
+
+    def __init__(self, session: Session, host: np.ndarray) -> None:
+        check_dtype(host.dtype)
+        if not host.ndim:
+            raise UsageError(
+                "pool.replicate takes an array of at least one dimension; pass scalars as they are"
+            )
+        self._session = session
+        self.host = np.ascontiguousarray(host)
+        self.shape: tuple[int, ...] = tuple(host.shape)
+        self.dtype: np.dtype[Any] = host.dtype
+        self._copies: dict[Place, Piece] = {}
+        self._lock = threading.Lock()
+        self._finalizer = weakref.finalize(self, _release, session, self._copies)
+
+    def __repr__(self) -> str:
+        return f"Replicated({self.dtype.name}{list(self.shape)} on {len(self._copies)} worker(s))"
+
+    async def copy_on(self, slot: Piece) -> str:
+        """The buffer id of the copy on ``slot``'s worker, uploaded first if there is none (loop thread)."""
+        with self._lock:
+            copy = self._copies.get(slot.place)
+        if copy is None:
+            copy = replace(slot, start=0, stop=self.shape[0], buffer_id=self._session.new_buffer_id())
+            await self._session.upload_pieces(self.host, [copy])
+            with self._lock:
+                self._copies[slot.place] = copy
+        return copy.buffer_id
+
+    def forget(self, agent_id: str) -> None:
+        """Drop the copies on a lost agent (made again if it comes back and runs a task)."""
+        with self._lock:
+            for place in [p for p, piece in self._copies.items() if piece.agent_id == agent_id]:
+                del self._copies[place]
+
+    def free(self) -> None:
+        """Free every copy now."""
+        self._finalizer()
+
+
+def _release(session: Session, copies: dict[Place, Piece]) -> None:
+    if not session.closed:
+        session.release(list(copies.values()))
+    copies.clear()
+
+
+@dataclass(eq=False)
+class _Task:
+    trace: Trace
+    data: tuple[Replicated, ...]
+    future: TaskFuture
+    retries: int
+    label: str
+    attempts: int = 0
+    excluded: set[str] = field(default_factory=set)
+
+
+class Tasks:
+    """The task queue of one session (the pool's ``submit``/``map``/``replicate``).
+
+    Args:
+        session: the pool's session.
+        per_worker: tasks a worker runs at once.
+    """
+
+    def __init__(self, session: Session, *, per_worker: int = 1) -> None:
+        self._session = session
+        self._per_worker = per_worker
+        self._queue: collections.deque[_Task] = collections.deque()
+        self._slots: list[Piece] = []
+        self._slots_at = 0.0
+        self._running: collections.Counter[Place] = collections.Counter()
+        self._granted: set[str] = set()
+        self._labels: dict[str, str] = {}
+
+    def replicate(self, value: Any) -> Replicated:
+        """One copy of ``value`` (a host array or a remote array) per worker, for tasks."""
+        host = (
+            value.get() if hasattr(value, "get") and not isinstance(value, np.ndarray) else np.asarray(value)
+        )
+        return Replicated(self._session, host)
+
+    def submit(
+        self, fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any], *, retries: int
+    ) -> TaskFuture:
+        """Trace ``fn(*args, **kwargs)`` now and queue it.
+
+        Raises:
+            TracingError: ``fn`` did what cannot be traced (nothing is queued).
+        """
+        return self._enqueue([self._task(fn, args, kwargs, retries)])[0]
+
+    def map(
+        self, fn: Callable[..., Any], iterables: Sequence[Iterable[Any]], *, retries: int
+    ) -> list[TaskFuture]:
+        """Trace ``fn`` over the items (each task's arguments: one item of each iterable) and queue them all.
+
+        Raises:
+            TracingError: ``fn`` could not be traced for some item (nothing is queued).
+        """
+        tasks = [self._task(fn, items, {}, retries) for items in zip(*iterables, strict=False)]
+        futures = self._enqueue(tasks)
+        if futures:
+            tracker = self._session.track("map", total=len(futures), unit="tasks")
+            tracker.__enter__()
+            for future in futures:
+                future.add_done_callback(functools.partial(_progress, tracker, futures))
+        return futures
+
+    def _task(
+        self, fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any], retries: int
+    ) -> _Task:
+        if not callable(fn):
+            raise UsageError(f"a task is a function, not a {type(fn).__name__}")
+        data: list[Replicated] = []
+
+        def bound(value: Any) -> tuple[tuple[int, ...], np.dtype[Any]] | None:
+            if isinstance(value, Replicated):
+                data.append(value)
+                return value.shape, value.dtype
+            if hasattr(value, "session") and hasattr(value, "layout"):
+                raise TracingError(
+                    "a task reads a sharded remote array: give it as pool.replicate(x), so that each "
+                    "worker reads a whole copy locally"
+                )
+            return None
+
+        traced = trace(fn, args, kwargs, bound=bound)
+        name = getattr(fn, "__name__", "task")
+        return _Task(traced, tuple(data), TaskFuture(), max(0, int(retries)), name)
+
+    # -- the queue (its state lives on the session's loop) ----------------------------------------------
+
+    def _enqueue(self, tasks: list[_Task]) -> list[TaskFuture]:
+        if not tasks:
+            return []
+        self._session.check_open()
+        if not self._slots or time.monotonic() - self._slots_at > SLOTS_FRESH:
+            self._refresh_slots()
+        self._session.spawn(self._add(tasks))
+        return [task.future for task in tasks]
+
+    def _refresh_slots(self) -> None:
+        slots = []
+        for record in self._session.list_agents():
+            status = record.status
+            if status.state != control_pb2.AGENT_STATE_READY:  # cordoned, draining: no new tasks
+                continue
+            for worker in status.workers:
+                slots.append(
+                    Piece(
+                        agent_id=status.agent_id,
+                        endpoint=status.endpoint,
+                        worker=worker.index,
+                        start=0,
+                        stop=0,
+                        buffer_id="",
+                    )
+                )
+                self._labels[status.agent_id] = status.name or status.agent_id[:8]
+        if not slots:
+            raise PlacementError("no ready agent takes tasks")
+        self._slots, self._slots_at = slots, time.monotonic()
+
+    async def _add(self, tasks: list[_Task]) -> None:
+        self._queue.extend(tasks)
+        wanted = {slot.agent_id for slot in self._slots} - self._granted
+        if wanted:
+            try:
+                await self._session.grant(sorted(wanted))
+            except Exception as exc:
+                self._fail_all(exc)
+                return
+            self._granted |= wanted
+        self._start_workers()
+
+    def _start_workers(self) -> None:
+        for slot in self._slots:
+            while self._queue and self._running[slot.place] < self._per_worker:
+                self._running[slot.place] += 1
+                asyncio.get_running_loop().create_task(self._work(slot))
+        if self._queue and not any(self._running.values()):
+            self._fail_all(PlacementError("every worker that could run these tasks was lost"))
+
+    async def _work(self, slot: Piece) -> None:
+        try:
+            while self._queue:
+                task = self._next_for(slot)
+                if task is None:
+                    return
+                # a retry is running already; a first attempt starts unless the caller cancelled it
+                running = task.attempts or task.future.set_running_or_notify_cancel()
+                if running and not await self._attempt(task, slot):
+                    return  # this worker is lost: it takes no more tasks
+        finally:
+            self._running[slot.place] -= 1
+            if self._queue and not any(self._running.values()):
+                self._fail_all(PlacementError("every worker that could run these tasks was lost"))
+
+    def _next_for(self, slot: Piece) -> _Task | None:
+        for index, task in enumerate(self._queue):
+            if slot.agent_id not in task.excluded:
+                del self._queue[index]
+                return task
+        return None
+
+    async def _attempt(self, task: _Task, slot: Piece) -> bool:
+        """Run ``task`` on ``slot``; False when the worker was lost (the task queued again, or failed)."""
+        try:
+            result = await self._run(task, slot)
+        except _LOST as exc:
+            self._slots = [s for s in self._slots if s.agent_id != slot.agent_id]
+            for data in task.data:
+                data.forget(slot.agent_id)
+            if task.attempts < task.retries:
+                task.attempts += 1
+                task.excluded.add(slot.agent_id)
+                self._queue.appendleft(task)
+                self._start_workers()
+            else:
+                task.future.set_exception(exc)
+            return False
+        except Exception as exc:
+            task.future.set_exception(exc)
+            return True
+        task.future.where = f"{self._labels.get(slot.agent_id, slot.agent_id[:8])}/{slot.worker}"
+        task.future.set_result(result)
+        return True
+
+    async def _run(self, task: _Task, slot: Piece) -> Any:
+        session = self._session
+        prefix = session.new_buffer_id()
+        inputs = {
+            name: await data.copy_on(slot) for name, data in zip(task.trace.inputs, task.data, strict=True)
+        }
+
+        def names(name: str) -> str:
+            return inputs.get(name) or f"{prefix}.{name}"
+
+        ops = rename(task.trace.ops, names)
+        created = [name for op in ops for name in ([op.output] if op.output else list(op.outputs))]
+        fetch = [names(name) for name in task.trace.fetch]
+        timeout = session.timeouts.for_work(task.trace.work_bytes, task.trace.work_flops)
+        fetched = await session.channel(slot.agent_id, slot.endpoint).execute(
+            slot.worker, ops, session=session.id, fetch=fetch, free=created, timeout=timeout
+        )
+        return _rebuild(task.trace.results, lambda name: fetched[names(name)])
+
+    def _fail_all(self, exc: BaseException) -> None:
+        while self._queue:
+            task = self._queue.popleft()
+            if task.attempts or task.future.set_running_or_notify_cancel():
+                task.future.set_exception(exc)
+
+
+def _rebuild(shape: Any, value: Callable[[str], np.ndarray]) -> Any:
+    kind, content = shape
+    if kind == "fetch":
+        array = value(content)
+        return array[()] if array.ndim == 0 else array
+    if kind == "value":
+        return content
+    if kind == "dict":
+        return {k: _rebuild(v, value) for k, v in content.items()}
+    items = [_rebuild(v, value) for v in content]
+    return tuple(items) if kind == "tuple" else items
+
+
+def _progress(tracker: Tracker, futures: list[TaskFuture], _done: object) -> None:
+    tracker.advance()
+    if tracker.done >= len(futures):
+        tracker.__exit__(None, None, None)
