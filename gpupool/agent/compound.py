@@ -55,7 +55,7 @@ MAX_NESTING: Final = 4
 
 def outputs_of(op: agent_pb2.Op) -> list[str]:
     """The buffers ``op`` creates."""
-    return list(op.outputs) if op.op in COMPOUND else [op.output]
+    return list(op.outputs) if op.op in COMPOUND and op.outputs else [op.output]
 
 
 def check_any(
@@ -73,6 +73,13 @@ def check_any(
         check_op(op)
         if not op.output:
             raise RpcRefusal("bad-request", f"op {op.op!r} names no output buffer")
+        return [(op.output, expected_result(op))]
+    if op.op == "kernel" and not op.outputs:  # one result, declared as any op's
+        if not op.output:
+            raise RpcRefusal("bad-request", "a kernel op names no output buffer")
+        if check_kernel is None:
+            raise RpcRefusal("bad-request", "this agent does not run kernels")
+        check_kernel(op)
         return [(op.output, expected_result(op))]
     if not op.outputs or len(op.outputs) != len(op.expects) or op.output or op.HasField("expect"):
         raise RpcRefusal(
@@ -176,7 +183,8 @@ def scratch_bytes(op: agent_pb2.Op, expected: Callable[[agent_pb2.Op], list[tupl
 def compound_work(op: agent_pb2.Op, op_work: Callable[[agent_pb2.Op], tuple[int, int]]) -> tuple[int, int]:
     """(bytes touched, flops) of a compound op, for deadlines: a loop's body's work times its trips."""
     if op.op != "fori_loop":
-        elements = sum(max(math.prod(meta.shape), 0) for meta in op.expects)
+        metas = list(op.expects) or [op.expect]
+        elements = sum(max(math.prod(meta.shape), 0) for meta in metas)
         return elements * 8 * (1 + len(op.inputs)), elements
     touched = flops = 0
     for body_op in op.loop.body:
@@ -264,8 +272,9 @@ def run_loop(
                 if run_kernel is None:
                     raise RpcRefusal("bad-request", "this agent does not run kernels")
                 inputs = [operand(item) for item in body_op.inputs]
-                results = run_kernel(body_op, inputs, [declared[name] for name in body_op.outputs])
-                scope.update(zip(body_op.outputs, results, strict=True))
+                names = outputs_of(body_op)
+                results = run_kernel(body_op, inputs, [declared[name] for name in names])
+                scope.update(zip(names, results, strict=True))
             else:
                 scope[body_op.output] = apply_op(
                     xp,

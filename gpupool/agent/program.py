@@ -34,6 +34,7 @@ from gpupool.agent.compound import (
     scratch_bytes,
 )
 from gpupool.agent.fusion import plan_runs, run_fused
+from gpupool.agent.kernels import check_kernel, run_kernel
 from gpupool.agent.ops import (
     Expected,
     apply_op,
@@ -106,7 +107,7 @@ def estimate_work(
 
     def op_work(op: agent_pb2.Op) -> tuple[int, int]:
         if op.op in COMPOUND:
-            for name, meta in zip(op.outputs, op.expects, strict=False):
+            for name, meta in zip(outputs_of(op), list(op.expects) or [op.expect], strict=False):
                 elements = max(math.prod(meta.shape), 0)
                 declared[name] = (elements * _itemsize(meta), elements)
             return compound_work(op, op_work)
@@ -171,6 +172,7 @@ def run_program(
     registry: BufferRegistry,
     cancelled: threading.Event | None = None,
     turn: Callable[[], AbstractContextManager[object]] | None = None,
+    allow_kernels: bool = False,
 ) -> agent_pb2.ExecuteReply:
     """Run ``request`` on ``backend`` (in one of its worker's threads): check, step op by op, commit.
 
@@ -182,6 +184,7 @@ def run_program(
         turn: makes a context manager that holds the worker's device for one step (an op or a fused
             run; the last one with the commit), see ``Worker.turn``; none when the program has the
             device to itself (the event loop's inline path).
+        allow_kernels: run users' kernels (the agent's ``--allow-kernels``); refused otherwise.
 
     Raises:
         RpcRefusal: ``bad-request`` (malformed op, wrong result shape, fetch over :data:`FETCH_LIMIT`),
@@ -191,7 +194,9 @@ def run_program(
     """
     cancelled = cancelled or threading.Event()
     take_turn = turn or contextlib.nullcontext
-    program = Program(request, backend=backend, registry=registry, cancelled=cancelled)
+    program = Program(
+        request, backend=backend, registry=registry, cancelled=cancelled, allow_kernels=allow_kernels
+    )
     try:
         while True:
             if cancelled.is_set():
@@ -233,9 +238,11 @@ class Program:
         backend: ArrayBackend,
         registry: BufferRegistry,
         cancelled: threading.Event,
+        allow_kernels: bool = False,
     ) -> None:
         registry.check_worker(request.worker)
         self._expected = _check_request(request, registry)
+        self._allow_kernels = allow_kernels
         self._request = request
         self._ops = request.ops
         self._backend = backend
@@ -313,30 +320,47 @@ class Program:
 
     def _step_compound(self, op: agent_pb2.Op) -> None:
         """Run a loop (or a kernel), its body's scratch memory reserved while it runs."""
-        scratch = scratch_bytes(op, check_any)
+        scratch = scratch_bytes(op, _check_op)
         reservation = None
         if scratch:
             reservation = self._registry.reserve(
                 worker=self._request.worker,
-                buffer_id=f"{op.outputs[0]}~scratch",
+                buffer_id=f"{outputs_of(op)[0]}~scratch",
                 nbytes=scratch,
                 session=self._request.session,
             )
+        names = outputs_of(op)
         try:
-            expects = [self._expected[name] for name in op.outputs]
+            expects = [self._expected[name] for name in names]
             with device_errors(self._backend, self._request.worker):
-                results = run_loop(
-                    op,
-                    [self._operand(item) for item in op.inputs],
-                    expects,
-                    backend=self._backend,
-                    outer=self._buffer,
-                    checkpoint=self._checkpoint,
-                )
+                inputs = [self._operand(item) for item in op.inputs]
+                if op.op == "kernel":
+                    results = self._kernel(op, inputs, expects)
+                else:
+                    results = run_loop(
+                        op,
+                        inputs,
+                        expects,
+                        backend=self._backend,
+                        outer=self._buffer,
+                        checkpoint=self._checkpoint,
+                        run_kernel=self._kernel,
+                    )
         finally:
             if reservation is not None:
                 self._registry.release(reservation)
-        self._local.update(zip(op.outputs, results, strict=True))
+        self._local.update(zip(names, results, strict=True))
+
+    def _kernel(self, op: agent_pb2.Op, inputs: list[Any], expects: list[Expected]) -> list[Any]:
+        return run_kernel(
+            self._backend,
+            op.kernel,
+            inputs,
+            expects,
+            allowed=self._allow_kernels,
+            axes=op.axes,
+            keepdims=op.keepdims,
+        )
 
     def _checkpoint(self) -> None:
         if self._cancelled.is_set():
@@ -435,11 +459,20 @@ def forget_frames(error: BaseException) -> None:
         pending.extend(chained for chained in (current.__cause__, current.__context__) if chained is not None)
 
 
+def _check_op(op: agent_pb2.Op) -> list[tuple[str, Expected]]:
+    """An op checked whole (a kernel's source and options too); its outputs and declared results."""
+    return check_any(op, check_kernel=_check_kernel)
+
+
+def _check_kernel(op: agent_pb2.Op) -> None:
+    check_kernel(op.kernel, len(op.inputs), len(outputs_of(op)))
+
+
 def _check_request(request: agent_pb2.ExecuteRequest, registry: BufferRegistry) -> dict[str, Expected]:
     """Every output's declared result, after checking the whole request; nothing computed yet."""
     expected: dict[str, Expected] = {}
     for op in request.ops:
-        for output, result in check_any(op):
+        for output, result in _check_op(op):
             if output in expected or registry.contains(output):
                 raise RpcRefusal("buffer-exists", f"buffer {output} already exists", buffer_id=output)
             expected[output] = result

@@ -210,6 +210,7 @@ class Agent:
             status=self.status,
             timeouts=config.timeouts,
             puller=puller,
+            allow_kernels=config.allow_kernels,
         )
         guard = Guard(self._verifier) if self._verifier is not None else None
         tls = None

@@ -121,6 +121,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         status: the agent's current status, for Health.
         timeouts: deadlines; an upload or download gets ``timeouts.for_stream(nbytes)``, the header ``rpc``.
         puller: runs ``Pull`` (rows from other agents, :mod:`gpupool.agent.pull`); None refuses it.
+        allow_kernels: run users' kernels (``--allow-kernels``); refused with permission-denied otherwise.
     """
 
     def __init__(
@@ -133,8 +134,10 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         status: Callable[[], control_pb2.AgentStatus],
         timeouts: Timeouts = Timeouts(),
         puller: Puller | None = None,
+        allow_kernels: bool = False,
     ) -> None:
         self._puller = puller
+        self._allow_kernels = allow_kernels
         self._workers = tuple(workers)
         self._registry = registry
         self._counters = counters
@@ -434,7 +437,12 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             worker = self._workers[request.worker]
             if worker.idle_for_inline(is_small(request, self._registry.nbytes_of)):
                 # A few microseconds of work: run it here, with no thread hop, timer or cancel flag.
-                reply = run_program(request, backend=worker.backend, registry=self._registry)
+                reply = run_program(
+                    request,
+                    backend=worker.backend,
+                    registry=self._registry,
+                    allow_kernels=self._allow_kernels,
+                )
                 self._count_program(request, reply)
                 return reply
             deadline = _program_deadline(self._timeouts, request, self._registry.nbytes_of)
@@ -446,6 +454,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                 registry=self._registry,
                 cancelled=cancelled,
                 turn=functools.partial(worker.turn, request.session),
+                allow_kernels=self._allow_kernels,
             )
             try:
                 async with asyncio.timeout(deadline), worker.lane(request.session):

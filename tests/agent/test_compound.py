@@ -158,3 +158,19 @@ def test_a_loops_deadline_grows_with_its_trips() -> None:
 
     assert work(1000)[0] == 1000 * work(1)[0]
     assert work(1000)[1] == 1000 * work(1)[1]
+
+
+def test_a_kernel_op_on_a_numpy_worker_is_refused_and_keeps_nothing() -> None:
+    registry = registry_with_x()
+    kernel = agent_pb2.Kernel(
+        kind="elementwise", name="twice", in_params="float32 x", out_params="float32 y", operation="y = 2 * x"
+    )
+    op = agent_pb2.Op(op="kernel", inputs=[buffer("x")], output="y", expect=META, kernel=kernel)
+    with pytest.raises(RpcRefusal, match="CuPy worker") as refused:
+        run(op, registry, allow_kernels=True)
+    assert refused.value.kind == "bad-request"
+    assert len(registry) == 2
+    kernel.options.append("-Xlinker=/etc/passwd")  # not on the allow-list: refused before anything runs
+    with pytest.raises(RpcRefusal) as refused:
+        run(op, registry, allow_kernels=True)
+    assert refused.value.kind == "bad-request"
