@@ -24,7 +24,7 @@ from typing import Any, Final
 import numpy as np
 
 from gpupool._errors import AgentLost, ConnectError, DeadlineExceeded, PlacementError, UsageError
-from gpupool._proto.v1 import control_pb2
+from gpupool._proto.v1 import agent_pb2, control_pb2
 from gpupool.client.layout import Piece, Place
 from gpupool.client.progress import Tracker
 from gpupool.client.session import Session
@@ -37,6 +37,9 @@ __all__ = ["DEFAULT_RETRIES", "Replicated", "TaskFuture", "Tasks"]
 DEFAULT_RETRIES: Final = 2
 #: Seconds a view of the pool's workers is trusted before it is asked for again.
 SLOTS_FRESH: Final = 5.0
+#: Tasks whose work (bytes touched, as traced) is at most BATCH_WORK run up to BATCH to a program.
+BATCH: Final = 64
+BATCH_WORK: Final = 1 << 20
 #: Failures that mean the worker, not the task: the task runs again elsewhere.
 _LOST: Final = (AgentLost, ConnectError, DeadlineExceeded)
 
@@ -240,72 +243,115 @@ class Tasks:
     async def _work(self, slot: Piece) -> None:
         try:
             while self._queue:
-                task = self._next_for(slot)
-                if task is None:
+                batch = self._take(slot)
+                if not batch:
                     return
-                # a retry is running already; a first attempt starts unless the caller cancelled it
-                running = task.attempts or task.future.set_running_or_notify_cancel()
-                if running and not await self._attempt(task, slot):
+                if not await self._attempt(batch, slot):
                     return  # this worker is lost: it takes no more tasks
         finally:
             self._running[slot.place] -= 1
             if self._queue and not any(self._running.values()):
                 self._fail_all(PlacementError("every worker that could run these tasks was lost"))
 
-    def _next_for(self, slot: Piece) -> _Task | None:
-        for index, task in enumerate(self._queue):
-            if slot.agent_id not in task.excluded:
-                del self._queue[index]
-                return task
-        return None
+    def _take(self, slot: Piece) -> list[_Task]:
+        """The next task ``slot`` may run, and after a small one more small ones (up to :data:`BATCH`, their
+        work within :data:`BATCH_WORK`): tiny tasks share one program, one round trip."""
+        batch: list[_Task] = []
+        work = 0
+        index = 0
+        while index < len(self._queue) and len(batch) < BATCH:
+            task = self._queue[index]
+            if slot.agent_id in task.excluded:
+                index += 1
+                continue
+            small = task.trace.work_bytes <= BATCH_WORK
+            if batch and (not small or work + task.trace.work_bytes > BATCH_WORK):
+                break
+            del self._queue[index]
+            # a retry is running already; a first attempt starts unless the caller cancelled it
+            if task.attempts or task.future.set_running_or_notify_cancel():
+                batch.append(task)
+                work += task.trace.work_bytes
+                if not small:
+                    break
+        return batch
 
-    async def _attempt(self, task: _Task, slot: Piece) -> bool:
-        """Run ``task`` on ``slot``; False when the worker was lost (the task queued again, or failed)."""
+    async def _attempt(self, batch: list[_Task], slot: Piece) -> bool:
+        """Run ``batch`` on ``slot``; False when the worker was lost (the tasks queued again, or failed).
+        A batch that fails for another reason runs again task by task, so that only the failing task fails."""
         try:
-            result = await self._run(task, slot)
+            results = await self._run(batch, slot)
         except _LOST as exc:
             self._slots = [s for s in self._slots if s.agent_id != slot.agent_id]
-            for data in task.data:
-                data.forget(slot.agent_id)
-            if task.attempts < task.retries:
-                task.attempts += 1
-                task.excluded.add(slot.agent_id)
-                self._queue.appendleft(task)
-                self._start_workers()
-            else:
-                task.future.set_exception(exc)
+            for task in reversed(batch):
+                for data in task.data:
+                    data.forget(slot.agent_id)
+                if task.attempts < task.retries:
+                    task.attempts += 1
+                    task.excluded.add(slot.agent_id)
+                    self._queue.appendleft(task)
+                else:
+                    task.future.set_exception(exc)
+            self._start_workers()
             return False
         except Exception as exc:
-            task.future.set_exception(exc)
+            if len(batch) > 1:
+                for task in batch:
+                    if not await self._attempt([task], slot):
+                        return False
+                return True
+            batch[0].future.set_exception(exc)
             return True
-        task.future.where = f"{self._labels.get(slot.agent_id, slot.agent_id[:8])}/{slot.worker}"
-        task.future.set_result(result)
+        where = f"{self._labels.get(slot.agent_id, slot.agent_id[:8])}/{slot.worker}"
+        for task, result in zip(batch, results, strict=True):
+            task.future.where = where
+            task.future.set_result(result)
         return True
 
-    async def _run(self, task: _Task, slot: Piece) -> Any:
+    async def _run(self, batch: list[_Task], slot: Piece) -> list[Any]:
+        """One program of every task of ``batch`` (each with buffer names of its own); their results."""
         session = self._session
-        prefix = session.new_buffer_id()
-        inputs = {
-            name: await data.copy_on(slot) for name, data in zip(task.trace.inputs, task.data, strict=True)
-        }
-
-        def names(name: str) -> str:
-            return inputs.get(name) or f"{prefix}.{name}"
-
-        ops = rename(task.trace.ops, names)
+        ops: list[agent_pb2.Op] = []
+        fetch: list[str] = []
+        namers = []
+        for task in batch:
+            prefix = session.new_buffer_id()
+            pairs = zip(task.trace.inputs, task.data, strict=True)
+            inputs = {name: await data.copy_on(slot) for name, data in pairs}
+            namer = functools.partial(_name, inputs, prefix)
+            namers.append(namer)
+            ops += rename(task.trace.ops, namer)
+            fetch += [namer(name) for name in task.trace.fetch]
         created = [name for op in ops for name in ([op.output] if op.output else list(op.outputs))]
-        fetch = [names(name) for name in task.trace.fetch]
-        timeout = session.timeouts.for_work(task.trace.work_bytes, task.trace.work_flops)
+        work_bytes = sum(task.trace.work_bytes for task in batch)
+        work_flops = sum(task.trace.work_flops for task in batch)
         fetched = await session.channel(slot.agent_id, slot.endpoint).execute(
-            slot.worker, ops, session=session.id, fetch=fetch, free=created, timeout=timeout
+            slot.worker,
+            ops,
+            session=session.id,
+            fetch=fetch,
+            free=created,
+            timeout=session.timeouts.for_work(work_bytes, work_flops),
         )
-        return _rebuild(task.trace.results, lambda name: fetched[names(name)])
+        return [
+            _rebuild(task.trace.results, functools.partial(_fetched, fetched, namer))
+            for task, namer in zip(batch, namers, strict=True)
+        ]
 
     def _fail_all(self, exc: BaseException) -> None:
         while self._queue:
             task = self._queue.popleft()
             if task.attempts or task.future.set_running_or_notify_cancel():
                 task.future.set_exception(exc)
+
+
+def _name(inputs: dict[str, str], prefix: str, name: str) -> str:
+    """A task's buffer name in one run: its data set's copy, or the name under the run's prefix."""
+    return inputs.get(name) or f"{prefix}.{name}"
+
+
+def _fetched(fetched: dict[str, np.ndarray], namer: Callable[[str], str], name: str) -> np.ndarray:
+    return fetched[namer(name)]
 
 
 def _rebuild(shape: Any, value: Callable[[str], np.ndarray]) -> Any:

@@ -139,3 +139,20 @@ def test_tasks_of_an_agent_killed_mid_map_run_again_elsewhere(killable: LocalPoo
         late = [f for f in futures if f is not first and not f.where.startswith(victim)]
         assert late, "every task ran on the killed agent"
         assert sum(1 for f in futures if f.where.startswith(victim)) < len(futures)
+
+
+def test_tiny_tasks_share_programs_and_a_failing_one_fails_alone(pool: gp.Pool) -> None:
+    """Small tasks run many to a program (one round trip); when such a program fails, its tasks run again
+    one by one, so that only the task at fault fails. The fault: a task whose traced program names a
+    buffer that does not exist (the agent refuses it, as it would a lost one)."""
+    tasks = pool._tasks
+    data = pool.replicate(DATA[:8])
+    queued = [tasks._task(lambda x, s: (x * s).sum(), (data, s), {}, 0) for s in range(40)]
+    broken = queued[17].trace.ops[0]
+    broken.inputs[0].buffer = "nowhere"
+    futures = tasks._enqueue(queued)
+    for s, future in enumerate(futures):
+        if s == 17:
+            assert isinstance(future.exception(60), gp.BufferNotFound)
+        else:
+            np.testing.assert_allclose(future.result(60), (DATA[:8] * s).sum(), rtol=1e-5)
