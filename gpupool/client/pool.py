@@ -192,7 +192,9 @@ class Pool:
         return self
 
     def close(self) -> None:
-        """Free every buffer this session made, end the session, and stop the loop. Idempotent."""
+        """Free every buffer this session made, end the session, and stop the loop; tasks not finished fail
+        (UsageError). Idempotent."""
+        self._tasks.close()
         self._session.close()
 
     def __enter__(self) -> Pool:

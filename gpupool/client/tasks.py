@@ -130,6 +130,7 @@ class Tasks:
         self._running: collections.Counter[Place] = collections.Counter()
         self._granted: set[str] = set()
         self._labels: dict[str, str] = {}
+        self._futures: weakref.WeakSet[TaskFuture] = weakref.WeakSet()
 
     def replicate(self, value: Any) -> Replicated:
         """One copy of ``value`` (a host array or a remote array) per worker, for tasks."""
@@ -189,10 +190,16 @@ class Tasks:
 
     # -- the queue (its state lives on the session's loop) ----------------------------------------------
 
+    def close(self) -> None:
+        """Fail every task not finished yet (the pool is closing): nobody waits on them for ever."""
+        for future in list(self._futures):
+            _settle(future, error=UsageError("the pool closed before this task finished"))
+
     def _enqueue(self, tasks: list[_Task]) -> list[TaskFuture]:
         if not tasks:
             return []
         self._session.check_open()
+        self._futures.update(task.future for task in tasks)
         if not self._slots or time.monotonic() - self._slots_at > SLOTS_FRESH:
             self._refresh_slots()
         self._session.spawn(self._add(tasks))
@@ -291,7 +298,7 @@ class Tasks:
                     task.excluded.add(slot.agent_id)
                     self._queue.appendleft(task)
                 else:
-                    task.future.set_exception(exc)
+                    _settle(task.future, error=exc)
             self._start_workers()
             return False
         except Exception as exc:
@@ -300,12 +307,12 @@ class Tasks:
                     if not await self._attempt([task], slot):
                         return False
                 return True
-            batch[0].future.set_exception(exc)
+            _settle(batch[0].future, error=exc)
             return True
         where = f"{self._labels.get(slot.agent_id, slot.agent_id[:8])}/{slot.worker}"
         for task, result in zip(batch, results, strict=True):
             task.future.where = where
-            task.future.set_result(result)
+            _settle(task.future, result=result)
         return True
 
     async def _run(self, batch: list[_Task], slot: Piece) -> list[Any]:
@@ -342,7 +349,18 @@ class Tasks:
         while self._queue:
             task = self._queue.popleft()
             if task.attempts or task.future.set_running_or_notify_cancel():
-                task.future.set_exception(exc)
+                _settle(task.future, error=exc)
+
+
+def _settle(future: TaskFuture, *, result: Any = None, error: BaseException | None = None) -> None:
+    """Complete ``future`` unless it is complete already (a pool closing races the task finishing)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
 
 
 def _name(inputs: dict[str, str], prefix: str, name: str) -> str:

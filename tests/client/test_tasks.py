@@ -156,3 +156,14 @@ def test_tiny_tasks_share_programs_and_a_failing_one_fails_alone(pool: gp.Pool) 
             assert isinstance(future.exception(60), gp.BufferNotFound)
         else:
             np.testing.assert_allclose(future.result(60), (DATA[:8] * s).sum(), rtol=1e-5)
+
+
+def test_closing_the_pool_fails_the_tasks_still_queued(local_pool: LocalPool) -> None:
+    pool = local_pool.connect()
+    data = pool.replicate(DATA)
+    futures = pool.map(train, [data] * 6, [0.01] * 6, [2000] * 6)
+    pool.close()
+    for future in futures:
+        error = future.exception(timeout=30)  # each ends, one way or the other: none is left pending
+        assert error is None or isinstance(error, gp.UsageError)
+    assert any(isinstance(f.exception(), gp.UsageError) for f in futures)
