@@ -9,6 +9,9 @@ Each draw runs the op table's ``random_uniform`` or ``random_normal`` on every s
 The same seed on a pool that lays the array out the same way (the same agents and rows) gives the same
 numbers. They are **not** NumPy's numbers for that seed (``numpy.random.default_rng(0)`` draws other
 values), and NumPy agents and CuPy agents draw different numbers from each other (docs/contracts.md).
+
+Inside a task that ``pool.map`` traces, a draw is an op of the task's program (``size=None`` gives a 0-d
+value): each task draws on its own worker, with no upload.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from gpupool.client.creation import ShapeLike, create, normalize_shape
 from gpupool.client.current import current_pool
 from gpupool.client.layout import Piece
 from gpupool.client.operands import is_scalar, scalar_operand
+from gpupool.client.trace import active_recorder
 from gpupool.protocol.codec import check_dtype
 
 __all__ = ["STREAMS_PER_DRAW", "Generator", "default_rng"]
@@ -92,6 +96,13 @@ class Generator:
         base = next(self._draws) * STREAMS_PER_DRAW
         if base >= _SEEDS:
             raise UsageError("this generator has drawn as many times as it can: make another")
+
+        recorder = active_recorder()
+        if recorder is not None:  # inside a task being traced: drawn by the task's own program
+            drawn = recorder.record(
+                op, operands, target, () if size is None else shape, params=[self.seed, base]
+            )
+            return drawn
 
         def params(index: int, piece: Piece) -> list[int]:
             return [self.seed, base + index]

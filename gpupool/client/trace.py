@@ -57,6 +57,12 @@ class TracingError(UsageError):
 _ACTIVE: ContextVar[Recorder | None] = ContextVar("gpupool_trace", default=None)
 
 
+def active_recorder() -> Recorder | None:
+    """The recorder of the function or loop body being traced here, None outside a trace (for the parts of
+    gp's namespace that record ops themselves, such as ``gp.random``'s draws)."""
+    return _ACTIVE.get()
+
+
 @dataclass(eq=False)
 class Recorder:
     """The ops one function (or one loop body) records, in order; ids are unique across nested bodies."""

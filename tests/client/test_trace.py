@@ -262,3 +262,22 @@ def test_loops_must_keep_their_carry_and_values_stay_in_their_body() -> None:
 def test_inline_data_is_bounded() -> None:
     big = np.zeros(MAX_INLINE_BYTES // 8 + 1)
     assert "pool.replicate" in refused(lambda b: b + 1, big)
+
+
+def test_random_draws_inside_a_task_are_ops_of_its_program() -> None:
+    def init(x: Any, seed: int) -> Any:
+        rng = gp.random.default_rng(seed)
+        w = rng.standard_normal((8, 3), dtype=np.float32) * 0.1
+        return x @ w, rng.random(), rng.uniform(-1, 1, (4,))
+
+    traced = trace(init, (Data(X), 7), {}, bound=bound)
+    assert {"random_normal", "random_uniform"} <= {op.op for op in traced.ops}
+    y, u, v = run_traced(init, Data(X), 7)
+    y2, u2, _ = run_traced(init, Data(X), 7)
+    assert y.shape == (64, 3)
+    assert y.dtype == np.float32
+    np.testing.assert_array_equal(y, y2)  # the same seed, the same numbers
+    assert 0 <= u < 1
+    assert u == u2
+    assert ((-1 <= v) & (v < 1)).all()
+    assert not np.array_equal(run_traced(init, Data(X), 8)[0], y)
