@@ -186,33 +186,30 @@ def run_sweep(
     grid = sweep.grid()
     inits = [initial_params(x.shape[1], width, sweep.seed + k) for k, (_, width) in enumerate(grid)]
     x_replicas, y_replicas = pool.replicate(x), pool.replicate(y)
-    futures = pool.map(
-        make_task(sweep.steps),
-        [x_replicas] * len(grid),
-        [y_replicas] * len(grid),
-        [lr for lr, _ in grid],
-        *([init[name] for init in inits] for name in PARAM_NAMES),
-        retries=retries,
-    )
-    results = []
-    for (lr, width), future in zip(grid, futures, strict=True):
-        out = future.result()
-        params = {name: np.asarray(out[name]) for name in PARAM_NAMES}
-        results.append(
-            Result(
-                lr=lr,
-                width=width,
-                loss=float(out["loss"]),
-                accuracy=float(out["accuracy"]),
-                params=params,
-                where=str(future.where),
-            )
+    try:
+        futures = pool.map(
+            make_task(sweep.steps),
+            [x_replicas] * len(grid),
+            [y_replicas] * len(grid),
+            [lr for lr, _ in grid],
+            *([init[name] for init in inits] for name in PARAM_NAMES),
+            retries=retries,
         )
-    for replicas in (x_replicas, y_replicas):
-        free = getattr(replicas, "free", None)
-        if free is not None:
-            free()
-    return results
+        outs = [future.result() for future in futures]
+    finally:
+        x_replicas.free()
+        y_replicas.free()
+    return [
+        Result(
+            lr=lr,
+            width=width,
+            loss=float(out["loss"]),
+            accuracy=float(out["accuracy"]),
+            params={name: np.asarray(out[name]) for name in PARAM_NAMES},
+            where=future.where,
+        )
+        for (lr, width), out, future in zip(grid, outs, futures, strict=True)
+    ]
 
 
 def run_numpy(sweep: Sweep = Sweep(), *, data: tuple[np.ndarray, np.ndarray] | None = None) -> list[Result]:
