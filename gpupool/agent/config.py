@@ -32,6 +32,8 @@ class AgentConfig:
             (0 picks a free one); None for none (rows go over gRPC only).
         backend: ``auto`` (CuPy where CUDA works, else NumPy), ``cupy`` (fail without CUDA) or ``numpy``.
         allow_kernels: run users' CUDA kernels (op ``kernel``); refused with permission-denied otherwise.
+        allow_python: run users' Python tasks (``RunPython``, each in a process of its own); refused
+            with permission-denied otherwise.
         memory_limit: per worker, a percentage of the GPU's memory (of host RAM for a NumPy worker)
             or a size (``80%``, ``6GiB``, ``1000000``).
         session_memory_limit: per worker, the most one session may hold there, resident and reserved:
@@ -54,6 +56,7 @@ class AgentConfig:
     bulk_port: int | None = 0
     backend: BackendChoice = "auto"
     allow_kernels: bool = False
+    allow_python: bool = False
     memory_limit: str = "80%"
     session_memory_limit: str = ""
     topic_prefix: str = DEFAULT_TOPIC_PREFIX

@@ -245,6 +245,20 @@ class Guard:
 
         return guarded
 
+    def run_python(
+        self, handler: Callable[[agent_pb2.RunPythonRequest, Context], Awaitable[agent_pb2.RunPythonReply]]
+    ) -> Callable[[agent_pb2.RunPythonRequest, Context], Awaitable[agent_pb2.RunPythonReply]]:
+        """Guard ``RunPython``: a capability of this agent, for the session the request names (if any)."""
+
+        async def guarded(request: agent_pb2.RunPythonRequest, context: Context) -> agent_pb2.RunPythonReply:
+            try:
+                request.session = self.session_of(context, request.session)
+            except RpcRefusal as refusal:
+                await abort(context, refusal)
+            return await handler(request, context)
+
+        return guarded
+
     def free(
         self, handler: Callable[[agent_pb2.FreeRequest, Context], Awaitable[agent_pb2.FreeReply]]
     ) -> Callable[[agent_pb2.FreeRequest, Context], Awaitable[agent_pb2.FreeReply]]:

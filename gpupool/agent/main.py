@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
         "GPUs: they run in the agent's process and can read any session's device memory (SECURITY.md)",
     )
     parser.add_argument(
+        "--allow-python",
+        action="store_true",
+        help="run users' Python tasks that gpupool cannot trace (pool.map), each in a process of its own: "
+        "arbitrary code with this agent's user's rights on this rig (SECURITY.md)",
+    )
+    parser.add_argument(
         "--memory-limit",
         default="80%",
         help="per worker: a share of GPU memory (host RAM for NumPy) or a size (default %(default)s)",
@@ -179,6 +185,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         advertise=args.advertise,
         backend=backend,
         allow_kernels=args.allow_kernels,
+        allow_python=args.allow_python,
         memory_limit=args.memory_limit,
         session_memory_limit=args.session_memory_limit,
         topic_prefix=args.topic_prefix,

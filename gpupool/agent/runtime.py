@@ -211,6 +211,7 @@ class Agent:
             timeouts=config.timeouts,
             puller=puller,
             allow_kernels=config.allow_kernels,
+            allow_python=config.allow_python,
         )
         guard = Guard(self._verifier) if self._verifier is not None else None
         tls = None
@@ -255,6 +256,7 @@ class Agent:
             note=setup.note,
             started=now(),
             bulk_port=bulk_port,
+            allow_python=config.allow_python,
         )
         offline = self.status()
         offline.state = OFFLINE

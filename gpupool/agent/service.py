@@ -27,6 +27,7 @@ from gpupool.agent.guard import Guard
 from gpupool.agent.parts import Assemblies, Assembly, PartsFailed
 from gpupool.agent.program import estimate_work, forget_frames, is_small, run_program
 from gpupool.agent.pull import Puller
+from gpupool.agent.pytask import PythonOverdue, PythonRunner
 from gpupool.agent.status import Counters
 from gpupool.agent.workers import Worker
 from gpupool.protocol.codec import check_dtype, iter_chunks, meta_of, shape_of
@@ -68,11 +69,13 @@ def add_to_server(service: AgentService, server: grpc.aio.Server, guard: Guard |
     execute: Handler = service.Execute
     free: Handler = service.Free
     pull: Handler = service.Pull
+    run_python: Handler = service.RunPython
     if guard is not None:
         upload, upload_raw = guard.upload(upload), guard.upload_raw(upload_raw)
         download, download_raw = guard.download(download), guard.download_raw(download_raw)
         execute, free = guard.execute(execute), guard.free(free)
         pull = guard.pull(pull)
+        run_python = guard.run_python(run_python)
     handlers = {
         "Upload": grpc.stream_unary_rpc_method_handler(
             upload,
@@ -99,6 +102,11 @@ def add_to_server(service: AgentService, server: grpc.aio.Server, guard: Guard |
             request_deserializer=agent_pb2.PullRequest.FromString,
             response_serializer=agent_pb2.PullReply.SerializeToString,
         ),
+        "RunPython": grpc.unary_unary_rpc_method_handler(
+            run_python,
+            request_deserializer=agent_pb2.RunPythonRequest.FromString,
+            response_serializer=agent_pb2.RunPythonReply.SerializeToString,
+        ),
         "Health": grpc.unary_unary_rpc_method_handler(
             service.Health,
             request_deserializer=agent_pb2.HealthRequest.FromString,
@@ -122,6 +130,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         timeouts: deadlines; an upload or download gets ``timeouts.for_stream(nbytes)``, the header ``rpc``.
         puller: runs ``Pull`` (rows from other agents, :mod:`gpupool.agent.pull`); None refuses it.
         allow_kernels: run users' kernels (``--allow-kernels``); refused with permission-denied otherwise.
+        allow_python: run Python tasks (``--allow-python``, :mod:`gpupool.agent.pytask`); refused otherwise.
     """
 
     def __init__(
@@ -135,9 +144,11 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         timeouts: Timeouts = Timeouts(),
         puller: Puller | None = None,
         allow_kernels: bool = False,
+        allow_python: bool = False,
     ) -> None:
         self._puller = puller
         self._allow_kernels = allow_kernels
+        self._python = PythonRunner(workers, allowed=allow_python)
         self._workers = tuple(workers)
         self._registry = registry
         self._counters = counters
@@ -499,6 +510,26 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             refusal = _detached(exc)
         # Aborting here, outside the handlers, chains no exception (and its frames) to the abort's error.
         await abort(context, refusal)
+
+    async def RunPython(
+        self, request: agent_pb2.RunPythonRequest, context: Context
+    ) -> agent_pb2.RunPythonReply:
+        """Run a Python task in a process of its own (see :mod:`gpupool.agent.pytask`), within the call's
+        deadline (at most ``timeouts.rpc`` where the caller gave none)."""
+        remaining = context.time_remaining()
+        seconds = remaining if remaining is not None else self._timeouts.rpc
+        refusal: RpcRefusal | None = None
+        overdue = ""
+        try:
+            return await self._python.run(request, seconds=max(seconds - 0.5, 0.1))
+        except RpcRefusal as exc:
+            refusal = _detached(exc)
+        except PythonOverdue as exc:
+            overdue = str(exc)
+        if refusal is not None:
+            await abort(context, refusal)
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, overdue)
+        raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
     async def Health(self, request: agent_pb2.HealthRequest, context: Context) -> agent_pb2.HealthReply:
         """The agent's status."""

@@ -53,6 +53,7 @@ class Identity:
         note: why this backend (may be empty).
         started: when the agent started.
         bulk_port: the port of its bulk byte path on the endpoint's host (0: none).
+        allow_python: whether its owner lets it run Python tasks.
     """
 
     agent_id: str
@@ -64,6 +65,7 @@ class Identity:
     note: str
     started: Timestamp
     bulk_port: int = 0
+    allow_python: bool = False
 
 
 def build_status(
@@ -87,6 +89,7 @@ def build_status(
         note=identity.note,
         started=identity.started,
         bulk_port=identity.bulk_port,
+        allow_python=identity.allow_python,
     )
     for worker in workers:
         usage = registry.usage(worker.index)

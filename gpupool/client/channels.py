@@ -343,6 +343,39 @@ class AgentChannel:
             raise self._error(exc) from exc
         return fetched_arrays(reply, peer=self.endpoint)
 
+    async def run_python(
+        self,
+        worker: int,
+        payload: bytes,
+        *,
+        session: str,
+        timeout: float,  # noqa: ASYNC109 - a gRPC deadline: the task's
+    ) -> bytes:
+        """Run a Python task (cloudpickle bytes) on ``worker`` of an agent that allows it; its outcome.
+
+        Raises:
+            AuthError: the agent does not run Python tasks (permission-denied).
+            RemoteKernelError: the task's process died (the message says how).
+            DeadlineExceeded: the task ran past ``timeout`` (the agent killed it).
+            AgentLost: the coordinator showed the agent offline meanwhile.
+        """
+        request = agent_pb2.RunPythonRequest(worker=worker, session=session, payload=payload)
+        reply = await self._watched(self._run_python(request, timeout))
+        return reply.payload
+
+    async def _run_python(
+        self,
+        request: agent_pb2.RunPythonRequest,
+        timeout: float,  # noqa: ASYNC109 - a gRPC deadline
+    ) -> agent_pb2.RunPythonReply:
+        try:
+            reply: agent_pb2.RunPythonReply = await self._stub.RunPython(
+                request, timeout=timeout, metadata=self._metadata()
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from exc
+        return reply
+
     async def pull(
         self,
         request: agent_pb2.PullRequest,

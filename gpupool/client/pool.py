@@ -146,7 +146,13 @@ class Pool:
 
     # -- independent tasks ------------------------------------------------------------------------
     def submit(
-        self, fn: Callable[..., Any], /, *args: Any, retries: int = DEFAULT_RETRIES, **kwargs: Any
+        self,
+        fn: Callable[..., Any],
+        /,
+        *args: Any,
+        retries: int = DEFAULT_RETRIES,
+        timeout: float | None = None,
+        **kwargs: Any,
     ) -> TaskFuture:
         """Run ``fn(*args, **kwargs)`` as a task on one worker; its future.
 
@@ -154,15 +160,25 @@ class Pool:
         with gpupool's namespace (``gp.exp``, ``x @ w``, ``gp.where``, :func:`gpupool.fori_loop`).
         Arguments may be Python scalars, small host arrays (sent inline) and data sets given with
         :meth:`replicate`. The result comes back as NumPy arrays, in the structure ``fn`` returned. A task
-        whose agent is lost runs again on another worker, up to ``retries`` times.
+        whose agent is lost runs again on another worker, up to ``retries`` times. ``timeout`` bounds one
+        run (default: from the traced work; 600 s for a Python task). ``retries`` and ``timeout`` are
+        gpupool's; every other keyword goes to ``fn``.
+
+        A function that cannot be traced runs as Python (cloudpickle, in a process of its own) on agents
+        whose owners started them with ``--allow-python``; where there are none it is refused.
 
         Raises:
             TracingError: ``fn`` does something that cannot be traced (the message says what).
         """
-        return self._tasks.submit(fn, args, kwargs, retries=retries)
+        return self._tasks.submit(fn, args, kwargs, retries=retries, timeout=timeout)
 
     def map(
-        self, fn: Callable[..., Any], /, *iterables: Iterable[Any], retries: int = DEFAULT_RETRIES
+        self,
+        fn: Callable[..., Any],
+        /,
+        *iterables: Iterable[Any],
+        retries: int = DEFAULT_RETRIES,
+        timeout: float | None = None,
     ) -> list[TaskFuture]:
         """Run ``fn`` on each item (one of each iterable per task, as the builtin ``map``) as tasks, one per
         worker at a time, placed as workers free up; the futures, in the items' order (a progress bar shows
@@ -171,7 +187,7 @@ class Pool:
         Raises:
             TracingError: ``fn`` cannot be traced for some item; no task is queued then.
         """
-        return self._tasks.map(fn, iterables, retries=retries)
+        return self._tasks.map(fn, iterables, retries=retries, timeout=timeout)
 
     def replicate(self, data: Any) -> Replicated:
         """One whole copy of ``data`` (a host or remote array) on each worker that runs tasks, for tasks to

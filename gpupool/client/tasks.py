@@ -21,9 +21,17 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
+import cloudpickle
 import numpy as np
 
-from gpupool._errors import AgentLost, ConnectError, DeadlineExceeded, PlacementError, UsageError
+from gpupool._errors import (
+    AgentLost,
+    ConnectError,
+    DeadlineExceeded,
+    PlacementError,
+    RemoteKernelError,
+    UsageError,
+)
 from gpupool._proto.v1 import agent_pb2, control_pb2
 from gpupool.client.layout import Piece, Place
 from gpupool.client.progress import Tracker
@@ -40,6 +48,8 @@ SLOTS_FRESH: Final = 5.0
 #: Tasks whose work (bytes touched, as traced) is at most BATCH_WORK run up to BATCH to a program.
 BATCH: Final = 64
 BATCH_WORK: Final = 1 << 20
+#: Seconds a Python task may run, unless its caller says otherwise (``timeout=``).
+PYTHON_TIMEOUT: Final = 600.0
 #: Failures that mean the worker, not the task: the task runs again elsewhere.
 _LOST: Final = (AgentLost, ConnectError, DeadlineExceeded)
 
@@ -104,13 +114,20 @@ def _release(session: Session, copies: dict[Place, Piece]) -> None:
 
 @dataclass(eq=False)
 class _Task:
-    trace: Trace
+    trace: Trace | None  # None for a Python task
     data: tuple[Replicated, ...]
     future: TaskFuture
     retries: int
     label: str
+    timeout: float | None = None
+    python: bytes = b""  # a Python task's cloudpickle bytes
     attempts: int = 0
     excluded: set[str] = field(default_factory=set)
+
+    @property
+    def work(self) -> int:
+        """Bytes the task touches, as traced (a Python task's are unknown: never batched)."""
+        return self.trace.work_bytes if self.trace is not None else BATCH_WORK + 1
 
 
 class Tasks:
@@ -131,6 +148,7 @@ class Tasks:
         self._granted: set[str] = set()
         self._labels: dict[str, str] = {}
         self._futures: weakref.WeakSet[TaskFuture] = weakref.WeakSet()
+        self._python_agents: set[str] = set()
 
     def replicate(self, value: Any) -> Replicated:
         """One copy of ``value`` (a host array or a remote array) per worker, for tasks."""
@@ -140,24 +158,35 @@ class Tasks:
         return Replicated(self._session, host)
 
     def submit(
-        self, fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any], *, retries: int
+        self,
+        fn: Callable[..., Any],
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        *,
+        retries: int,
+        timeout: float | None = None,
     ) -> TaskFuture:
         """Trace ``fn(*args, **kwargs)`` now and queue it.
 
         Raises:
             TracingError: ``fn`` did what cannot be traced (nothing is queued).
         """
-        return self._enqueue([self._task(fn, args, kwargs, retries)])[0]
+        return self._enqueue([self._task(fn, args, kwargs, retries, timeout)])[0]
 
     def map(
-        self, fn: Callable[..., Any], iterables: Sequence[Iterable[Any]], *, retries: int
+        self,
+        fn: Callable[..., Any],
+        iterables: Sequence[Iterable[Any]],
+        *,
+        retries: int,
+        timeout: float | None = None,
     ) -> list[TaskFuture]:
         """Trace ``fn`` over the items (each task's arguments: one item of each iterable) and queue them all.
 
         Raises:
             TracingError: ``fn`` could not be traced for some item (nothing is queued).
         """
-        tasks = [self._task(fn, items, {}, retries) for items in zip(*iterables, strict=False)]
+        tasks = [self._task(fn, items, {}, retries, timeout) for items in zip(*iterables, strict=False)]
         futures = self._enqueue(tasks)
         if futures:
             tracker = self._session.track("map", total=len(futures), unit="tasks")
@@ -167,7 +196,12 @@ class Tasks:
         return futures
 
     def _task(
-        self, fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any], retries: int
+        self,
+        fn: Callable[..., Any],
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        retries: int,
+        timeout: float | None = None,
     ) -> _Task:
         if not callable(fn):
             raise UsageError(f"a task is a function, not a {type(fn).__name__}")
@@ -184,9 +218,46 @@ class Tasks:
                 )
             return None
 
-        traced = trace(fn, args, kwargs, bound=bound)
         name = getattr(fn, "__name__", "task")
-        return _Task(traced, tuple(data), TaskFuture(), max(0, int(retries)), name)
+        try:
+            traced = trace(fn, args, kwargs, bound=bound)
+        except TracingError as exc:
+            return self._python_task(fn, args, kwargs, retries, timeout, exc)
+        return _Task(traced, tuple(data), TaskFuture(), max(0, int(retries)), name, timeout)
+
+    def _python_task(
+        self,
+        fn: Callable[..., Any],
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        retries: int,
+        timeout: float | None,
+        why: TracingError,
+    ) -> _Task:
+        """A function that cannot be traced, as a Python task for agents whose owners allow them.
+
+        Raises:
+            TracingError: no agent of the pool runs Python tasks (``why``, and that), or an argument is a
+                sharded remote array.
+        """
+        if not self._slots or time.monotonic() - self._slots_at > SLOTS_FRESH:
+            self._refresh_slots()
+        if not self._python_agents:
+            raise TracingError(
+                f"{why} No ready agent of this pool runs Python tasks (its owner's gpupool-agent "
+                "--allow-python), so the function cannot run as Python either."
+            ) from None
+
+        def host(value: Any) -> Any:
+            if isinstance(value, Replicated):
+                return value.host
+            if hasattr(value, "session") and hasattr(value, "layout"):
+                raise TracingError("a Python task reads a remote array: give it as pool.replicate(x)")
+            return value
+
+        payload = cloudpickle.dumps((fn, [host(a) for a in args], {k: host(v) for k, v in kwargs.items()}))
+        name = getattr(fn, "__name__", "task")
+        return _Task(None, (), TaskFuture(), max(0, int(retries)), name, timeout, python=payload)
 
     # -- the queue (its state lives on the session's loop) ----------------------------------------------
 
@@ -207,6 +278,7 @@ class Tasks:
 
     def _refresh_slots(self) -> None:
         slots = []
+        python: set[str] = set()
         for record in self._session.list_agents():
             status = record.status
             if status.state != control_pb2.AGENT_STATE_READY:  # cordoned, draining: no new tasks
@@ -223,9 +295,11 @@ class Tasks:
                     )
                 )
                 self._labels[status.agent_id] = status.name or status.agent_id[:8]
+                if status.allow_python:
+                    python.add(status.agent_id)
         if not slots:
             raise PlacementError("no ready agent takes tasks")
-        self._slots, self._slots_at = slots, time.monotonic()
+        self._slots, self._slots_at, self._python_agents = slots, time.monotonic(), python
 
     async def _add(self, tasks: list[_Task]) -> None:
         self._queue.extend(tasks)
@@ -268,17 +342,17 @@ class Tasks:
         index = 0
         while index < len(self._queue) and len(batch) < BATCH:
             task = self._queue[index]
-            if slot.agent_id in task.excluded:
+            if slot.agent_id in task.excluded or (task.python and slot.agent_id not in self._python_agents):
                 index += 1
                 continue
-            small = task.trace.work_bytes <= BATCH_WORK
-            if batch and (not small or work + task.trace.work_bytes > BATCH_WORK):
+            small = task.work <= BATCH_WORK
+            if batch and (not small or work + task.work > BATCH_WORK):
                 break
             del self._queue[index]
             # a retry is running already; a first attempt starts unless the caller cancelled it
             if task.attempts or task.future.set_running_or_notify_cancel():
                 batch.append(task)
-                work += task.trace.work_bytes
+                work += task.work
                 if not small:
                     break
         return batch
@@ -317,33 +391,50 @@ class Tasks:
 
     async def _run(self, batch: list[_Task], slot: Piece) -> list[Any]:
         """One program of every task of ``batch`` (each with buffer names of its own); their results."""
+        if batch[0].python:
+            return [await self._run_python(batch[0], slot)]
         session = self._session
         ops: list[agent_pb2.Op] = []
         fetch: list[str] = []
         namers = []
-        for task in batch:
+        traces = [task.trace for task in batch if task.trace is not None]
+        for task, traced in zip(batch, traces, strict=True):
             prefix = session.new_buffer_id()
-            pairs = zip(task.trace.inputs, task.data, strict=True)
+            pairs = zip(traced.inputs, task.data, strict=True)
             inputs = {name: await data.copy_on(slot) for name, data in pairs}
             namer = functools.partial(_name, inputs, prefix)
             namers.append(namer)
-            ops += rename(task.trace.ops, namer)
-            fetch += [namer(name) for name in task.trace.fetch]
+            ops += rename(traced.ops, namer)
+            fetch += [namer(name) for name in traced.fetch]
         created = [name for op in ops for name in ([op.output] if op.output else list(op.outputs))]
-        work_bytes = sum(task.trace.work_bytes for task in batch)
-        work_flops = sum(task.trace.work_flops for task in batch)
+        work_bytes = sum(traced.work_bytes for traced in traces)
+        work_flops = sum(traced.work_flops for traced in traces)
+        timeout = session.timeouts.for_work(work_bytes, work_flops)
+        if len(batch) == 1 and batch[0].timeout is not None:
+            timeout = batch[0].timeout
         fetched = await session.channel(slot.agent_id, slot.endpoint).execute(
             slot.worker,
             ops,
             session=session.id,
             fetch=fetch,
             free=created,
-            timeout=session.timeouts.for_work(work_bytes, work_flops),
+            timeout=timeout,
         )
         return [
-            _rebuild(task.trace.results, functools.partial(_fetched, fetched, namer))
-            for task, namer in zip(batch, namers, strict=True)
+            _rebuild(traced.results, functools.partial(_fetched, fetched, namer))
+            for traced, namer in zip(traces, namers, strict=True)
         ]
+
+    async def _run_python(self, task: _Task, slot: Piece) -> Any:
+        """A Python task on ``slot``'s worker: its result, or what it raised, as a RemoteKernelError."""
+        payload = await self._session.channel(slot.agent_id, slot.endpoint).run_python(
+            slot.worker, task.python, session=self._session.id, timeout=task.timeout or PYTHON_TIMEOUT
+        )
+        outcome = cloudpickle.loads(payload)
+        if outcome[0] == "ok":
+            return outcome[1]
+        _, kind, message, where = outcome
+        raise RemoteKernelError(slot.agent_id, f"the Python task raised {kind}: {message}\n{where}")
 
     def _fail_all(self, exc: BaseException) -> None:
         while self._queue:

@@ -280,3 +280,19 @@ class PullReply(_message.Message):
     nbytes: int
     bytes_pulled: int
     def __init__(self, buffer_id: _Optional[str] = ..., nbytes: _Optional[int] = ..., bytes_pulled: _Optional[int] = ...) -> None: ...
+
+class RunPythonRequest(_message.Message):
+    __slots__ = ("worker", "session", "payload")
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    worker: int
+    session: str
+    payload: bytes
+    def __init__(self, worker: _Optional[int] = ..., session: _Optional[str] = ..., payload: _Optional[bytes] = ...) -> None: ...
+
+class RunPythonReply(_message.Message):
+    __slots__ = ("payload",)
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    def __init__(self, payload: _Optional[bytes] = ...) -> None: ...

@@ -64,6 +64,11 @@ class AgentStub:
                 request_serializer=gpupool_dot_v1_dot_agent__pb2.PullRequest.SerializeToString,
                 response_deserializer=gpupool_dot_v1_dot_agent__pb2.PullReply.FromString,
                 _registered_method=True)
+        self.RunPython = channel.unary_unary(
+                '/gpupool.v1.Agent/RunPython',
+                request_serializer=gpupool_dot_v1_dot_agent__pb2.RunPythonRequest.SerializeToString,
+                response_deserializer=gpupool_dot_v1_dot_agent__pb2.RunPythonReply.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -112,6 +117,14 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RunPython(self, request, context):
+        """A Python task that cannot be traced (pool.submit/map), run in a process of its own on the worker's
+        device, only by an agent whose owner started it with --allow-python (permission-denied otherwise).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +157,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.Pull,
                     request_deserializer=gpupool_dot_v1_dot_agent__pb2.PullRequest.FromString,
                     response_serializer=gpupool_dot_v1_dot_agent__pb2.PullReply.SerializeToString,
+            ),
+            'RunPython': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunPython,
+                    request_deserializer=gpupool_dot_v1_dot_agent__pb2.RunPythonRequest.FromString,
+                    response_serializer=gpupool_dot_v1_dot_agent__pb2.RunPythonReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +326,33 @@ class Agent:
             '/gpupool.v1.Agent/Pull',
             gpupool_dot_v1_dot_agent__pb2.PullRequest.SerializeToString,
             gpupool_dot_v1_dot_agent__pb2.PullReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunPython(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpupool.v1.Agent/RunPython',
+            gpupool_dot_v1_dot_agent__pb2.RunPythonRequest.SerializeToString,
+            gpupool_dot_v1_dot_agent__pb2.RunPythonReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -79,7 +79,7 @@ class Worker(_message.Message):
     def __init__(self, index: _Optional[int] = ..., backend: _Optional[str] = ..., gpu: _Optional[_Union[GpuInfo, _Mapping]] = ..., memory_limit: _Optional[int] = ..., memory_used: _Optional[int] = ..., buffers: _Optional[int] = ...) -> None: ...
 
 class AgentStatus(_message.Message):
-    __slots__ = ("schema_version", "agent_id", "name", "version", "endpoint", "state", "backend", "workers", "hostname", "updated", "note", "started", "signature", "certificate_fingerprint", "bulk_port")
+    __slots__ = ("schema_version", "agent_id", "name", "version", "endpoint", "state", "backend", "workers", "hostname", "updated", "note", "started", "signature", "certificate_fingerprint", "bulk_port", "allow_python")
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class AgentStatus(_message.Message):
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     BULK_PORT_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_PYTHON_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
     agent_id: str
     name: str
@@ -110,7 +111,8 @@ class AgentStatus(_message.Message):
     signature: bytes
     certificate_fingerprint: str
     bulk_port: int
-    def __init__(self, schema_version: _Optional[int] = ..., agent_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., endpoint: _Optional[str] = ..., state: _Optional[_Union[AgentState, str]] = ..., backend: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[Worker, _Mapping]]] = ..., hostname: _Optional[str] = ..., updated: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., note: _Optional[str] = ..., started: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., signature: _Optional[bytes] = ..., certificate_fingerprint: _Optional[str] = ..., bulk_port: _Optional[int] = ...) -> None: ...
+    allow_python: bool
+    def __init__(self, schema_version: _Optional[int] = ..., agent_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., endpoint: _Optional[str] = ..., state: _Optional[_Union[AgentState, str]] = ..., backend: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[Worker, _Mapping]]] = ..., hostname: _Optional[str] = ..., updated: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., note: _Optional[str] = ..., started: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., signature: _Optional[bytes] = ..., certificate_fingerprint: _Optional[str] = ..., bulk_port: _Optional[int] = ..., allow_python: _Optional[bool] = ...) -> None: ...
 
 class WorkerTelemetry(_message.Message):
     __slots__ = ("index", "memory_used", "memory_limit", "buffers", "gpu_memory_free", "utilization_percent", "temperature_c", "power_w")
