@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
@@ -234,59 +235,85 @@ def run_loop(
         for body_op in loop.body
         for name, item in check_any(body_op, depth=1, check_kernel=_checked)
     }
-    constants: dict[int, Any] = {}
+    steps = [_prepare(body_op, declared, backend) for body_op in loop.body]
     carry = list(init)
     for trip in range(loop.trips):
         checkpoint()
         scope: dict[str, Any] = dict(zip(loop.carry, carry, strict=True))
         if loop.counter:
             scope[loop.counter] = np.int64(trip)
-
-        def operand(item: agent_pb2.Operand, scope: dict[str, Any] = scope) -> Any:
-            kind = item.WhichOneof("kind")
-            if kind == "buffer":
-                return scope[item.buffer] if item.buffer in scope else outer(item.buffer)
-            if kind == "scalar":
-                return scalar_value(item.scalar)
-            if kind == "constant":
-                key = id(item)
-                if key not in constants:
-                    constants[key] = backend.to_device(constant_array(item.constant))
-                return constants[key]
-            raise RpcRefusal("bad-request", "an operand names neither a buffer, a scalar nor a constant")
-
-        for body_op in loop.body:
-            if body_op.op == "fori_loop":
-                inner_expects = [declared[name] for name in body_op.outputs]
+        for step in steps:
+            operands = [
+                (scope[value] if value in scope else outer(value)) if named else value
+                for named, value in step.inputs
+            ]
+            if step.op.op == "fori_loop":
                 results = run_loop(
-                    body_op,
-                    [operand(item) for item in body_op.inputs],
-                    inner_expects,
+                    step.op,
+                    operands,
+                    step.expects,
                     backend=backend,
                     outer=functools.partial(_lookup, scope, outer),
                     checkpoint=checkpoint,
                     run_kernel=run_kernel,
                 )
-                scope.update(zip(body_op.outputs, results, strict=True))
-            elif body_op.op == "kernel":
+                scope.update(zip(step.outputs, results, strict=True))
+            elif step.op.op == "kernel":
                 if run_kernel is None:
                     raise RpcRefusal("bad-request", "this agent does not run kernels")
-                inputs = [operand(item) for item in body_op.inputs]
-                names = outputs_of(body_op)
-                results = run_kernel(body_op, inputs, [declared[name] for name in names])
-                scope.update(zip(names, results, strict=True))
+                scope.update(zip(step.outputs, run_kernel(step.op, operands, step.expects), strict=True))
             else:
-                scope[body_op.output] = apply_op(
+                # Inside the loop a result may view another value (a transpose, a slice): nothing outside
+                # sees it; the loop's results are made to own their memory below.
+                scope[step.outputs[0]] = apply_op(
                     xp,
-                    body_op.op,
-                    [operand(item) for item in body_op.inputs],
-                    declared[body_op.output],
-                    args=op_args(body_op),
+                    step.op.op,
+                    operands,
+                    step.expects[0],
+                    args=step.args,
                     kernel_errors=backend.kernel_errors,
+                    own_memory=False,
                 )
         carry = [scope[name] for name in loop.next]
-    # A result that is one of the inputs (no trips, or a value carried unchanged) must not alias it.
-    return [xp.array(value, copy=True) if any(value is item for item in init) else value for value in carry]
+    # A result must own C-contiguous memory: not be one of the inputs (no trips, a value carried
+    # unchanged) or a view of another value, as any op's result.
+    return [
+        xp.array(value, copy=True, order="C")
+        if any(value is item for item in init)
+        or getattr(value, "base", None) is not None
+        or not value.flags.c_contiguous
+        else value
+        for value in carry
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    """A body op made ready once for every trip: its operands (``(True, name)`` to look up, ``(False,
+    value)`` as they are), its parsed parameters, its results and their declarations."""
+
+    op: agent_pb2.Op
+    inputs: tuple[tuple[bool, Any], ...]
+    args: Any
+    outputs: tuple[str, ...]
+    expects: list[Expected]
+
+
+def _prepare(op: agent_pb2.Op, declared: dict[str, Expected], backend: ArrayBackend) -> _Step:
+    inputs: list[tuple[bool, Any]] = []
+    for item in op.inputs:
+        kind = item.WhichOneof("kind")
+        if kind == "buffer":
+            inputs.append((True, item.buffer))
+        elif kind == "scalar":
+            inputs.append((False, scalar_value(item.scalar)))
+        elif kind == "constant":
+            inputs.append((False, backend.to_device(constant_array(item.constant))))
+        else:
+            raise RpcRefusal("bad-request", "an operand names neither a buffer, a scalar nor a constant")
+    outputs = tuple(outputs_of(op))
+    args = op_args(op) if op.op not in COMPOUND else None
+    return _Step(op, tuple(inputs), args, outputs, [declared[name] for name in outputs])
 
 
 def _lookup(scope: dict[str, Any], outer: Callable[[str], Any], name: str) -> Any:

@@ -175,6 +175,7 @@ def apply_op(
     axis: int | None = None,
     args: OpArgs | None = None,
     kernel_errors: tuple[type[BaseException], ...] = (),
+    own_memory: bool = True,
 ) -> Any:
     """Run one op of the table and return its result, checked and cast as ``expect`` says.
 
@@ -189,6 +190,8 @@ def apply_op(
         axis: a reduction's single axis (the older ``has_axis``/``axis``); the same as in ``args``.
         args: its parameters (:func:`op_args` of its message); none for none.
         kernel_errors: the backend's errors that mean an op failed.
+        own_memory: make the result C-contiguous memory of its own (False: a view of an operand may
+            come back, for a caller that keeps the result from everything that outlives the operands).
 
     Raises:
         RpcRefusal: ``bad-request`` for an unknown op, a wrong operand count, malformed parameters or a
@@ -213,6 +216,8 @@ def apply_op(
                 )
             if result.dtype != expect.dtype:
                 result = result.astype(expect.dtype)
+            if not own_memory:
+                return result
             result = xp.asarray(result, order="C")  # ascontiguousarray would make 0-d arrays 1-d
             if result.base is not None or any(result is operand for operand in operands):
                 # A view (slice, reshape) or an operand itself (round of integers) would share an input

@@ -174,3 +174,23 @@ def test_a_kernel_op_on_a_numpy_worker_is_refused_and_keeps_nothing() -> None:
     with pytest.raises(RpcRefusal) as refused:
         run(op, registry, allow_kernels=True)
     assert refused.value.kind == "bad-request"
+
+
+def test_a_loop_result_that_views_another_value_is_copied() -> None:
+    registry = BufferRegistry([1 << 20])
+    square = np.arange(16, dtype=np.float32).reshape(4, 4)
+    registry.commit(registry.reserve(worker=0, buffer_id="m", nbytes=square.nbytes, session="s"), square)
+    meta = meta_of(np.dtype(np.float32), (4, 4))
+    body = [agent_pb2.Op(op="transpose", inputs=[buffer("c")], output="n", expect=meta)]  # a view, inside
+    op = agent_pb2.Op(
+        op="fori_loop",
+        inputs=[buffer("m")],
+        outputs=["t"],
+        expects=[meta],
+        loop=agent_pb2.Loop(trips=3, carry=["c"], next=["n"], body=body),
+    )
+    run_program(agent_pb2.ExecuteRequest(ops=[op], session="s"), backend=NumpyBackend(), registry=registry)
+    result = registry.get("t").array
+    np.testing.assert_array_equal(result, square.T)
+    assert result.base is None
+    assert result.flags.c_contiguous
