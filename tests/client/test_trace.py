@@ -279,5 +279,5 @@ def test_random_draws_inside_a_task_are_ops_of_its_program() -> None:
     np.testing.assert_array_equal(y, y2)  # the same seed, the same numbers
     assert 0 <= u < 1
     assert u == u2
-    assert ((-1 <= v) & (v < 1)).all()
+    assert ((v >= -1) & (v < 1)).all()
     assert not np.array_equal(run_traced(init, Data(X), 8)[0], y)
