@@ -329,6 +329,18 @@ class Traced:
     def __getitem__(self, key: Any) -> Traced:
         return _getitem(self, key)
 
+    def sort(self, axis: int = -1, **kwargs: Any) -> Traced:
+        raise TracingError("x.sort() sorts in place, which a trace cannot: write gp.sort(x, axis=...)")
+
+    def argsort(self, axis: int | None = -1, **kwargs: Any) -> Traced:
+        return _along("argsort", self, axis, **kwargs)
+
+    def cumsum(self, axis: int | None = None, **kwargs: Any) -> Traced:
+        return _along("cumsum", self, axis, **kwargs)
+
+    def cumprod(self, axis: int | None = None, **kwargs: Any) -> Traced:
+        return _along("cumprod", self, axis, **kwargs)
+
     def __setitem__(self, key: Any, value: Any) -> None:
         raise TracingError("assignment into a traced array is not traced: build the result with gp.where")
 
@@ -521,6 +533,11 @@ def _expand_dims(x: Traced, axis: int) -> Traced:
 
 def _getitem(x: Traced, key: Any) -> Traced:
     """Basic indexing: slices and integers on the leading axes, ``None`` and ``...`` not yet."""
+    if (
+        isinstance(key, Traced | np.ndarray | list)
+        and _probe_dtype(np.asarray(key) if isinstance(key, list) else key).kind in "iu"
+    ):
+        return _take(x, key, axis=0)  # rows by an integer array
     keys = key if isinstance(key, tuple) else (key,)
     if len(keys) > x.ndim or not all(isinstance(k, slice | int) and not isinstance(k, bool) for k in keys):
         raise TracingError(
@@ -541,6 +558,81 @@ def _getitem(x: Traced, key: Any) -> Traced:
         shape[axis] = len(range(start, stop, step))
     result = _Ops(x.recorder).unary("slice", x, x.dtype, tuple(shape), params=params)
     return _squeeze(result, tuple(drop)) if drop else result
+
+
+def _along(name: str, x: Any, axis: Any = -1, **kwargs: Any) -> Traced:
+    """Sorts and running totals: along ``axis``, or over the flattened array for ``axis=None``."""
+    ops = _ops(x)
+    if kwargs.keys() - {"kind", "stable", "dtype"}:
+        raise TracingError(f"{name}() with {sorted(kwargs)} is not traced")
+    if not isinstance(x, Traced):
+        x = ops.recorder.constant(np.asarray(x))
+    if axis is None:
+        shape: tuple[int, ...] = (x.size,)
+        params: list[int] = []
+    else:
+        (index,) = _axes(axis, x.ndim) or (0,)
+        shape, params = x.shape, [index]
+    probe = getattr(np, name)(np.ones((1,) * max(x.ndim, 1), x.dtype), axis=None if axis is None else 0)
+    dtype = np.dtype(kwargs["dtype"]) if kwargs.get("dtype") is not None else probe.dtype
+    result = ops.recorder.record(name, [ops.operand(x)], dtype, shape, params=params)
+    return result
+
+
+def _concatenate(arrays: Any, axis: Any = 0, **kwargs: Any) -> Traced:
+    items = list(arrays)
+    if not items or kwargs.keys() - {"dtype", "casting"}:
+        raise TracingError("concatenate of no arrays, or with out=")
+    ops = _ops(*items)
+    values = [v if isinstance(v, Traced) else ops.recorder.constant(np.asarray(v)) for v in items]
+    dtype = np.result_type(*(np.zeros((1,) * v.ndim, v.dtype) for v in values))
+    if kwargs.get("dtype") is not None:
+        dtype = np.dtype(kwargs["dtype"])
+    if axis is None:
+        shape: tuple[int, ...] = (sum(v.size for v in values),)
+        params: list[int] = []
+    else:
+        ndim = values[0].ndim
+        (index,) = _axes(axis, ndim) or (0,)
+        if any(
+            v.ndim != ndim
+            or v.shape[:index] + v.shape[index + 1 :]
+            != values[0].shape[:index] + values[0].shape[index + 1 :]
+            for v in values
+        ):
+            raise TracingError(f"concatenate of shapes {[list(v.shape) for v in values]} along axis {axis}")
+        shape = (*values[0].shape[:index], sum(v.shape[index] for v in values), *values[0].shape[index + 1 :])
+        params = [index]
+    return ops.recorder.record("concatenate", [ops.operand(v) for v in values], dtype, shape, params=params)
+
+
+def _stack(arrays: Any, axis: int = 0, **kwargs: Any) -> Traced:
+    items = list(arrays)
+    if not items:
+        raise TracingError("stack of no arrays")
+    ops = _ops(*items)
+    values = [v if isinstance(v, Traced) else ops.recorder.constant(np.asarray(v)) for v in items]
+    if len({v.shape for v in values}) != 1:
+        raise TracingError(f"stack of arrays of shapes {[list(v.shape) for v in values]}")
+    return _concatenate([_expand_dims(v, axis) for v in values], axis=axis, **kwargs)
+
+
+def _take(x: Any, indices: Any, axis: Any = None, **kwargs: Any) -> Traced:
+    ops = _ops(x, indices)
+    if kwargs:
+        raise TracingError(f"take() with {sorted(kwargs)} is not traced")
+    if not isinstance(x, Traced):
+        x = ops.recorder.constant(np.asarray(x))
+    index_shape = _shape(indices)
+    if _probe_dtype(indices).kind not in "iu":
+        raise TracingError("take needs integer indices")
+    if axis is None:
+        shape: tuple[int, ...] = index_shape
+        params: list[int] = []
+    else:
+        (at,) = _axes(axis, x.ndim) or (0,)
+        shape, params = (*x.shape[:at], *index_shape, *x.shape[at + 1 :]), [at]
+    return ops.recorder.record("take", [ops.operand(x), ops.operand(indices)], x.dtype, shape, params=params)
 
 
 def _full_like(x: Any, fill: Any, dtype: Any = None, **kwargs: Any) -> Traced:
@@ -565,10 +657,31 @@ _FUNCTIONS: Final[dict[str, Callable[..., Any]]] = {
     "ones_like": lambda x, dtype=None, **k: _full_like(x, 1, dtype),
     "full_like": lambda x, fill_value, dtype=None, **k: _full_like(x, fill_value, dtype),
     "astype": lambda x, dtype, **k: x.astype(dtype),
+    "sort": functools.partial(_along, "sort"),
+    "argsort": functools.partial(_along, "argsort"),
+    "cumsum": functools.partial(_along, "cumsum"),
+    "cumprod": functools.partial(_along, "cumprod"),
+    "concatenate": _concatenate,
+    "concat": _concatenate,
+    "stack": _stack,
+    "vstack": lambda arrays, **k: _concatenate([_at_least_2d(a) for a in arrays], axis=0, **k),
+    "hstack": lambda arrays, **k: _hstack(list(arrays), **k),
+    "take": _take,
     "outer": lambda a, b: _ops(a, b).elementwise(
         "multiply", (_reshape(a, (-1, 1)) if isinstance(a, Traced) else np.reshape(a, (-1, 1)), _flat(b))
     ),
 }
+
+
+def _hstack(items: list[Any], **kwargs: Any) -> Traced:
+    """Columns side by side (1-D arrays end to end), as ``np.hstack``."""
+    return _concatenate(items, axis=1 if items and len(_shape(items[0])) > 1 else 0, **kwargs)
+
+
+def _at_least_2d(value: Any) -> Any:
+    if isinstance(value, Traced):
+        return _reshape(value, (1, value.size)) if value.ndim < 2 else value
+    return np.atleast_2d(value)
 
 
 def _flat(value: Any) -> Any:

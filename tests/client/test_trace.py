@@ -142,6 +142,22 @@ CASES: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]] = {
         (Data(X),),
     ),
     "gp namespace": (lambda x: gp.exp(x) + gp.sum(x, axis=0) * gp.tanh(x), (Data(X),)),
+    "sorts and running totals": (
+        lambda x: (np.sort(x, axis=0), np.argsort(x[:, 0]), x.cumsum(axis=1), np.cumprod(x[:4], axis=None)),
+        (Data(X),),
+    ),
+    "concatenate, stack, take": (
+        lambda x, idx: (
+            np.concatenate([x[:2], x[5:9] * 2], axis=0),
+            np.stack([x[0], x[1]], axis=1),
+            np.hstack([x[:, :2], x[:, 6:]]),
+            np.vstack([x[0], x[3]]),
+            x[idx],
+            np.take(x, idx, axis=1),
+            np.concatenate([x[0], x[1]], axis=None),
+        ),
+        (Data(X), np.array([3, 0, 7, 7])),
+    ),
 }
 
 
@@ -241,6 +257,7 @@ def test_data_dependent_python_is_refused_with_what_to_write_instead() -> None:
     )
     assert "assignment" in refused(lambda x: x.__setitem__(0, 1), x)
     assert "indexing" in refused(lambda x: x[x > 0], x)
+    assert "in place" in refused(lambda x: x.sort(), x)
     assert "returned a" in refused(lambda x: object(), x)
 
 
