@@ -18,6 +18,7 @@ section raises where they differ.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -50,7 +51,11 @@ def train_for_dask(x: np.ndarray, y: np.ndarray, lr: float, width: int, seed: in
 
 @contextlib.contextmanager
 def _blas_threads(count: int) -> Iterator[None]:
-    """At most ``count`` BLAS threads in this process while inside (threadpoolctl, a bench dependency)."""
+    """At most ``count`` BLAS threads in this process while inside (threadpoolctl, a bench dependency;
+    without it, as many as BLAS takes: the figures are then not the quoted ones)."""
+    if importlib.util.find_spec("threadpoolctl") is None:
+        yield
+        return
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=count):
