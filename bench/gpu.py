@@ -89,7 +89,44 @@ def run(ctx: Context) -> list[Result]:
             pool_up.append(upload_bytes / (time.perf_counter() - start) / 1e9)
             remote.free()
         check = gp.persist(x @ wr)[0].get()
+
+        # A task: the same chain as one traced program on the agent (pool.submit, gp.fori_loop).
+        xs, ws = pool.replicate(a), pool.replicate(w)
+
+        def task(x: Any, w: Any) -> Any:
+            return gp.fori_loop(chain, lambda i, y: y @ w, x)[:1, :4]
+
+        pool.submit(task, xs, ws).result(600)
+        task_times = []
+        for _ in range(ctx.repeats):
+            start = time.perf_counter()
+            task_result = pool.submit(task, xs, ws).result(600)
+            task_times.append(time.perf_counter() - start)
+
+        # An elementwise chain and its reduction over a resident array (fused on NumPy agents only so far).
+        elements = (16 if ctx.quick else 256) << 20
+        z = pool.asarray(np.ones(elements, np.float32))
+        float(((z * 2 + 1) ** 2).sum())
+        chain_times = []
+        for _ in range(ctx.repeats):
+            start = time.perf_counter()
+            float(((z * 2 + 1) ** 2).sum())
+            chain_times.append(time.perf_counter() - start)
+        z.free()
     np.testing.assert_allclose(check[:4], (a @ w)[:4], rtol=1e-2, atol=1e-2)
+    want = a[:1]
+    for _ in range(chain):
+        want = want @ w
+    np.testing.assert_allclose(task_result, want[:, :4], rtol=1e-2, atol=1e-2)
+
+    za = cp.ones(elements, cp.float32)
+    float(((za * 2 + 1) ** 2).sum())
+    local_chain_times = []
+    for _ in range(ctx.repeats):
+        start = time.perf_counter()
+        float(((za * 2 + 1) ** 2).sum())
+        local_chain_times.append(time.perf_counter() - start)
+    del za
 
     local_tflops = flops / statistics.median(local_times) / 1e12
     pool_tflops = flops / statistics.median(pool_times) / 1e12
@@ -103,6 +140,27 @@ def run(ctx: Context) -> list[Result]:
             baseline=local_tflops,
             target=0.9,
             note=model,
+        ),
+        Result(
+            "gpu",
+            f"a task of {chain} chained {n}^2 f32 matmuls (pool.submit, gp.fori_loop)",
+            flops / statistics.median(task_times) / 1e12,
+            "TFLOP/s",
+            baseline_name="local CuPy, same GPU",
+            baseline=local_tflops,
+            target=0.9,
+            note=model,
+        ),
+        Result(
+            "gpu",
+            f"((x*2+1)**2).sum(), {elements >> 20}M resident f32",
+            statistics.median(chain_times),
+            "s",
+            better="lower",
+            baseline_name="local CuPy, same GPU",
+            baseline=statistics.median(local_chain_times),
+            target=0.5,
+            note=f"{model}; no fused kernels on CuPy agents yet",
         ),
         Result(
             "gpu",
