@@ -7,6 +7,8 @@ killed with SIGKILL in the middle of a map.
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import signal
 import threading
 import uuid
 from collections.abc import Iterator
@@ -167,3 +169,24 @@ def test_closing_the_pool_fails_the_tasks_still_queued(local_pool: LocalPool) ->
         error = future.exception(timeout=30)  # each ends, one way or the other: none is left pending
         assert error is None or isinstance(error, gp.UsageError)
     assert any(isinstance(f.exception(), gp.UsageError) for f in futures)
+
+
+def test_tasks_of_an_agent_frozen_mid_map_run_again_elsewhere(killable: LocalPool) -> None:
+    """SIGSTOP (a hung rig): the calls waiting on it are abandoned once the coordinator shows it offline
+    (its liveness is 3 s here), and their tasks run on the other agent."""
+    with killable.connect() as pool:
+        data = pool.replicate(DATA)
+        futures = pool.map(train, [data] * 8, [0.05] * 8, [1500] * 8)
+        frozen = killable.agents[0]
+        first = next(concurrent.futures.as_completed(futures, timeout=120))
+        assert first.result() is not None
+        os.kill(frozen.pid, signal.SIGSTOP)
+        try:
+            want_w, _ = train_numpy(0.05, 1500)
+            for future in futures:
+                w, _loss = future.result(timeout=180)
+                np.testing.assert_allclose(w, want_w, rtol=2e-4, atol=1e-6)
+        finally:
+            os.kill(frozen.pid, signal.SIGCONT)
+        victim = frozen.ready["name"]
+        assert any(not f.where.startswith(victim) for f in futures)
