@@ -32,6 +32,8 @@ class AgentConfig:
             (0 picks a free one); None for none (rows go over gRPC only).
         backend: ``auto`` (CuPy where CUDA works, else NumPy), ``cupy`` (fail without CUDA) or ``numpy``.
         allow_kernels: run users' CUDA kernels (op ``kernel``); refused with permission-denied otherwise.
+        fuse_kernels: on CuPy workers, run elementwise chains of programs as kernels the agent generates
+            (experimental until run on a GPU).
         allow_python: run users' Python tasks (``RunPython``, each in a process of its own); refused
             with permission-denied otherwise.
         memory_limit: per worker, a percentage of the GPU's memory (of host RAM for a NumPy worker)
@@ -57,6 +59,7 @@ class AgentConfig:
     backend: BackendChoice = "auto"
     allow_kernels: bool = False
     allow_python: bool = False
+    fuse_kernels: bool = False
     memory_limit: str = "80%"
     session_memory_limit: str = ""
     topic_prefix: str = DEFAULT_TOPIC_PREFIX

@@ -27,7 +27,7 @@ from gpupool.agent.kernel_cache import KernelCache, cache_key, canonical_source,
 from gpupool.agent.opargs import Expected
 from gpupool.protocol.errors import RpcRefusal
 
-__all__ = ["KINDS", "MAX_SOURCE_BYTES", "check_kernel", "run_kernel"]
+__all__ = ["KINDS", "MAX_SOURCE_BYTES", "check_kernel", "compile_errors", "run_kernel"]
 
 #: The kinds of kernel, as CuPy's classes: ElementwiseKernel, ReductionKernel, RawKernel.
 KINDS: Final = ("elementwise", "reduction", "raw")
@@ -225,7 +225,7 @@ def run_kernel(
     source = canonical_source({**fields, "kind": kernel.kind, "name": kernel.name})
     signature = [_type_of(value) for value in inputs] + [e.dtype.str for e in expects]
     key = cache_key(source, options, capability, signature if kernel.kind != "raw" else ())
-    compile_errors = _compile_errors()
+    errors = compile_errors()
     try:
         if kernel.kind == "raw":
             built = cache.get(key, lambda: _build_raw(cp, kernel, options))
@@ -241,7 +241,7 @@ def run_kernel(
             built = cache.get(key, lambda: _build_reduction(cp, kernel, options))
             result = built(*inputs, axis=tuple(axes) or None, keepdims=keepdims)
             outputs = [cp.asarray(result).astype(expects[0].dtype, copy=False)]
-    except compile_errors as exc:
+    except errors as exc:
         cache.forget(key)
         raise RpcRefusal("kernel-failed", _compile_message(kernel.name, exc)) from exc
     for output, expect in zip(outputs, expects, strict=True):
@@ -303,7 +303,8 @@ def _build_reduction(cp: Any, kernel: agent_pb2.Kernel, options: list[str]) -> A
     )
 
 
-def _compile_errors() -> tuple[type[BaseException], ...]:
+def compile_errors() -> tuple[type[BaseException], ...]:
+    """CuPy's compiler errors (none without CuPy)."""
     try:
         compiler = importlib.import_module("cupy.cuda.compiler")
     except ImportError:

@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
         "GPUs: they run in the agent's process and can read any session's device memory (SECURITY.md)",
     )
     parser.add_argument(
+        "--fuse-kernels",
+        action="store_true",
+        help="on CuPy workers, run each elementwise chain of a program as one kernel the agent generates "
+        "from its own ops (experimental: not yet verified on a GPU)",
+    )
+    parser.add_argument(
         "--allow-python",
         action="store_true",
         help="run users' Python tasks that gpupool cannot trace (pool.map), each in a process of its own: "
@@ -186,6 +192,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         backend=backend,
         allow_kernels=args.allow_kernels,
         allow_python=args.allow_python,
+        fuse_kernels=args.fuse_kernels,
         memory_limit=args.memory_limit,
         session_memory_limit=args.session_memory_limit,
         topic_prefix=args.topic_prefix,

@@ -33,7 +33,8 @@ from gpupool.agent.compound import (
     run_loop,
     scratch_bytes,
 )
-from gpupool.agent.fusion import plan_runs, run_fused
+from gpupool.agent.cufuse import generate, run_generated
+from gpupool.agent.fusion import Run, plan_runs, run_fused
 from gpupool.agent.kernels import check_kernel, run_kernel
 from gpupool.agent.ops import (
     Expected,
@@ -173,6 +174,7 @@ def run_program(
     cancelled: threading.Event | None = None,
     turn: Callable[[], AbstractContextManager[object]] | None = None,
     allow_kernels: bool = False,
+    fuse_kernels: bool = False,
 ) -> agent_pb2.ExecuteReply:
     """Run ``request`` on ``backend`` (in one of its worker's threads): check, step op by op, commit.
 
@@ -185,6 +187,7 @@ def run_program(
             run; the last one with the commit), see ``Worker.turn``; none when the program has the
             device to itself (the event loop's inline path).
         allow_kernels: run users' kernels (the agent's ``--allow-kernels``); refused otherwise.
+        fuse_kernels: on a CuPy worker, run elementwise chains as generated kernels (``--fuse-kernels``).
 
     Raises:
         RpcRefusal: ``bad-request`` (malformed op, wrong result shape, fetch over :data:`FETCH_LIMIT`),
@@ -195,7 +198,12 @@ def run_program(
     cancelled = cancelled or threading.Event()
     take_turn = turn or contextlib.nullcontext
     program = Program(
-        request, backend=backend, registry=registry, cancelled=cancelled, allow_kernels=allow_kernels
+        request,
+        backend=backend,
+        registry=registry,
+        cancelled=cancelled,
+        allow_kernels=allow_kernels,
+        fuse_kernels=fuse_kernels,
     )
     try:
         while True:
@@ -239,10 +247,12 @@ class Program:
         registry: BufferRegistry,
         cancelled: threading.Event,
         allow_kernels: bool = False,
+        fuse_kernels: bool = False,
     ) -> None:
         registry.check_worker(request.worker)
         self._expected = _check_request(request, registry)
         self._allow_kernels = allow_kernels
+        self._generate = fuse_kernels and backend.name == "cupy"
         self._request = request
         self._ops = request.ops
         self._backend = backend
@@ -250,7 +260,7 @@ class Program:
         self._cancelled = cancelled
         self._dropped = set(request.free)
         self._fetched = set(request.fetch)
-        fused = backend.name == "numpy"
+        fused = backend.name == "numpy" or self._generate
         self._runs = plan_runs(self._ops, self._expected, self._dropped, self._fetched) if fused else {}
         # The index of the last op that reads each buffer, so that "is it read after op i" costs one look-up
         # (scanning the later ops instead made a program of n ops cost n^2: 4 s for 4,000 small ops).
@@ -293,6 +303,10 @@ class Program:
             self._step_compound(op)
             self._index = end
             return
+        if run is not None and self._generate:
+            self._step_generated(run)
+            self._index = end
+            return
         with device_errors(self._backend, self._request.worker):
             if run is not None:
                 self._local.update(
@@ -307,16 +321,41 @@ class Program:
                     )
                 )
             else:
-                op = self._ops[start]
-                self._local[op.output] = apply_op(
-                    self._backend.xp,
-                    op.op,
-                    [self._operand(item) for item in op.inputs],
-                    self._expected[op.output],
-                    args=op_args(op),
-                    kernel_errors=self._backend.kernel_errors,
-                )
+                self._apply(self._ops[start])
         self._index = end
+
+    def _apply(self, op: agent_pb2.Op) -> None:
+        """One (non-compound) op, unfused."""
+        self._local[op.output] = apply_op(
+            self._backend.xp,
+            op.op,
+            [self._operand(item) for item in op.inputs],
+            self._expected[op.output],
+            args=op_args(op),
+            kernel_errors=self._backend.kernel_errors,
+        )
+
+    def _step_generated(self, run: Run) -> None:
+        """A run on a CuPy worker as one generated kernel (:mod:`gpupool.agent.cufuse`), then its folded
+        reduction as an op; op by op where the chain cannot be generated or does not compile."""
+        chain = self._ops[run.start : run.stop]
+        with device_errors(self._backend, self._request.worker):
+            generated = generate(
+                chain,
+                self._expected,
+                dtype_of=lambda buffer_id: self._buffer(buffer_id).dtype,
+                needed=functools.partial(self._needed_whole, end=run.stop),
+            )
+            outputs = None
+            if generated is not None:
+                outputs = run_generated(self._backend, generated, self._expected, resolve=self._buffer)
+            if outputs is None:
+                for op in chain:
+                    self._apply(op)
+            else:
+                self._local.update(outputs)
+            if run.folds:
+                self._apply(self._ops[run.stop])
 
     def _step_compound(self, op: agent_pb2.Op) -> None:
         """Run a loop (or a kernel), its body's scratch memory reserved while it runs."""

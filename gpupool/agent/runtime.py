@@ -212,6 +212,7 @@ class Agent:
             puller=puller,
             allow_kernels=config.allow_kernels,
             allow_python=config.allow_python,
+            fuse_kernels=config.fuse_kernels,
         )
         guard = Guard(self._verifier) if self._verifier is not None else None
         tls = None

@@ -131,6 +131,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         puller: runs ``Pull`` (rows from other agents, :mod:`gpupool.agent.pull`); None refuses it.
         allow_kernels: run users' kernels (``--allow-kernels``); refused with permission-denied otherwise.
         allow_python: run Python tasks (``--allow-python``, :mod:`gpupool.agent.pytask`); refused otherwise.
+        fuse_kernels: on CuPy workers, run programs' elementwise chains as generated kernels.
     """
 
     def __init__(
@@ -145,8 +146,10 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         puller: Puller | None = None,
         allow_kernels: bool = False,
         allow_python: bool = False,
+        fuse_kernels: bool = False,
     ) -> None:
         self._puller = puller
+        self._fuse_kernels = fuse_kernels
         self._allow_kernels = allow_kernels
         self._python = PythonRunner(workers, allowed=allow_python)
         self._workers = tuple(workers)
@@ -466,6 +469,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                 cancelled=cancelled,
                 turn=functools.partial(worker.turn, request.session),
                 allow_kernels=self._allow_kernels,
+                fuse_kernels=self._fuse_kernels,
             )
             try:
                 async with asyncio.timeout(deadline), worker.lane(request.session):
