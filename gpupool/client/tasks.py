@@ -28,6 +28,7 @@ from gpupool._errors import (
     AgentLost,
     ConnectError,
     DeadlineExceeded,
+    DeviceOutOfMemory,
     PlacementError,
     RemoteKernelError,
     UsageError,
@@ -125,6 +126,11 @@ class _Task:
     excluded: set[str] = field(default_factory=set)
 
     @property
+    def memory(self) -> int:
+        """Bytes the task may take on a worker (unknown for a Python task: 0)."""
+        return self.trace.memory_bytes if self.trace is not None else 0
+
+    @property
     def work(self) -> int:
         """Bytes the task touches, as traced (a Python task's are unknown: never batched)."""
         return self.trace.work_bytes if self.trace is not None else BATCH_WORK + 1
@@ -149,6 +155,7 @@ class Tasks:
         self._labels: dict[str, str] = {}
         self._futures: weakref.WeakSet[TaskFuture] = weakref.WeakSet()
         self._python_agents: set[str] = set()
+        self._free: dict[Place, int] = {}  # each worker's free bytes, as last listed
 
     def replicate(self, value: Any) -> Replicated:
         """One copy of ``value`` (a host array or a remote array) per worker, for tasks."""
@@ -279,8 +286,11 @@ class Tasks:
     def _refresh_slots(self) -> None:
         slots = []
         python: set[str] = set()
+        free: dict[Place, int] = {}
         for record in self._session.list_agents():
             status = record.status
+            used = {w.index: w.memory_used for w in status.workers}
+            used.update({w.index: w.memory_used for w in record.telemetry.workers})  # fresher, if any
             if status.state != control_pb2.AGENT_STATE_READY:  # cordoned, draining: no new tasks
                 continue
             for worker in status.workers:
@@ -295,11 +305,13 @@ class Tasks:
                     )
                 )
                 self._labels[status.agent_id] = status.name or status.agent_id[:8]
+                free[(status.endpoint, worker.index)] = worker.memory_limit - used.get(worker.index, 0)
                 if status.allow_python:
                     python.add(status.agent_id)
         if not slots:
             raise PlacementError("no ready agent takes tasks")
         self._slots, self._slots_at, self._python_agents = slots, time.monotonic(), python
+        self._free = free
 
     async def _add(self, tasks: list[_Task]) -> None:
         self._queue.extend(tasks)
@@ -342,13 +354,19 @@ class Tasks:
         index = 0
         while index < len(self._queue) and len(batch) < BATCH:
             task = self._queue[index]
-            if slot.agent_id in task.excluded or (task.python and slot.agent_id not in self._python_agents):
+            if (
+                slot.agent_id in task.excluded
+                or (task.python and slot.agent_id not in self._python_agents)
+                or not self._fits(task, slot)
+            ):
                 index += 1
                 continue
             small = task.work <= BATCH_WORK
             if batch and (not small or work + task.work > BATCH_WORK):
                 break
             del self._queue[index]
+            if task.future.done():  # failed by a closing pool meanwhile
+                continue
             # a retry is running already; a first attempt starts unless the caller cancelled it
             if task.attempts or task.future.set_running_or_notify_cancel():
                 batch.append(task)
@@ -356,6 +374,21 @@ class Tasks:
                 if not small:
                     break
         return batch
+
+    def _fits(self, task: _Task, slot: Piece) -> bool:
+        """Whether ``slot`` may take ``task``: its worker had the memory the task may take, or no worker had
+        (then any may try, and the agent decides)."""
+        needed = task.memory
+        if not needed or self._free.get(slot.place, needed) >= needed:
+            return True
+        return not any(free >= needed for place, free in self._free.items() if self._live(place))
+
+    def _live(self, place: Place) -> bool:
+        return any(slot.place == place for slot in self._slots)
+
+    def _elsewhere(self, task: _Task, slot: Piece) -> bool:
+        """Whether another live agent than ``slot``'s may still take ``task``."""
+        return any(s.agent_id != slot.agent_id and s.agent_id not in task.excluded for s in self._slots)
 
     async def _attempt(self, batch: list[_Task], slot: Piece) -> bool:
         """Run ``batch`` on ``slot``; False when the worker was lost (the tasks queued again, or failed).
@@ -381,7 +414,20 @@ class Tasks:
                     if not await self._attempt([task], slot):
                         return False
                 return True
-            _settle(batch[0].future, error=exc)
+            task = batch[0]
+            if (
+                isinstance(exc, DeviceOutOfMemory)
+                and task.attempts < task.retries
+                and self._elsewhere(task, slot)
+            ):
+                # Too big for this worker now: another with more room runs it.
+                task.attempts += 1
+                task.excluded.add(slot.agent_id)
+                self._free[slot.place] = min(self._free.get(slot.place, 0), task.memory - 1)
+                self._queue.appendleft(task)
+                self._start_workers()
+                return True
+            _settle(task.future, error=exc)
             return True
         where = f"{self._labels.get(slot.agent_id, slot.agent_id[:8])}/{slot.worker}"
         for task, result in zip(batch, results, strict=True):
@@ -439,6 +485,8 @@ class Tasks:
     def _fail_all(self, exc: BaseException) -> None:
         while self._queue:
             task = self._queue.popleft()
+            if task.future.done():
+                continue
             if task.attempts or task.future.set_running_or_notify_cancel():
                 _settle(task.future, error=exc)
 

@@ -765,6 +765,8 @@ class Trace:
     fetch: tuple[str, ...]
     work_bytes: int
     work_flops: int
+    #: At most the memory its program takes on a worker: every value it makes (a loop's body's too).
+    memory_bytes: int = 0
 
 
 def trace(
@@ -838,9 +840,20 @@ def trace(
             f"{returned_bytes} bytes: reduce them on the agent, or return less"
         )
     work_bytes, work_flops = _work(recorder.ops)
-    return Trace(
-        tuple(recorder.ops), tuple(inputs), results, tuple(dict.fromkeys(fetch)), work_bytes, work_flops
-    )
+    unique = tuple(dict.fromkeys(fetch))
+    memory = _memory(recorder.ops)
+    return Trace(tuple(recorder.ops), tuple(inputs), results, unique, work_bytes, work_flops, memory)
+
+
+def _memory(ops: Sequence[agent_pb2.Op]) -> int:
+    """Bytes of every value ``ops`` make, loop bodies included: a bound on a program's memory."""
+    total = 0
+    for op in ops:
+        metas = list(op.expects) if op.outputs else [op.expect]
+        total += sum(math.prod(meta.shape) * np.dtype(meta.dtype).itemsize for meta in metas)
+        if op.op == "fori_loop":
+            total += _memory(op.loop.body)
+    return total
 
 
 def _work(ops: Sequence[agent_pb2.Op]) -> tuple[int, int]:

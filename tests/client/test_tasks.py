@@ -190,3 +190,32 @@ def test_tasks_of_an_agent_frozen_mid_map_run_again_elsewhere(killable: LocalPoo
             os.kill(frozen.pid, signal.SIGCONT)
         victim = frozen.ready["name"]
         assert any(not f.where.startswith(victim) for f in futures)
+
+
+def test_tasks_go_to_workers_with_room_for_them(system_broker_url: str) -> None:
+    """A task that may take 36 MiB runs on the agent with 512 MiB, not the one with 16 MiB: placed by the
+    workers' free memory, and, where that view was stale (here: made up), moved there after the agent
+    with too little refused it out of memory."""
+    with LocalPool(
+        agents=1,
+        broker_url=system_broker_url,
+        port=0,
+        topic_prefix=f"gpupool-test-{uuid.uuid4().hex[:10]}",
+        backend="numpy",
+        memory_limit=str(16 << 20),
+    ) as local:
+        local.add_agent(name="roomy", args=["--memory-limit", str(512 << 20)])
+        with local.connect() as pool:
+            x = np.linspace(0, 1, 3000, dtype=np.float32)
+
+            def outer_sum(v: Any, s: float) -> Any:
+                return (v.reshape(-1, 1) * v.reshape(1, -1) * s).sum()
+
+            want = [float((np.outer(x, x) * s).sum()) for s in range(4)]
+            futures = pool.map(outer_sum, [x] * 4, range(4))
+            assert [f.result(60) for f in futures] == pytest.approx(want, rel=1e-4, abs=1e-3)
+            assert {f.where.split("/")[0] for f in futures} == {"roomy"}
+            pool._tasks._free = {place: 1 << 40 for place in pool._tasks._free}  # a stale view
+            futures = pool.map(outer_sum, [x] * 4, range(4))
+            assert [f.result(60) for f in futures] == pytest.approx(want, rel=1e-4, abs=1e-3)
+            assert {f.where.split("/")[0] for f in futures} == {"roomy"}
