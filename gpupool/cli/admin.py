@@ -174,11 +174,23 @@ def agents_table(records: Sequence[coordinator_pb2.AgentRecord]) -> str:
                 workers_summary(status),
                 f"{format_bytes(used)} / {format_bytes(limit)}",
                 status.endpoint or "-",
+                agent_options(status),
                 format_age(record.seconds_since_seen),
             ]
         )
-    headers = ["NAME", "ID", "STATE", "BACKEND", "WORKERS", "MEMORY", "ENDPOINT", "LAST SEEN"]
+    headers = ["NAME", "ID", "STATE", "BACKEND", "WORKERS", "MEMORY", "ENDPOINT", "OPTIONS", "LAST SEEN"]
     return render_table(headers, rows)
+
+
+def agent_options(status: control_pb2.AgentStatus) -> str:
+    """What the agent offers beyond the data plane: its bulk byte path's port, and whether its owner lets it
+    run Python tasks (``--allow-python``)."""
+    options = []
+    if status.bulk_port:
+        options.append(f"bulk:{status.bulk_port}")
+    if status.allow_python:
+        options.append("python")
+    return ",".join(options) or "-"
 
 
 def jobs_table(jobs: Sequence[coordinator_pb2.JobInfo]) -> str:

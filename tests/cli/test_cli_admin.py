@@ -36,6 +36,7 @@ def test_agents_prints_a_table_of_the_ready_agents(gpupool_cli: RunCli, cli_pool
         "WORKERS",
         "MEMORY",
         "ENDPOINT",
+        "OPTIONS",
         "LAST",
         "SEEN",
     ]
@@ -48,6 +49,8 @@ def test_agents_prints_a_table_of_the_ready_agents(gpupool_cli: RunCli, cli_pool
         assert " ready " in row
         assert " numpy " in row
         assert "64 MiB" in row  # the memory limit
+        assert " bulk:" in row  # its bulk byte path's port
+        assert "python" not in row  # not started with --allow-python
 
 
 def test_agents_json_is_the_records_as_protobuf_json(gpupool_cli: RunCli, cli_pool: LocalPool) -> None:
