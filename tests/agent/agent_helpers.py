@@ -35,6 +35,12 @@ CHANNEL_OPTIONS = [
 ]
 
 
+async def stall(within: float = 30.0) -> None:
+    """Send nothing more, as a stalled peer does: wait for the call to end (it closes the request stream
+    that awaits this), ``within`` seconds at the most (then TimeoutError ends the stream)."""
+    await asyncio.wait_for(asyncio.Event().wait(), within)
+
+
 def run(coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
     """Run a test's async body with an overall deadline."""
 

@@ -31,6 +31,7 @@ from .agent_helpers import (
     refused,
     run,
     scalar,
+    stall,
     start_agent,
     upload,
 )
@@ -215,7 +216,7 @@ def test_an_upload_over_the_limit_is_refused_before_its_data(agent: Child) -> No
 
     async def header_then_wait() -> AsyncIterator[agent_pb2.UploadRequest]:
         yield header(f"{session}.big", too_big, session=session)
-        await asyncio.sleep(30)  # the refusal must come without any data
+        await stall()  # the refusal must come without any data
         sent_data.set()
         yield agent_pb2.UploadRequest(chunk=b"\0" * 8)
 
@@ -405,7 +406,7 @@ def test_a_cancelled_upload_releases_its_reservation(agent: Child) -> None:
         yield header(f"{session}.c", array, session=session)
         yield agent_pb2.UploadRequest(chunk=data[: len(data) // 2])
         half_sent.set()
-        await asyncio.sleep(30)
+        await stall()
 
     async def body() -> None:
         async with agent_stub(agent.ready["endpoint"]) as stub:

@@ -27,7 +27,7 @@ from gpupool.protocol.codec import meta_of
 from gpupool.protocol.rawstream import UPLOAD_RAW
 from gpupool.transport.rpc import SERVER_OPTIONS
 
-from .agent_helpers import DeviceLikeBackend, run
+from .agent_helpers import DeviceLikeBackend, run, stall
 
 SPLIT = Streams(per_shard=3, connections=2, min_part_bytes=1)
 SHAPES = [(1237, 3), (0, 5), (1, 4), (2, 2), (7,), (300_001,), (5, 0)]
@@ -149,7 +149,7 @@ def test_a_part_killed_midway_leaves_nothing(small_blocks: int) -> None:
         data = rows.tobytes()
         yield data[: len(data) // 2]
         killed_after_half.set()
-        await asyncio.sleep(30)
+        await stall()
 
     async def body() -> None:
         for device in (False, True):

@@ -35,6 +35,7 @@ from .agent_helpers import (
     new_prefix,
     refused,
     run,
+    stall,
     start_agent,
     upload,
 )
@@ -246,7 +247,7 @@ def test_a_raw_upload_cut_off_midway_releases_its_reservation(agent: Child) -> N
         yield raw_header(f"{session}.c", array, session)
         yield data[: len(data) // 2]
         half_sent.set()
-        await asyncio.sleep(30)
+        await stall()
 
     async def body() -> None:
         async with grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS) as grpc_channel:

@@ -6,6 +6,7 @@ process or hangs past its deadline fails alone, and the agent carries on serving
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -67,7 +68,7 @@ def test_a_python_task_that_raises_aborts_or_hangs_fails_alone(python_pool: gp.P
             os.abort()
 
     def hangs(x: Any) -> None:
-        time.sleep(120 + float(x.sum()))
+        threading.Event().wait(120 + float(x.sum()))  # waits for what never comes, as a hung task
 
     raised = python_pool.submit(raises, DATA, 7)
     error = raised.exception(60)

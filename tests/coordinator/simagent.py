@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import signal
 import time
 from collections.abc import Sequence
 from types import TracebackType
@@ -176,7 +177,9 @@ async def clear_retained(broker_url: str, topics: Topics, agent_ids: Sequence[st
 async def _hold(broker_url: str, prefix: str, agent_id: str) -> None:
     async with SimulatedAgent(broker_url, Topics(prefix), agent_id):
         announce_ready("simagent", agent_id=agent_id)
-        await asyncio.sleep(3600)
+        stopped = asyncio.Event()  # held until the test stops it (SIGTERM) or kills it, an hour at most
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopped.set)
+        await asyncio.wait_for(stopped.wait(), 3600)
 
 
 if __name__ == "__main__":

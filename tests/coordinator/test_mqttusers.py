@@ -307,7 +307,8 @@ async def main(port, user, password, will_topic):
     async with aiomqtt.Client("127.0.0.1", int(port), username=user, password=password, will=will,
                               identifier=f"will-{will_topic}"):
         print("connected", flush=True)
-        await asyncio.sleep(60)
+        # held until the test kills this process (or closes its stdin), 60 s at the most
+        await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, sys.stdin.read), 60)
 asyncio.run(main(*sys.argv[1:]))
 """
 
@@ -322,6 +323,7 @@ async def hold_and_kill(ready: dict[str, Any], name: str, password: str, will_to
         name,
         password,
         will_topic,
+        stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
     )
     try:
