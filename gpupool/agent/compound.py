@@ -19,7 +19,6 @@ from typing import Any, Final
 
 import numpy as np
 
-from gpupool._errors import UnsupportedDType
 from gpupool._proto.v1 import agent_pb2
 from gpupool.agent.backend import ArrayBackend
 from gpupool.agent.ops import (
@@ -27,11 +26,12 @@ from gpupool.agent.ops import (
     apply_op,
     check_op,
     constant_array,
+    expected_of,
     expected_result,
     op_args,
     scalar_value,
 )
-from gpupool.protocol.codec import check_dtype, shape_of
+from gpupool.protocol.codec import op_outputs, op_results
 from gpupool.protocol.errors import RpcRefusal
 
 __all__ = [
@@ -42,7 +42,6 @@ __all__ = [
     "buffer_reads",
     "check_any",
     "compound_work",
-    "outputs_of",
     "run_loop",
 ]
 
@@ -52,11 +51,6 @@ COMPOUND: Final = frozenset({"fori_loop", "kernel"})
 MAX_TRIPS: Final = 1 << 31
 MAX_BODY_OPS: Final = 4096
 MAX_NESTING: Final = 4
-
-
-def outputs_of(op: agent_pb2.Op) -> list[str]:
-    """The buffers ``op`` creates."""
-    return list(op.outputs) if op.op in COMPOUND and op.outputs else [op.output]
 
 
 def check_any(
@@ -74,6 +68,8 @@ def check_any(
         check_op(op)
         if not op.output:
             raise RpcRefusal("bad-request", f"op {op.op!r} names no output buffer")
+        if op.outputs or op.expects:
+            raise RpcRefusal("bad-request", f"op {op.op!r} has one result: outputs and expects are not its")
         return [(op.output, expected_result(op))]
     if op.op == "kernel" and not op.outputs:  # one result, declared as any op's
         if not op.output:
@@ -89,9 +85,7 @@ def check_any(
         )
     if len(set(op.outputs)) != len(op.outputs) or not all(op.outputs):
         raise RpcRefusal("bad-request", f"op {op.op!r}: outputs must be distinct, non-empty buffer ids")
-    results = [
-        (name, _expected(meta, op.op, name)) for name, meta in zip(op.outputs, op.expects, strict=True)
-    ]
+    results = [(name, expected_of(meta, op=op.op, output=name)) for name, meta in op_results(op)]
     if op.op == "kernel":
         if check_kernel is None:
             raise RpcRefusal("bad-request", "this agent does not run kernels")
@@ -99,17 +93,6 @@ def check_any(
         return results
     _check_loop(op, [expected for _, expected in results], depth, check_kernel)
     return results
-
-
-def _expected(meta: agent_pb2.ArrayMeta, name: str, output: str) -> Expected:
-    try:
-        dtype = check_dtype(meta.dtype)
-    except UnsupportedDType as exc:
-        raise RpcRefusal("bad-request", f"op {name!r} -> {output!r}: {exc}") from exc
-    shape = shape_of(meta)
-    if any(n < 0 for n in shape):
-        raise RpcRefusal("bad-request", f"op {name!r} -> {output!r}: negative dimension in {shape}")
-    return Expected(dtype, shape, math.prod(shape) * dtype.itemsize)
 
 
 def _check_loop(
@@ -168,7 +151,7 @@ def buffer_reads(op: agent_pb2.Op) -> Iterator[str]:
             for name in buffer_reads(body_op):
                 if name not in inside:
                     yield name
-            inside.update(outputs_of(body_op))
+            inside.update(op_outputs(body_op))
 
 
 def scratch_bytes(op: agent_pb2.Op, expected: Callable[[agent_pb2.Op], list[tuple[str, Expected]]]) -> int:
@@ -311,7 +294,7 @@ def _prepare(op: agent_pb2.Op, declared: dict[str, Expected], backend: ArrayBack
             inputs.append((False, backend.to_device(constant_array(item.constant))))
         else:
             raise RpcRefusal("bad-request", "an operand names neither a buffer, a scalar nor a constant")
-    outputs = tuple(outputs_of(op))
+    outputs = tuple(op_outputs(op))
     args = op_args(op) if op.op not in COMPOUND else None
     return _Step(op, tuple(inputs), args, outputs, [declared[name] for name in outputs])
 

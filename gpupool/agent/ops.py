@@ -40,6 +40,7 @@ __all__ = [
     "arity",
     "check_op",
     "constant_array",
+    "expected_of",
     "expected_result",
     "op_args",
     "scalar_value",
@@ -123,13 +124,22 @@ def expected_result(op: agent_pb2.Op) -> Expected:
     """
     if not op.HasField("expect") or not op.expect.dtype:
         raise RpcRefusal("bad-request", f"op {op.op!r} -> {op.output!r}: expect.dtype is required")
+    return expected_of(op.expect, op=op.op, output=op.output)
+
+
+def expected_of(meta: agent_pb2.ArrayMeta, *, op: str, output: str) -> Expected:
+    """The result ``meta`` declares for output ``output`` of op ``op``.
+
+    Raises:
+        RpcRefusal: ``bad-request`` for an unsupported dtype or a negative dimension.
+    """
     try:
-        dtype = check_dtype(op.expect.dtype)
+        dtype = check_dtype(meta.dtype)
     except UnsupportedDType as exc:
-        raise RpcRefusal("bad-request", f"op {op.op!r} -> {op.output!r}: {exc}") from exc
-    shape = shape_of(op.expect)
+        raise RpcRefusal("bad-request", f"op {op!r} -> {output!r}: {exc}") from exc
+    shape = shape_of(meta)
     if any(n < 0 for n in shape):
-        raise RpcRefusal("bad-request", f"op {op.op!r} -> {op.output!r}: negative dimension in {shape}")
+        raise RpcRefusal("bad-request", f"op {op!r} -> {output!r}: negative dimension in {shape}")
     return Expected(dtype, shape, math.prod(shape) * dtype.itemsize)
 
 

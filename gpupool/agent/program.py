@@ -29,7 +29,6 @@ from gpupool.agent.compound import (
     buffer_reads,
     check_any,
     compound_work,
-    outputs_of,
     run_loop,
     scratch_bytes,
 )
@@ -43,7 +42,7 @@ from gpupool.agent.ops import (
     op_args,
     scalar_value,
 )
-from gpupool.protocol.codec import meta_of
+from gpupool.protocol.codec import meta_of, op_outputs, op_results
 from gpupool.protocol.errors import RpcRefusal
 from gpupool.protocol.opnames import CONTRACTIONS, ORDERING
 
@@ -108,7 +107,7 @@ def estimate_work(
 
     def op_work(op: agent_pb2.Op) -> tuple[int, int]:
         if op.op in COMPOUND:
-            for name, meta in zip(outputs_of(op), list(op.expects) or [op.expect], strict=False):
+            for name, meta in op_results(op):
                 elements = max(math.prod(meta.shape), 0)
                 declared[name] = (elements * _itemsize(meta), elements)
             return compound_work(op, op_work)
@@ -289,7 +288,7 @@ class Program:
         run = self._runs.get(start)
         end = run.end if run is not None else start + 1
         for op in self._ops[start:end]:
-            for output in outputs_of(op):
+            for output in op_outputs(op):
                 self._reservations.append(
                     self._registry.reserve(
                         worker=self._request.worker,
@@ -364,11 +363,11 @@ class Program:
         if scratch:
             reservation = self._registry.reserve(
                 worker=self._request.worker,
-                buffer_id=f"{outputs_of(op)[0]}~scratch",
+                buffer_id=f"{op_outputs(op)[0]}~scratch",
                 nbytes=scratch,
                 session=self._request.session,
             )
-        names = outputs_of(op)
+        names = op_outputs(op)
         try:
             expects = [self._expected[name] for name in names]
             with device_errors(self._backend, self._request.worker):
@@ -504,7 +503,7 @@ def _check_op(op: agent_pb2.Op) -> list[tuple[str, Expected]]:
 
 
 def _check_kernel(op: agent_pb2.Op) -> None:
-    check_kernel(op.kernel, len(op.inputs), len(outputs_of(op)))
+    check_kernel(op.kernel, len(op.inputs), len(op_outputs(op)))
 
 
 def _check_request(request: agent_pb2.ExecuteRequest, registry: BufferRegistry) -> dict[str, Expected]:

@@ -29,7 +29,7 @@ from numpy.lib.array_utils import normalize_axis_index
 from gpupool._errors import UsageError
 from gpupool._proto.v1 import agent_pb2
 from gpupool.client.operands import buffer_operand, constant_operand, is_scalar, scalar_operand
-from gpupool.protocol.codec import check_dtype, meta_of
+from gpupool.protocol.codec import check_dtype, meta_of, op_results
 from gpupool.protocol.opnames import BINARY, UNARY
 
 __all__ = [
@@ -826,13 +826,7 @@ def trace(
         )
 
     results = collect(returned)
-    sizes = {
-        name: math.prod(meta.shape) * np.dtype(meta.dtype).itemsize
-        for op in recorder.ops
-        for name, meta in (
-            zip(op.outputs, op.expects, strict=True) if op.outputs else [(op.output, op.expect)]
-        )
-    }
+    sizes = {name: _nbytes(meta) for op in recorder.ops for name, meta in op_results(op)}
     returned_bytes = sum(sizes.get(name, 0) for name in dict.fromkeys(fetch))
     if returned_bytes > MAX_RESULT_BYTES:
         raise TracingError(
@@ -845,12 +839,15 @@ def trace(
     return Trace(tuple(recorder.ops), tuple(inputs), results, unique, work_bytes, work_flops, memory)
 
 
+def _nbytes(meta: agent_pb2.ArrayMeta) -> int:
+    return math.prod(meta.shape) * np.dtype(meta.dtype).itemsize
+
+
 def _memory(ops: Sequence[agent_pb2.Op]) -> int:
     """Bytes of every value ``ops`` make, loop bodies included: a bound on a program's memory."""
     total = 0
     for op in ops:
-        metas = list(op.expects) if op.outputs else [op.expect]
-        total += sum(math.prod(meta.shape) * np.dtype(meta.dtype).itemsize for meta in metas)
+        total += sum(_nbytes(meta) for _, meta in op_results(op))
         if op.op == "fori_loop":
             total += _memory(op.loop.body)
     return total

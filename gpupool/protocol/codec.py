@@ -21,6 +21,8 @@ __all__ = [
     "encode_json",
     "iter_chunks",
     "meta_of",
+    "op_outputs",
+    "op_results",
     "shape_of",
 ]
 
@@ -123,3 +125,16 @@ def iter_chunks(array: np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> Iterator[m
     flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
     for start in range(0, len(flat), chunk_bytes):
         yield flat[start : start + chunk_bytes]
+
+
+def op_results(op: agent_pb2.Op) -> list[tuple[str, agent_pb2.ArrayMeta]]:
+    """The buffers an op makes, each with its declared result: ``outputs`` and ``expects`` for an op of
+    several results (``fori_loop``, a kernel), else ``output`` and ``expect``."""
+    if op.outputs:
+        return list(zip(op.outputs, op.expects, strict=False))
+    return [(op.output, op.expect)]
+
+
+def op_outputs(op: agent_pb2.Op) -> list[str]:
+    """The buffer ids an op makes (see :func:`op_results`)."""
+    return list(op.outputs) or [op.output]
