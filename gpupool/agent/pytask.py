@@ -23,6 +23,8 @@ import traceback
 from collections.abc import Sequence
 from typing import Final
 
+import cloudpickle
+
 from gpupool._proto.v1 import agent_pb2
 from gpupool.agent.workers import Worker
 from gpupool.protocol.errors import RpcRefusal
@@ -112,7 +114,6 @@ def _how(code: int | None) -> str:
 
 def main() -> int:
     """The task's process: read the task from stdin, run it, write the outcome to stdout."""
-    import cloudpickle
 
     payload = sys.stdin.buffer.read()
     try:

@@ -34,11 +34,12 @@ from gpupool._errors import (
     UsageError,
 )
 from gpupool._proto.v1 import agent_pb2, control_pb2
+from gpupool.client.graph import GraphArray
 from gpupool.client.layout import Piece, Place
 from gpupool.client.progress import Tracker
 from gpupool.client.session import Session
 from gpupool.client.trace import Trace, TracingError, rename, trace
-from gpupool.protocol.codec import check_dtype
+from gpupool.protocol.codec import check_dtype, op_outputs
 
 __all__ = ["DEFAULT_RETRIES", "Replicated", "TaskFuture", "Tasks"]
 
@@ -159,9 +160,7 @@ class Tasks:
 
     def replicate(self, value: Any) -> Replicated:
         """One copy of ``value`` (a host array or a remote array) per worker, for tasks."""
-        host = (
-            value.get() if hasattr(value, "get") and not isinstance(value, np.ndarray) else np.asarray(value)
-        )
+        host = value.get() if isinstance(value, GraphArray) else np.asarray(value)
         return Replicated(self._session, host)
 
     def submit(
@@ -218,7 +217,7 @@ class Tasks:
             if isinstance(value, Replicated):
                 data.append(value)
                 return value.shape, value.dtype
-            if hasattr(value, "session") and hasattr(value, "layout"):
+            if isinstance(value, GraphArray):
                 raise TracingError(
                     "a task reads a sharded remote array: give it as pool.replicate(x), so that each "
                     "worker reads a whole copy locally"
@@ -247,8 +246,7 @@ class Tasks:
             TracingError: no agent of the pool runs Python tasks (``why``, and that), or an argument is a
                 sharded remote array.
         """
-        if not self._slots or time.monotonic() - self._slots_at > SLOTS_FRESH:
-            self._refresh_slots()
+        self._fresh_slots()
         if not self._python_agents:
             raise TracingError(
                 f"{why} No ready agent of this pool runs Python tasks (its owner's gpupool-agent "
@@ -258,7 +256,7 @@ class Tasks:
         def host(value: Any) -> Any:
             if isinstance(value, Replicated):
                 return value.host
-            if hasattr(value, "session") and hasattr(value, "layout"):
+            if isinstance(value, GraphArray):
                 raise TracingError("a Python task reads a remote array: give it as pool.replicate(x)")
             return value
 
@@ -278,10 +276,14 @@ class Tasks:
             return []
         self._session.check_open()
         self._futures.update(task.future for task in tasks)
-        if not self._slots or time.monotonic() - self._slots_at > SLOTS_FRESH:
-            self._refresh_slots()
+        self._fresh_slots()
         self._session.spawn(self._add(tasks))
         return [task.future for task in tasks]
+
+    def _fresh_slots(self) -> None:
+        """Ask the coordinator for the pool's workers again where the view is older than SLOTS_FRESH."""
+        if not self._slots or time.monotonic() - self._slots_at > SLOTS_FRESH:
+            self._refresh_slots()
 
     def _refresh_slots(self) -> None:
         slots = []
@@ -452,7 +454,7 @@ class Tasks:
             namers.append(namer)
             ops += rename(traced.ops, namer)
             fetch += [namer(name) for name in traced.fetch]
-        created = [name for op in ops for name in ([op.output] if op.output else list(op.outputs))]
+        created = [name for op in ops for name in op_outputs(op)]
         work_bytes = sum(traced.work_bytes for traced in traces)
         work_flops = sum(traced.work_flops for traced in traces)
         timeout = session.timeouts.for_work(work_bytes, work_flops)
