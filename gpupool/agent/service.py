@@ -149,8 +149,10 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         fuse_kernels: bool = False,
     ) -> None:
         self._puller = puller
-        self._fuse_kernels = fuse_kernels
-        self._allow_kernels = allow_kernels
+        # The program runner with this agent's options, for both of Execute's paths.
+        self._run_program = functools.partial(
+            run_program, allow_kernels=allow_kernels, fuse_kernels=fuse_kernels
+        )
         self._python = PythonRunner(workers, allowed=allow_python)
         self._workers = tuple(workers)
         self._registry = registry
@@ -451,25 +453,18 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             worker = self._workers[request.worker]
             if worker.idle_for_inline(is_small(request, self._registry.nbytes_of)):
                 # A few microseconds of work: run it here, with no thread hop, timer or cancel flag.
-                reply = run_program(
-                    request,
-                    backend=worker.backend,
-                    registry=self._registry,
-                    allow_kernels=self._allow_kernels,
-                )
+                reply = self._run_program(request, backend=worker.backend, registry=self._registry)
                 self._count_program(request, reply)
                 return reply
             deadline = _program_deadline(self._timeouts, request, self._registry.nbytes_of)
             cancelled = threading.Event()
             program = functools.partial(
-                run_program,
+                self._run_program,
                 request,
                 backend=worker.backend,
                 registry=self._registry,
                 cancelled=cancelled,
                 turn=functools.partial(worker.turn, request.session),
-                allow_kernels=self._allow_kernels,
-                fuse_kernels=self._fuse_kernels,
             )
             try:
                 async with asyncio.timeout(deadline), worker.lane(request.session):
