@@ -201,6 +201,11 @@ class CupyBackend:
         array.reshape(-1).view(self._cupy.uint8)[offset : offset + block.nbytes].set(block)
         self._cupy.cuda.get_current_stream().synchronize()
 
+    def copy_out(self, array: Any, offset: int, block: np.ndarray) -> None:
+        """Copy bytes of the (C-contiguous) device array into ``block`` and wait, so ``block`` is filled."""
+        array.reshape(-1).view(self._cupy.uint8)[offset : offset + block.nbytes].get(out=block)
+        self._cupy.cuda.get_current_stream().synchronize()
+
     def synchronize(self) -> None:
         """Wait for the device's queued work."""
         self._cupy.cuda.Device(self._device_index).synchronize()

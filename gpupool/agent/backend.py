@@ -81,6 +81,10 @@ class ArrayBackend(Protocol):
         """
         ...
 
+    def copy_out(self, array: Any, offset: int, block: np.ndarray) -> None:
+        """Copy ``block.nbytes`` of the C-contiguous array's bytes from byte ``offset`` into ``block``."""
+        ...
+
     def synchronize(self) -> None:
         """Wait for queued device work; a failed kernel raises here."""
         ...
@@ -152,6 +156,10 @@ class NumpyBackend:
     def copy_in(self, array: Any, offset: int, block: np.ndarray) -> None:
         """A memory copy into the array's bytes."""
         array.reshape(-1).view(np.uint8)[offset : offset + block.nbytes] = block
+
+    def copy_out(self, array: Any, offset: int, block: np.ndarray) -> None:
+        """A memory copy out of the (C-contiguous) array's bytes."""
+        block[:] = array.reshape(-1).view(np.uint8)[offset : offset + block.nbytes]
 
     def synchronize(self) -> None:
         """NumPy is synchronous."""

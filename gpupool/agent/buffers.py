@@ -12,13 +12,16 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
 from gpupool.protocol.errors import RpcRefusal
 
-__all__ = ["Buffer", "BufferRegistry", "Reservation", "WorkerUsage"]
+__all__ = ["LOST_REMEMBERED", "Buffer", "BufferRegistry", "Reservation", "WorkerUsage"]
+
+#: How many lost buffer ids a registry remembers, to say why a look-up of one fails.
+LOST_REMEMBERED: Final = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +113,7 @@ class BufferRegistry:
         self._counts = [0] * len(self._limits)
         self._buffers: dict[str, Buffer] = {}
         self._pending: dict[str, Reservation] = {}
+        self._lost: dict[str, str] = {}  # buffer id -> why it was lost, oldest first
         self._lock = threading.Lock()
 
     @property
@@ -236,6 +240,11 @@ class BufferRegistry:
         with self._lock:
             buffer = self._buffers.get(buffer_id)
         if buffer is None:
+            lost = self._lost.get(buffer_id)
+            if lost is not None:
+                raise RpcRefusal(
+                    "buffer-not-found", f"buffer {buffer_id} was lost: {lost}", buffer_id=buffer_id
+                )
             raise RpcRefusal("buffer-not-found", f"no buffer {buffer_id} on this agent", buffer_id=buffer_id)
         if worker is not None and buffer.worker != worker:
             raise RpcRefusal(
@@ -263,6 +272,18 @@ class BufferRegistry:
                 self._buffers.pop(buffer_id) for buffer_id in set(buffer_ids) if buffer_id in self._buffers
             ]
             return self._account_freed(freed)
+
+    def lose_worker(self, worker: int, reason: str) -> list[str]:
+        """Drop every buffer of ``worker`` (its process died, with its memory); later look-ups of them say
+        ``reason`` (the last :data:`LOST_REMEMBERED` ids lost are remembered). Returns the ids lost."""
+        with self._lock:
+            doomed = [buffer_id for buffer_id, buffer in self._buffers.items() if buffer.worker == worker]
+            self._account_freed([self._buffers.pop(buffer_id) for buffer_id in doomed])
+            for buffer_id in doomed:
+                self._lost[buffer_id] = reason
+            while len(self._lost) > LOST_REMEMBERED:
+                del self._lost[next(iter(self._lost))]
+        return doomed
 
     def free_session(self, session: str) -> tuple[int, int]:
         """Drop every buffer of ``session``. Returns (buffers freed, bytes freed)."""

@@ -29,6 +29,7 @@ import numpy as np
 from gpupool._config import Timeouts
 from gpupool._errors import FrameDecodeError
 from gpupool._proto.v1 import agent_pb2
+from gpupool.agent.procworker import RowStream
 from gpupool.agent.status import Counters
 from gpupool.protocol import bulk
 from gpupool.protocol.codec import meta_of
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 #: Connections served at once (each a thread while it moves bytes); more are closed as they arrive.
 MAX_CONNECTIONS: Final = 16
 
-ReadRows = Callable[[agent_pb2.DownloadRequest], Awaitable[np.ndarray]]
+ReadRows = Callable[[agent_pb2.DownloadRequest], Awaitable[np.ndarray | RowStream]]
 Confine = Callable[[agent_pb2.DownloadRequest, str], None]
 
 
@@ -168,8 +169,15 @@ class BulkServer:
             raise
         return conn, request, token
 
-    def _send(self, conn: socket.socket, host: np.ndarray) -> int:
-        """In a thread: the meta, then the rows' memory as it lies (copied only if not contiguous)."""
+    def _send(self, conn: socket.socket, host: np.ndarray | RowStream) -> int:
+        """In a thread: the meta, then the rows' memory as it lies (copied only if not contiguous), or as it
+        comes from a worker process's staging blocks."""
+        if isinstance(host, RowStream):
+            deadline = time.monotonic() + self._timeouts.for_stream(host.nbytes)
+            conn.sendall(bulk.encode_meta(meta_of(host.dtype, host.shape)))
+            for chunk in host.chunks_sync(self._timeouts.stall):
+                bulk.send_all(conn, chunk, deadline=deadline)
+            return host.nbytes
         array: Any = np.ascontiguousarray(host)
         deadline = time.monotonic() + self._timeouts.for_stream(array.nbytes)
         conn.sendall(bulk.encode_meta(meta_of(array.dtype, tuple(array.shape))))

@@ -34,6 +34,9 @@ class AgentConfig:
         allow_kernels: run users' CUDA kernels (op ``kernel``); refused with permission-denied otherwise.
         fuse_kernels: on CuPy workers, run elementwise chains of programs as kernels the agent generates
             (experimental until run on a GPU).
+        worker_processes: each worker's buffers and compute in a process of its own, supervised and
+            restarted by the agent (:mod:`gpupool.agent.procworker`); False keeps them in the agent's
+            process (``--in-process-workers``: no fault isolation, a little less latency per call).
         allow_python: run users' Python tasks (``RunPython``, each in a process of its own); refused
             with permission-denied otherwise.
         memory_limit: per worker, a percentage of the GPU's memory (of host RAM for a NumPy worker)
@@ -60,6 +63,7 @@ class AgentConfig:
     allow_kernels: bool = False
     allow_python: bool = False
     fuse_kernels: bool = False
+    worker_processes: bool = True
     memory_limit: str = "80%"
     session_memory_limit: str = ""
     topic_prefix: str = DEFAULT_TOPIC_PREFIX

@@ -78,13 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-kernels",
         action="store_true",
         help="run users' CUDA kernels (gp.ElementwiseKernel, ReductionKernel, RawKernel) on this rig's "
-        "GPUs: they run in the agent's process and can read any session's device memory (SECURITY.md)",
+        "GPUs: they run in each GPU's worker process and can read any session's memory on that GPU "
+        "(SECURITY.md)",
     )
     parser.add_argument(
         "--fuse-kernels",
         action="store_true",
         help="on CuPy workers, run each elementwise chain of a program as one kernel the agent generates "
         "from its own ops (experimental: not yet verified on a GPU)",
+    )
+    parser.add_argument(
+        "--in-process-workers",
+        action="store_true",
+        help="keep each worker's buffers and compute in the agent's own process instead of a supervised "
+        "process per worker: a faulting kernel then takes the whole agent down (debugging, embedding)",
     )
     parser.add_argument(
         "--allow-python",
@@ -193,6 +200,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         allow_kernels=args.allow_kernels,
         allow_python=args.allow_python,
         fuse_kernels=args.fuse_kernels,
+        worker_processes=not args.in_process_workers,
         memory_limit=args.memory_limit,
         session_memory_limit=args.session_memory_limit,
         topic_prefix=args.topic_prefix,

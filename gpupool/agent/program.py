@@ -249,7 +249,7 @@ class Program:
         fuse_kernels: bool = False,
     ) -> None:
         registry.check_worker(request.worker)
-        self._expected = _check_request(request, registry)
+        self._expected = check_request(request, registry)
         self._allow_kernels = allow_kernels
         self._generate = fuse_kernels and backend.name == "cupy"
         self._request = request
@@ -358,7 +358,7 @@ class Program:
 
     def _step_compound(self, op: agent_pb2.Op) -> None:
         """Run a loop (or a kernel), its body's scratch memory reserved while it runs."""
-        scratch = scratch_bytes(op, _check_op)
+        scratch = scratch_bytes(op, check_op)
         reservation = None
         if scratch:
             reservation = self._registry.reserve(
@@ -497,7 +497,7 @@ def forget_frames(error: BaseException) -> None:
         pending.extend(chained for chained in (current.__cause__, current.__context__) if chained is not None)
 
 
-def _check_op(op: agent_pb2.Op) -> list[tuple[str, Expected]]:
+def check_op(op: agent_pb2.Op) -> list[tuple[str, Expected]]:
     """An op checked whole (a kernel's source and options too); its outputs and declared results."""
     return check_any(op, check_kernel=_check_kernel)
 
@@ -506,11 +506,11 @@ def _check_kernel(op: agent_pb2.Op) -> None:
     check_kernel(op.kernel, len(op.inputs), len(op_outputs(op)))
 
 
-def _check_request(request: agent_pb2.ExecuteRequest, registry: BufferRegistry) -> dict[str, Expected]:
+def check_request(request: agent_pb2.ExecuteRequest, registry: BufferRegistry) -> dict[str, Expected]:
     """Every output's declared result, after checking the whole request; nothing computed yet."""
     expected: dict[str, Expected] = {}
     for op in request.ops:
-        for output, result in _check_op(op):
+        for output, result in check_op(op):
             if output in expected or registry.contains(output):
                 raise RpcRefusal("buffer-exists", f"buffer {output} already exists", buffer_id=output)
             expected[output] = result

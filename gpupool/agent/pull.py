@@ -20,8 +20,8 @@ from gpupool._errors import UnsupportedDType
 from gpupool._proto.v1 import agent_pb2
 from gpupool.agent.buffers import BufferRegistry
 from gpupool.agent.peers import Peer, Peers
+from gpupool.agent.procworker import AnyWorker, ProcessWorker, RemoteArray
 from gpupool.agent.status import Counters
-from gpupool.agent.workers import Worker
 from gpupool.protocol.codec import check_dtype, shape_of
 from gpupool.protocol.errors import RpcRefusal
 
@@ -47,7 +47,7 @@ class Puller:
     def __init__(
         self,
         *,
-        workers: Sequence[Worker],
+        workers: Sequence[AnyWorker],
         registry: BufferRegistry,
         peers: Peers,
         counters: Counters,
@@ -76,8 +76,15 @@ class Puller:
             worker=worker.index, buffer_id=request.output, nbytes=nbytes, session=request.session
         )
         try:
+            target: RemoteArray | None = None
             if _direct(request, shape):
-                host = np.empty(shape, dtype)
+                if isinstance(worker, ProcessWorker) and worker.shares(nbytes):
+                    target = await worker.allocate(
+                        dtype, shape, request.output
+                    )  # mapped here: filled in place
+                host = (
+                    target.host if target is not None and target.host is not None else np.empty(shape, dtype)
+                )
                 pieces = await self._read_all(request, peers, dtype, nbytes, into=host)
             else:
                 pieces = await self._read_all(request, peers, dtype, nbytes)
@@ -85,8 +92,10 @@ class Puller:
             pulled = sum(piece.nbytes for piece, peer in zip(pieces, peers, strict=True) if peer is not None)
             del pieces
             array: Any = host
-            if not worker.backend.host_resident:
-                array = await worker.call(_to_device, worker, host, request.output)
+            if target is not None and target.host is not None:
+                array = target
+            elif not worker.host_resident:
+                array = await worker.to_device(host, request.output)
             self._registry.commit(reservation, array)
         finally:
             self._registry.release(reservation)  # a no-op once committed
@@ -96,7 +105,7 @@ class Puller:
     def _is_local(self, source: agent_pb2.PullSource) -> bool:
         return source.agent_id == self._peers.agent_id
 
-    def _check(self, request: agent_pb2.PullRequest) -> tuple[Worker, np.dtype[Any], tuple[int, ...], int]:
+    def _check(self, request: agent_pb2.PullRequest) -> tuple[AnyWorker, np.dtype[Any], tuple[int, ...], int]:
         if not request.output:
             raise RpcRefusal("bad-request", "the pull names no output buffer")
         if not 0 < len(request.sources) <= MAX_PULL_SOURCES:
@@ -178,10 +187,17 @@ class Puller:
                 buffer_id=source.buffer_id,
             )
         worker = self._workers[buffer.worker]
-        if worker.backend.host_resident:
-            rows: np.ndarray = buffer.array[source.start : source.stop]
+        shared = (
+            await worker.host_view(buffer.array, source.buffer_id)
+            if isinstance(worker, ProcessWorker)
+            else None
+        )
+        if shared is not None:
+            rows: np.ndarray = shared[source.start : source.stop]
+        elif worker.host_resident:
+            rows = buffer.array[source.start : source.stop]
         else:
-            rows = await worker.call(_rows_to_host, worker, buffer.array, source.start, source.stop)
+            rows = await worker.to_host(buffer.array, source.buffer_id, (source.start, source.stop))
         if into is None:
             return rows
         if rows.size != into.size:
@@ -246,23 +262,3 @@ def _combine(
             "bad-request", f"the pieces make {list(joined.shape)}, which does not reshape to {list(shape)}"
         )
     return np.ascontiguousarray(joined.reshape(shape), dtype=dtype)
-
-
-def _rows_to_host(worker: Worker, array: Any, start: int, stop: int) -> np.ndarray:
-    """In the worker's thread: rows of a device array, on the host."""
-    try:
-        return worker.backend.to_host(array[start:stop])
-    except worker.backend.out_of_memory_errors as exc:
-        raise RpcRefusal("out-of-memory", f"no host memory for a pull's rows: {exc}") from exc
-
-
-def _to_device(worker: Worker, host: np.ndarray, buffer_id: str) -> Any:
-    """In the worker's thread: a pulled array onto the device."""
-    try:
-        return worker.backend.to_device(host)
-    except worker.backend.out_of_memory_errors as exc:
-        raise RpcRefusal(
-            "out-of-memory",
-            f"worker {worker.index}: the device ran out of memory: {exc}",
-            buffer_id=buffer_id,
-        ) from exc

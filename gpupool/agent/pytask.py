@@ -26,7 +26,7 @@ from typing import Final
 import cloudpickle
 
 from gpupool._proto.v1 import agent_pb2
-from gpupool.agent.workers import Worker
+from gpupool.agent.procworker import AnyWorker
 from gpupool.protocol.errors import RpcRefusal
 
 __all__ = ["STDERR_TAIL", "PythonOverdue", "PythonRunner", "main"]
@@ -47,7 +47,7 @@ class PythonRunner:
         allowed: the owner's ``--allow-python``; without it every request is refused.
     """
 
-    def __init__(self, workers: Sequence[Worker], *, allowed: bool) -> None:
+    def __init__(self, workers: Sequence[AnyWorker], *, allowed: bool) -> None:
         self._workers = tuple(workers)
         self.allowed = allowed
         self._lanes = [asyncio.Semaphore(1) for _ in self._workers]

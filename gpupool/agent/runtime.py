@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 from types import TracebackType
@@ -28,9 +29,11 @@ from gpupool.agent.config import AgentConfig
 from gpupool.agent.discovery import GpuTelemetry
 from gpupool.agent.guard import Guard
 from gpupool.agent.peers import Peers
+from gpupool.agent.procworker import AnyWorker, ProcessWorker
 from gpupool.agent.pull import Puller
 from gpupool.agent.service import AgentService, add_to_server
 from gpupool.agent.status import Counters, Identity, build_status, build_telemetry, now
+from gpupool.agent.workerproc import FAULT_INJECTION_ENV
 from gpupool.agent.workers import WorkerSetup, plan_workers
 from gpupool.protocol.codec import decode_json, encode_json
 from gpupool.protocol.topics import Topics
@@ -112,6 +115,8 @@ class Agent:
         self._stop = asyncio.Event()
         self._registered = asyncio.Event()
         self._registry: BufferRegistry | None = None
+        self._workers: tuple[AnyWorker, ...] = ()
+        self._processes: list[ProcessWorker] = []
         self._server: grpc.aio.Server | None = None
         self._bulk: BulkServer | None = None
         self._session: MqttSession | None = None
@@ -180,6 +185,22 @@ class Agent:
             session_limits=[config.session_limit(worker.memory_limit) for worker in setup.workers],
             on_change=self._note_memory_change,
         )
+        if config.worker_processes:
+            processes = [
+                ProcessWorker(
+                    worker,
+                    on_lost=self._worker_lost,
+                    allow_kernels=config.allow_kernels,
+                    fuse_kernels=config.fuse_kernels,
+                    faults=os.environ.get(FAULT_INJECTION_ENV) == "1",
+                )
+                for worker in setup.workers
+            ]
+            self._processes = processes
+            await asyncio.gather(*(process.start() for process in processes))
+            self._workers = tuple(processes)
+        else:
+            self._workers = setup.workers
         identity = config.identity
         if identity is not None:
             self._signing_key = load_private_key(identity.key_pem)
@@ -196,14 +217,14 @@ class Agent:
             timeouts=config.timeouts,
         )
         puller = Puller(
-            workers=setup.workers,
+            workers=self._workers,
             registry=self._registry,
             peers=self._peers,
             counters=self._counters,
             accepting=accepting,
         )
         service = AgentService(
-            workers=setup.workers,
+            workers=self._workers,
             registry=self._registry,
             counters=self._counters,
             accepting=accepting,
@@ -311,6 +332,8 @@ class Agent:
         try:
             await self._shut_down_network()
         finally:
+            for process in self._processes:
+                process.shutdown()
             if self._setup is not None:
                 self._setup.close()
 
@@ -360,7 +383,7 @@ class Agent:
         return build_status(
             self._require(self._identity),
             self._state,
-            self._require(self._setup).workers,
+            self._workers,
             self._require(self._registry),
             self._gpu_telemetry,
         )
@@ -438,6 +461,17 @@ class Agent:
         while len(self._seen_commands) > 4096:
             del self._seen_commands[next(iter(self._seen_commands))]
 
+    def _worker_lost(self, worker: int, reason: str) -> None:
+        """A worker's process died (any thread): its buffers are gone with it."""
+        lost = self._require(self._registry).lose_worker(worker, reason)
+        self._status_dirty = True
+        log.error(
+            "%s: %d buffer(s) lost: %s",
+            reason,
+            len(lost),
+            ", ".join(lost[:20]) + (" ..." if len(lost) > 20 else ""),
+        )
+
     def end_session(self, session: str) -> None:
         """Free every buffer of an ended session and refuse its capabilities from now on."""
         if not session:
@@ -502,9 +536,12 @@ class Agent:
                     log.warning("NVML did not answer within %.1f s", self.config.heartbeat)
             if not session.connected.is_set() or self._state == OFFLINE:
                 continue
+            for process in self._processes:
+                hits, compiles = await process.kernel_counts()
+                self._counters.worker_kernels[process.index] = (hits, compiles)
             report = build_telemetry(
                 self.agent_id,
-                setup.workers,
+                self._workers,
                 self._require(self._registry),
                 self._gpu_telemetry,
                 self._counters,

@@ -13,7 +13,7 @@ import functools
 import logging
 import math
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Final
 
 import grpc
@@ -25,11 +25,11 @@ from gpupool._proto.v1 import agent_pb2, agent_pb2_grpc, control_pb2
 from gpupool.agent.buffers import BufferRegistry, Reservation
 from gpupool.agent.guard import Guard
 from gpupool.agent.parts import Assemblies, Assembly, PartsFailed
+from gpupool.agent.procworker import AnyWorker, ProcessWorker, RemoteArray, RowStream
 from gpupool.agent.program import estimate_work, forget_frames, is_small, run_program
 from gpupool.agent.pull import Puller
 from gpupool.agent.pytask import PythonOverdue, PythonRunner
 from gpupool.agent.status import Counters
-from gpupool.agent.workers import Worker
 from gpupool.protocol.codec import check_dtype, iter_chunks, meta_of, shape_of
 from gpupool.protocol.errors import RpcRefusal, abort
 from gpupool.protocol.rawstream import ACCEPTED, DOWNLOAD_RAW, SERVICE, UPLOAD_RAW, decode_message
@@ -137,7 +137,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
     def __init__(
         self,
         *,
-        workers: Sequence[Worker],
+        workers: Sequence[AnyWorker],
         registry: BufferRegistry,
         counters: Counters,
         accepting: Callable[[], bool],
@@ -206,6 +206,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         """
         reservation: Reservation | None = None
         array: Any = None
+        host: np.ndarray | None = None
         refusal: RpcRefusal | None = None
         overdue = "the upload stream ran past its deadline"
         try:
@@ -217,18 +218,19 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             reservation = self._registry.reserve(
                 worker=worker.index, buffer_id=header.buffer_id, nbytes=nbytes, session=header.session
             )
-            if worker.backend.host_resident:
+            if worker.host_resident:
                 array = _allocate(dtype, shape, header.buffer_id)
             else:
-                array = await worker.call(_allocate_on_device, worker, dtype, shape, header.buffer_id)
+                array = await worker.allocate(dtype, shape, header.buffer_id)
             # The go-ahead: a client may wait for it before it sends data, so that a refusal above reaches
             # it as itself, not as the INTERNAL error of a write the refusal cut off (grpc/grpc#36066).
             await context.send_initial_metadata((ACCEPTED,))
             paced = _paced(chunks, self._timeouts.stall)
             overdue = f"the upload stream ran past its {self._timeouts.for_stream(nbytes):.0f} s deadline"
             async with asyncio.timeout(self._timeouts.for_stream(nbytes)):
-                if worker.backend.host_resident:
-                    await _receive_into(array, paced, header.buffer_id)
+                host = _host_of(worker, array)
+                if host is not None:
+                    await _receive_into(host, paced, header.buffer_id)
                 else:
                     await _receive_to_device(worker, array, nbytes, paced, header.buffer_id)
             self._registry.commit(reservation, array)
@@ -239,7 +241,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         except TimeoutError as exc:
             overdue = str(exc) or overdue
         finally:
-            array = None  # this frame outlives the call in the abort's traceback: it must not hold the shard
+            # This frame outlives the call in the abort's traceback: it must not hold the shard.
+            array = host = None
             if reservation is not None:
                 self._registry.release(reservation)  # a no-op once committed
         # Aborting here, outside the handlers, chains no exception (and its frames) to the abort's error.
@@ -281,10 +284,10 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                 seconds=self._timeouts.for_stream(nbytes),
             )
             try:
-                if worker.backend.host_resident:
+                if worker.host_resident:
                     parts.allocate(assembly, _allocate(dtype, shape, header.buffer_id))
                 else:
-                    array = await worker.call(_allocate_on_device, worker, dtype, shape, header.buffer_id)
+                    array = await worker.allocate(dtype, shape, header.buffer_id)
                     parts.allocate(assembly, array)
                     array = None
             except RpcRefusal as exc:
@@ -308,8 +311,9 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             await context.send_initial_metadata((ACCEPTED,))
             paced = _paced(_part_chunks(parts, assembly, chunks), self._timeouts.stall)
             async with asyncio.timeout_at(assembly.deadline):
-                if worker.backend.host_resident:
-                    await _receive_into(assembly.array[start:stop], paced, header.buffer_id)
+                host = _host_of(worker, assembly.array)
+                if host is not None:
+                    await _receive_into(host[start:stop], paced, header.buffer_id)
                 else:
                     await _receive_to_device(
                         worker,
@@ -345,7 +349,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 
     def _check_header(
         self, header: agent_pb2.UploadHeader
-    ) -> tuple[Worker, np.dtype[Any], tuple[int, ...], int]:
+    ) -> tuple[AnyWorker, np.dtype[Any], tuple[int, ...], int]:
         if not header.buffer_id:
             raise RpcRefusal("bad-request", "the upload header names no buffer id")
         try:
@@ -387,9 +391,10 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             await abort(context, RpcRefusal("bad-request", str(exc)))
         await self._download(parsed, write, context)
 
-    async def host_rows(self, request: agent_pb2.DownloadRequest) -> np.ndarray:
-        """The rows a download asks for, on the host: a view of a host-resident buffer, or a copy from the
-        device. Also what the bulk byte path sends (:mod:`gpupool.agent.bulk`).
+    async def host_rows(self, request: agent_pb2.DownloadRequest) -> np.ndarray | RowStream:
+        """The rows a download asks for, on the host: a view of a host-resident buffer, a copy from the
+        device, or (a worker in its own process) a stream of them through its staging blocks. Also what the
+        bulk byte path sends (:mod:`gpupool.agent.bulk`).
 
         Raises:
             RpcRefusal: buffer-not-found, bad-request (rows outside the buffer), out-of-memory, kernel-failed.
@@ -397,8 +402,13 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         buffer = self._registry.get(request.buffer_id)
         worker = self._workers[buffer.worker]
         rows = _row_range(request, buffer.shape, buffer.buffer_id)
-        if not worker.backend.host_resident:
-            return await worker.call(_to_host, worker, buffer.array, buffer.buffer_id, rows)
+        if isinstance(worker, ProcessWorker):
+            shared = await worker.host_view(buffer.array, buffer.buffer_id)
+            if shared is None:
+                return worker.row_stream(buffer.array, buffer.buffer_id, rows, timeout=self._timeouts.stall)
+            return shared if rows is None else shared[rows[0] : rows[1]]
+        if not worker.host_resident:
+            return await worker.to_host(buffer.array, buffer.buffer_id, rows)
         host: np.ndarray = buffer.array if rows is None else buffer.array[rows[0] : rows[1]]
         return host
 
@@ -422,7 +432,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             stall = self._timeouts.stall
             async with asyncio.timeout(self._timeouts.for_stream(host.nbytes)):
                 await write(meta_of(host.dtype, tuple(host.shape)))
-                for piece in iter_chunks(host, chunk_bytes):
+                async for piece in _pieces(host, chunk_bytes):
                     async with asyncio.timeout(stall):
                         await write(bytes(piece))  # gRPC sends bytes only: the one copy a sender must make
                     self._counters.bytes_sent += len(piece)
@@ -451,6 +461,12 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         try:
             self._registry.check_worker(request.worker)
             worker = self._workers[request.worker]
+            if isinstance(worker, ProcessWorker):
+                deadline = _program_deadline(self._timeouts, request, self._registry.nbytes_of)
+                async with worker.lane(request.session):
+                    reply = await worker.execute(request, self._registry, deadline=deadline)
+                self._count_program(request, reply)
+                return reply
             if worker.idle_for_inline(is_small(request, self._registry.nbytes_of)):
                 # A few microseconds of work: run it here, with no thread hop, timer or cancel flag.
                 reply = self._run_program(request, backend=worker.backend, registry=self._registry)
@@ -535,6 +551,28 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         return agent_pb2.HealthReply(status=self._status())
 
 
+def _host_of(worker: AnyWorker, array: Any) -> np.ndarray | None:
+    """An upload's target as host memory to fill in place: a host-resident worker's array, or a worker
+    process's array mapped here; None for device memory (filled through staging blocks)."""
+    if worker.host_resident:
+        host: np.ndarray = array
+        return host
+    if isinstance(array, RemoteArray):
+        return array.host
+    return None
+
+
+async def _pieces(host: np.ndarray | RowStream, chunk_bytes: int) -> AsyncIterator[Any]:
+    """A download's pieces of at most ``chunk_bytes``: slices of a host array, or of a stream's blocks."""
+    if isinstance(host, np.ndarray):
+        for piece in iter_chunks(host, chunk_bytes):
+            yield piece
+        return
+    async for block in host.chunks():
+        for start in range(0, len(block), chunk_bytes):
+            yield block[start : start + chunk_bytes]
+
+
 def _program_deadline(
     timeouts: Timeouts, request: agent_pb2.ExecuteRequest, resident_nbytes: Callable[[str], int]
 ) -> float:
@@ -611,24 +649,6 @@ async def _receive_into(host: np.ndarray, chunks: AsyncIterator[bytes], buffer_i
         )
 
 
-def _allocate_on_device(worker: Worker, dtype: np.dtype[Any], shape: tuple[int, ...], buffer_id: str) -> Any:
-    """In the worker's thread: the device array an upload fills."""
-    with _device_errors(worker, buffer_id):
-        return worker.backend.empty(shape, dtype)
-
-
-def _staging_buffers(worker: Worker, nbytes: int) -> tuple[np.ndarray, np.ndarray]:
-    """In the worker's thread: two staging blocks for an upload to a device."""
-    with _device_errors(worker, ""):
-        return worker.backend.staging_buffer(nbytes), worker.backend.staging_buffer(nbytes)
-
-
-def _copy_in(worker: Worker, array: Any, offset: int, block: np.ndarray, buffer_id: str) -> None:
-    """In the worker's thread: one staging block to the device."""
-    with _device_errors(worker, buffer_id):
-        worker.backend.copy_in(array, offset, block)
-
-
 async def _part_chunks(
     parts: Assemblies, assembly: Assembly, chunks: AsyncIterator[bytes]
 ) -> AsyncIterator[bytes]:
@@ -645,7 +665,13 @@ async def _part_chunks(
 
 
 async def _receive_to_device(
-    worker: Worker, array: Any, expected: int, chunks: AsyncIterator[bytes], buffer_id: str, *, base: int = 0
+    worker: AnyWorker,
+    array: Any,
+    expected: int,
+    chunks: AsyncIterator[bytes],
+    buffer_id: str,
+    *,
+    base: int = 0,
 ) -> None:
     """Fill a device array (its ``expected`` bytes from byte ``base`` on) from the stream's chunks through two
     staging blocks, in turn.
@@ -658,73 +684,63 @@ async def _receive_to_device(
         await _receive_into(np.empty(0, np.uint8), chunks, buffer_id)  # nothing to copy; sizes still checked
         return
     block_bytes = min(STAGING_BYTES, expected)
-    blocks = await worker.call(_staging_buffers, worker, block_bytes)
-    views = [block.data for block in blocks]
-    copies: list[asyncio.Future[None] | None] = [None, None]
-    current = filled = offset = received = 0
-    try:
-        async for chunk in chunks:
-            received += len(chunk)
-            if received > expected:
+    async with worker.staging(block_bytes) as blocks:
+        views = [block.data for block in blocks]
+        copies: list[asyncio.Future[None] | None] = [None, None]
+        current = filled = offset = received = 0
+        try:
+            async for chunk in chunks:
+                received += len(chunk)
+                if received > expected:
+                    raise RpcRefusal(
+                        "bad-request",
+                        f"the stream carries more than the declared {expected} bytes",
+                        buffer_id=buffer_id,
+                    )
+                data = memoryview(chunk)
+                while data:
+                    taken = min(len(data), block_bytes - filled)
+                    views[current][filled : filled + taken] = data[:taken]
+                    filled += taken
+                    data = data[taken:]
+                    if filled == block_bytes:
+                        copies[current] = asyncio.ensure_future(
+                            worker.copy_in(array, base + offset, blocks[current], buffer_id)
+                        )
+                        offset += filled
+                        filled = 0
+                        current ^= 1
+                        previous = copies[current]
+                        if previous is not None:  # the block about to be filled must be on the device
+                            copies[current] = None
+                            await previous
+            if received != expected:
                 raise RpcRefusal(
                     "bad-request",
-                    f"the stream carries more than the declared {expected} bytes",
+                    f"the stream ended after {received} of {expected} bytes",
                     buffer_id=buffer_id,
                 )
-            data = memoryview(chunk)
-            while data:
-                taken = min(len(data), block_bytes - filled)
-                views[current][filled : filled + taken] = data[:taken]
-                filled += taken
-                data = data[taken:]
-                if filled == block_bytes:
-                    copies[current] = asyncio.ensure_future(
-                        worker.call(_copy_in, worker, array, base + offset, blocks[current], buffer_id)
+            if filled:
+                copies.append(
+                    asyncio.ensure_future(
+                        worker.copy_in(array, base + offset, blocks[current][:filled], buffer_id)
                     )
-                    offset += filled
-                    filled = 0
-                    current ^= 1
-                    previous = copies[current]
-                    if previous is not None:  # the block about to be filled must be on the device
-                        copies[current] = None
-                        await previous
-        if received != expected:
-            raise RpcRefusal(
-                "bad-request", f"the stream ended after {received} of {expected} bytes", buffer_id=buffer_id
-            )
-        if filled:
-            copies.append(
-                asyncio.ensure_future(
-                    worker.call(_copy_in, worker, array, base + offset, blocks[current][:filled], buffer_id)
                 )
-            )
-        for waiting in copies:
-            if waiting is not None:
-                await waiting
-    finally:
-        for left in copies:  # a refusal leaves these behind: each holds its block until it is done
-            if left is not None:
-                left.add_done_callback(_ignore_outcome)
+            for waiting in copies:
+                if waiting is not None:
+                    await waiting
+        finally:
+            for left in copies:  # a refusal leaves these behind: the blocks are not free until they end
+                if left is not None and not left.done():
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait([left])
+                if left is not None:
+                    _ignore_outcome(left)
 
 
 def _ignore_outcome(future: asyncio.Future[None]) -> None:
     if not future.cancelled():
         future.exception()
-
-
-@contextlib.contextmanager
-def _device_errors(worker: Worker, buffer_id: str) -> Iterator[None]:
-    """Device out-of-memory and kernel errors as refusals."""
-    try:
-        yield
-    except worker.backend.out_of_memory_errors as exc:
-        raise RpcRefusal(
-            "out-of-memory",
-            f"worker {worker.index}: the device ran out of memory: {exc}",
-            buffer_id=buffer_id,
-        ) from exc
-    except worker.backend.kernel_errors as exc:
-        raise RpcRefusal("kernel-failed", f"worker {worker.index}: {exc}", buffer_id=buffer_id) from exc
 
 
 def _row_range(
@@ -740,17 +756,3 @@ def _row_range(
             buffer_id=buffer_id,
         )
     return request.start, request.stop
-
-
-def _to_host(worker: Worker, array: Any, buffer_id: str, rows: tuple[int, int] | None = None) -> np.ndarray:
-    """In the worker's thread: copy a device array (or rows ``[start, stop)`` of it) to the host."""
-    try:
-        if rows is not None:
-            array = array[rows[0] : rows[1]]
-        return worker.backend.to_host(array)
-    except worker.backend.out_of_memory_errors as exc:
-        raise RpcRefusal(
-            "out-of-memory", f"no host memory for buffer {buffer_id}: {exc}", buffer_id=buffer_id
-        ) from exc
-    except worker.backend.kernel_errors as exc:
-        raise RpcRefusal("kernel-failed", f"worker {worker.index}: {exc}", buffer_id=buffer_id) from exc

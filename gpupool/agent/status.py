@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -11,7 +11,7 @@ from gpupool._proto.v1 import control_pb2
 from gpupool.agent import kernel_cache
 from gpupool.agent.buffers import BufferRegistry
 from gpupool.agent.discovery import GpuTelemetry
-from gpupool.agent.workers import Worker
+from gpupool.agent.procworker import AnyWorker
 from gpupool.protocol.codec import SCHEMA_VERSION
 
 __all__ = ["Counters", "Identity", "build_status", "build_telemetry", "now"]
@@ -28,15 +28,15 @@ def now() -> Timestamp:
 class Counters:
     """Work done since start, reported in telemetry. Updated on the event loop only.
 
-    The kernel counts are those of kernels run outside this process (worker processes report theirs
-    here); telemetry adds this process's own kernel cache (:func:`gpupool.agent.kernel_cache.counts`).
+    The kernel counts are those of the worker processes (read each heartbeat); telemetry adds this
+    process's own kernel cache (:func:`gpupool.agent.kernel_cache.counts`: in-process workers).
     """
 
     ops_executed: int = 0
     bytes_received: int = 0
     bytes_sent: int = 0
-    kernel_cache_hits: int = 0
-    kernel_compiles: int = 0
+    #: Kernel cache (hits, compiles) last read from each worker process, by worker index.
+    worker_kernels: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -71,7 +71,7 @@ class Identity:
 def build_status(
     identity: Identity,
     state: control_pb2.AgentState,
-    workers: Sequence[Worker],
+    workers: Sequence[AnyWorker],
     registry: BufferRegistry,
     gpu_telemetry: Mapping[int, GpuTelemetry] | None = None,
 ) -> control_pb2.AgentStatus:
@@ -110,7 +110,7 @@ def build_status(
 
 def build_telemetry(
     agent_id: str,
-    workers: Sequence[Worker],
+    workers: Sequence[AnyWorker],
     registry: BufferRegistry,
     gpu_telemetry: Mapping[int, GpuTelemetry],
     counters: Counters,
@@ -124,8 +124,8 @@ def build_telemetry(
         ops_executed=counters.ops_executed,
         bytes_received=counters.bytes_received,
         bytes_sent=counters.bytes_sent,
-        kernel_cache_hits=counters.kernel_cache_hits + kernels.hits,
-        kernel_compiles=counters.kernel_compiles + kernels.compiles,
+        kernel_cache_hits=kernels.hits + sum(hits for hits, _ in counters.worker_kernels.values()),
+        kernel_compiles=kernels.compiles + sum(compiles for _, compiles in counters.worker_kernels.values()),
     )
     for worker in workers:
         usage = registry.usage(worker.index)

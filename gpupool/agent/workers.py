@@ -13,9 +13,11 @@ import logging
 import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
+
+import numpy as np
 
 from gpupool._config import parse_memory_limit
 from gpupool._errors import UsageError
@@ -24,6 +26,7 @@ from gpupool.agent.backend import ArrayBackend, NumpyBackend
 from gpupool.agent.config import BackendChoice
 from gpupool.agent.discovery import Nvml, NvmlGpu, NvmlUnavailable
 from gpupool.agent.turns import TurnGate
+from gpupool.protocol.errors import RpcRefusal
 
 __all__ = ["WORKER_THREADS", "Worker", "WorkerSetup", "host_memory", "plan_workers"]
 
@@ -94,6 +97,11 @@ class Worker:
         A caller that stops waiting (cancelled) does not stop a function already running; the worker
         counts it as in flight until it returns.
         """
+        future = self.submit(function, *args)  # counted out (its callback) before asyncio's wakes the caller
+        return await asyncio.wrap_future(future)
+
+    def submit(self, function: Callable[..., T], *args: Any) -> Future[T]:
+        """Run ``function(*args)`` in one of the worker's threads (from any thread), counted as in flight."""
         with self._count_lock:
             self._in_flight += 1
         try:
@@ -101,12 +109,38 @@ class Worker:
         except BaseException:
             self._finished(None)
             raise
-        future.add_done_callback(self._finished)  # before asyncio's: counted out before the caller wakes
-        return await asyncio.wrap_future(future)
+        future.add_done_callback(self._finished)
+        return future
 
     def _finished(self, _future: object) -> None:
         with self._count_lock:
             self._in_flight -= 1
+
+    @property
+    def host_resident(self) -> bool:
+        """Whether its arrays are host memory of this process (a NumPy worker in the agent's own process)."""
+        return self.backend.host_resident
+
+    async def allocate(self, dtype: np.dtype[Any], shape: tuple[int, ...], buffer_id: str) -> Any:
+        """A new device array, for an upload or a pull to fill."""
+        return await self.call(_allocate_on_device, self, dtype, shape, buffer_id)
+
+    @contextlib.asynccontextmanager
+    async def staging(self, nbytes: int) -> AsyncIterator[tuple[np.ndarray, np.ndarray]]:
+        """Two staging blocks of ``nbytes`` for an upload to the device."""
+        yield await self.call(_staging_buffers, self, nbytes)
+
+    async def copy_in(self, array: Any, offset: int, block: np.ndarray, buffer_id: str) -> None:
+        """One staging block into the device array's bytes from ``offset``."""
+        await self.call(_copy_in, self, array, offset, block, buffer_id)
+
+    async def to_host(self, array: Any, buffer_id: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """A host copy of a device array (or of its rows ``[start, stop)``)."""
+        return await self.call(_to_host, self, array, buffer_id, rows)
+
+    async def to_device(self, host: np.ndarray, buffer_id: str) -> Any:
+        """A device array holding ``host``'s values."""
+        return await self.call(_to_device, self, host, buffer_id)
 
     @contextlib.contextmanager
     def turn(self, session: str) -> Iterator[None]:
@@ -175,6 +209,45 @@ class WorkerSetup:
             worker.shutdown()
         if self.nvml is not None:
             self.nvml.close()
+
+
+def _allocate_on_device(worker: Worker, dtype: np.dtype[Any], shape: tuple[int, ...], buffer_id: str) -> Any:
+    with _device_errors(worker, buffer_id):
+        return worker.backend.empty(shape, dtype)
+
+
+def _staging_buffers(worker: Worker, nbytes: int) -> tuple[np.ndarray, np.ndarray]:
+    with _device_errors(worker, ""):
+        return worker.backend.staging_buffer(nbytes), worker.backend.staging_buffer(nbytes)
+
+
+def _copy_in(worker: Worker, array: Any, offset: int, block: np.ndarray, buffer_id: str) -> None:
+    with _device_errors(worker, buffer_id):
+        worker.backend.copy_in(array, offset, block)
+
+
+def _to_host(worker: Worker, array: Any, buffer_id: str, rows: tuple[int, int] | None) -> np.ndarray:
+    with _device_errors(worker, buffer_id, what=f"no host memory for buffer {buffer_id}"):
+        if rows is not None:
+            array = array[rows[0] : rows[1]]
+        return worker.backend.to_host(array)
+
+
+def _to_device(worker: Worker, host: np.ndarray, buffer_id: str) -> Any:
+    with _device_errors(worker, buffer_id):
+        return worker.backend.to_device(host)
+
+
+@contextlib.contextmanager
+def _device_errors(worker: Worker, buffer_id: str, *, what: str = "") -> Iterator[None]:
+    """In the worker's thread: device out-of-memory and kernel errors as refusals."""
+    try:
+        yield
+    except worker.backend.out_of_memory_errors as exc:
+        message = f"{what}: {exc}" if what else f"worker {worker.index}: the device ran out of memory: {exc}"
+        raise RpcRefusal("out-of-memory", message, buffer_id=buffer_id) from exc
+    except worker.backend.kernel_errors as exc:
+        raise RpcRefusal("kernel-failed", f"worker {worker.index}: {exc}", buffer_id=buffer_id) from exc
 
 
 def host_memory() -> int:
