@@ -314,6 +314,11 @@ class ProcessWorker:
         self._planned.shutdown()
         self._ring.close()
 
+    @property
+    def down(self) -> str:
+        """Why the worker is down for good (its process kept dying); "" while it serves or restarts."""
+        return self._down
+
     def kill(self, why: str) -> None:
         """End the process now (it hung): its calls fail and its buffers are lost, ``why`` the reason."""
         with self._lock:
@@ -383,6 +388,7 @@ class ProcessWorker:
         if len(self._deaths) >= MAX_DEATHS:
             self._down = f"{reason}; it died {len(self._deaths)} times in {DEATH_WINDOW:g} s and stays down"
             log.error("%s", self._down)
+            self._on_lost(self.index, self._down)  # the status shows it: no memory to place on
             return
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(lambda: loop.create_task(self._restart()))
@@ -400,6 +406,7 @@ class ProcessWorker:
             self._listen(child)
             return
         self._down = f"worker {self.index}: its process could not be restarted"
+        self._on_lost(self.index, self._down)
 
     def _send(self, name: str, args: Any, *, on_loop: bool = True) -> _Pending:
         """Send a call; its answer resolves an asyncio future (``on_loop``, from the loop's thread) or a

@@ -93,10 +93,13 @@ def build_status(
     )
     for worker in workers:
         usage = registry.usage(worker.index)
+        down = getattr(worker, "down", "")
+        if down:  # a worker process that kept dying: nothing is to be placed there
+            status.note = f"{status.note}; {down}" if status.note else down
         entry = status.workers.add(
             index=worker.index,
             backend=worker.backend.name,
-            memory_limit=usage.limit,
+            memory_limit=0 if down else usage.limit,
             memory_used=usage.used,
             buffers=usage.buffers,
         )

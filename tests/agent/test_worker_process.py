@@ -22,7 +22,7 @@ import pytest
 from gpupool._errors import BufferNotFound, DeadlineExceeded, RemoteKernelError
 from gpupool._process import Child
 from gpupool._proto.v1 import agent_pb2
-from gpupool.agent.procworker import WORKER_COMMAND
+from gpupool.agent.procworker import MAX_DEATHS, WORKER_COMMAND
 from gpupool.agent.workerproc import FAULT_INJECTION_ENV, FAULT_OP
 from gpupool.protocol.errors import translate_rpc_error
 from gpupool.protocol.topics import Topics
@@ -255,3 +255,59 @@ async def _rpc_error(call: object) -> grpc.aio.AioRpcError:
     except grpc.aio.AioRpcError as exc:
         return exc
     raise AssertionError("the call succeeded")
+
+
+def test_a_worker_that_keeps_dying_stays_down_and_says_why(faulty_agent: Child) -> None:
+    """MAX_DEATHS deaths within DEATH_WINDOW: no more restarts; calls are refused with the reason."""
+    endpoint = faulty_agent.ready["endpoint"]
+
+    async def body() -> None:
+        async with agent_stub(endpoint) as stub:
+            for _ in range(MAX_DEATHS):
+                await until_serving(stub, "a")
+                _, kind, _ = await refused(
+                    stub.Execute(agent_pb2.ExecuteRequest(session="a", ops=[fault("abort")]), timeout=30)
+                )
+                assert kind == "kernel-failed"
+            await asyncio.sleep(1.0)  # longer than any restart's first wait
+            code, kind, details = await refused(upload(stub, "late", np.ones(4, np.float32), session="a"))
+            assert (code, kind) == (grpc.StatusCode.FAILED_PRECONDITION, "not-accepting"), details
+            assert "stays down" in details, details
+            assert "SIGABRT" in details, details
+            # Its status offers no memory there (placement skips it) and says why.
+            status = (await stub.Health(agent_pb2.HealthRequest(), timeout=5)).status
+            assert status.workers[0].memory_limit == 0
+            assert "stays down" in status.note, status.note
+
+    run(body(), timeout=120)
+    assert worker_pids(faulty_agent) == []
+    assert faulty_agent.process.poll() is None
+
+
+def test_shared_arrays_reuse_freed_memory_without_leaking_its_bytes(faulty_agent: Child) -> None:
+    """A NumPy worker's big arrays live in memory files the agent maps; a freed one's file is reused, and
+    what the next array returns is only its own data (uploads, program results, rows)."""
+    endpoint = faulty_agent.ready["endpoint"]
+    big = np.full(3 << 18, 7.0, np.float32)  # 3 MiB
+    smaller = np.arange(1 << 19, dtype=np.float32)  # 2 MiB, into the 3 MiB file
+
+    async def body() -> None:
+        async with agent_stub(endpoint) as stub:
+            await upload(stub, "old", big, session="a")
+            await stub.Free(agent_pb2.FreeRequest(buffer_ids=["old"]), timeout=10)
+            await upload(stub, "new", smaller, session="b")
+            np.testing.assert_array_equal(await download(stub, "new"), smaller)
+            await stub.Execute(
+                agent_pb2.ExecuteRequest(
+                    session="b",
+                    ops=[op("multiply", [buffer("new"), scalar(3.0)], "made", "float32", smaller.shape)],
+                ),
+                timeout=30,
+            )
+            np.testing.assert_array_equal(await download(stub, "made"), smaller * 3)
+            rows = agent_pb2.DownloadRequest(buffer_id="made", has_rows=True, start=10, stop=20)
+            meta_and_data = [message async for message in stub.Download(rows, timeout=30)]
+            data = b"".join(m.chunk for m in meta_and_data if m.WhichOneof("kind") == "chunk")
+            np.testing.assert_array_equal(np.frombuffer(data, np.float32), smaller[10:20] * 3)
+
+    run(body())
