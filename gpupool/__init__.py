@@ -47,6 +47,7 @@ from gpupool.client.current import current_pool
 from gpupool.client.tasks import Replicated, TaskFuture
 from gpupool.client.trace import TracingError, fori_loop
 from gpupool.client.values import PendingValue
+from gpupool.fuse import fuse
 from gpupool.kernels import ElementwiseKernel, RawKernel, ReductionKernel
 
 #: The Array API standard this namespace implements (``x.__array_namespace__()`` is this package).
@@ -96,6 +97,7 @@ __all__ = [
     "current_pool",
     "fft",
     "fori_loop",
+    "fuse",
     "linalg",
     "persist",
     "random",
