@@ -68,7 +68,7 @@ def test_public_names_are_pinned() -> None:
     }
     creation |= {"from_dlpack", "meshgrid", "tril", "triu"}
     core |= {"PendingValue", "fft", "linalg", "__array_namespace_info__"}
-    core |= {"ElementwiseKernel", "RawKernel", "ReductionKernel"}
+    core |= {"ElementwiseKernel", "RawKernel", "ReductionKernel", "fuse"}
     core |= {"Replicated", "TaskFuture", "TracingError", "fori_loop"}
     dtypes = {"bool", "complex64", "complex128", "float16", "float32", "float64"}
     dtypes |= {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
