@@ -17,7 +17,18 @@ import traceback
 
 from bench.common import Context, Result, machine, render, write_json
 
-SECTIONS = ("transfer", "moves", "overhead", "tls", "workloads", "numpy", "tasks", "fleet", "gpu")
+SECTIONS = (
+    "transfer",
+    "moves",
+    "overhead",
+    "tls",
+    "workloads",
+    "numpy",
+    "tasks",
+    "placement",
+    "fleet",
+    "gpu",
+)
 MODULES = {"numpy": "numpy_workloads"}  # a section whose module is not named after it
 
 

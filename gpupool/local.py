@@ -252,12 +252,20 @@ class LocalPool:
             self.stop()
             raise
 
-    def add_agent(self, *, name: str | None = None, args: Sequence[str] = (), wait: bool = True) -> Child:
+    def add_agent(
+        self,
+        *,
+        name: str | None = None,
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        wait: bool = True,
+    ) -> Child:
         """Start one more agent and (with ``wait``) return once the coordinator lists it READY.
 
         Args:
             name: the agent's ``--name``; ``agent-<n>`` by default.
             args: extra arguments for this agent only.
+            env: extra environment variables for this agent only (e.g. ``GPUPOOL_SLOWDOWN`` in a benchmark).
             wait: whether to wait until the coordinator lists it READY.
 
         Raises:
@@ -265,7 +273,7 @@ class LocalPool:
             DeadlineExceeded: the coordinator did not list it READY in time.
         """
         self._check_running()
-        (child,) = self._start_agents(1, names=[name] if name else None, args=args)
+        (child,) = self._start_agents(1, names=[name] if name else None, args=args, env=env)
         if wait:
             self.wait_ready([child])
         return child
@@ -318,14 +326,20 @@ class LocalPool:
         )
 
     def _start_agents(
-        self, count: int, *, names: Sequence[str] | None = None, args: Sequence[str] = ()
+        self,
+        count: int,
+        *,
+        names: Sequence[str] | None = None,
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
     ) -> list[Child]:
         """Spawn ``count`` agents at once, then wait for each one's ready line."""
         with self._lock:
             first = self._next_agent
             self._next_agent += count
         labels = list(names) if names else [f"agent-{first + i}" for i in range(count)]
-        futures = [self._in_background(functools.partial(self._start_agent, label, args)) for label in labels]
+        start = functools.partial(self._start_agent, args=args, env=env)
+        futures = [self._in_background(functools.partial(start, label)) for label in labels]
         for future in futures:
             future.exception()  # waits; each spawn gives up by itself after start_timeout
         started = [future.result() for future in futures if future.exception() is None]
@@ -337,7 +351,7 @@ class LocalPool:
                 raise failure
         return started
 
-    def _start_agent(self, name: str, args: Sequence[str]) -> Child:
+    def _start_agent(self, name: str, *, args: Sequence[str], env: Mapping[str, str] | None = None) -> Child:
         argv = [sys.executable, "-m", "gpupool.agent", "--broker", self.broker_url, "--listen", "127.0.0.1:0"]
         argv += ["--name", name, "--topic-prefix", self.topic_prefix, "--backend", self.backend]
         if self.secure:
@@ -348,7 +362,8 @@ class LocalPool:
         if self._memory_limit is not None:
             argv += ["--memory-limit", self._memory_limit]
         argv += [*self._agent_args, *args]
-        child = spawn("agent", argv, timeout=self._start_timeout, env=self._agent_env(), stderr=self._stderr)
+        environment = {**self._agent_env(), **(env or {})}
+        child = spawn("agent", argv, timeout=self._start_timeout, env=environment, stderr=self._stderr)
         with self._lock:
             self.agents.append(child)
         return child

@@ -187,3 +187,52 @@ def test_small_arrays_use_few_workers_with_a_minimum_shard_size() -> None:
     assert [p for p, _, _ in split_rows(1000, 4, [2000, 2500, 100], min_shard_bytes=mib)] == [0, 1]
     # zero turns the policy off
     assert len(split_rows(1000, 4, [mib, mib], min_shard_bytes=0)) == 2
+
+
+# -- placement by measured speed (synthetic fleets) -------------------------------------------------------
+
+
+def test_one_fast_and_three_slow_share_rows_by_speed() -> None:
+    free = [1 << 30] * 4
+    got = split_rows(1000, 4, free, speed=[400.0, 100.0, 100.0, 100.0])
+    assert [stop - start for _, start, stop in got] == [571, 143, 143, 143]
+
+
+def test_a_fast_worker_short_of_memory_keeps_what_fits_and_the_rest_goes_by_speed() -> None:
+    # Memory-bound: the fast worker could take 80% of the rows by speed but holds only 100 of them.
+    got = split_rows(1000, 4, [400, 1 << 30, 1 << 30], speed=[800.0, 100.0, 100.0])
+    counts = [stop - start for _, start, stop in got]
+    assert counts[0] == 100
+    assert sum(counts) == 1000
+    assert abs(counts[1] - counts[2]) <= 1
+
+
+def test_an_unmeasured_worker_makes_free_memory_decide_for_all() -> None:
+    by_memory = split_rows(8, 4, [3000, 1000])
+    assert split_rows(8, 4, [3000, 1000], speed=[10.0, 0.0]) == by_memory
+    assert split_rows(8, 4, [3000, 1000], speed=[10.0, 30.0]) == [(0, 0, 2), (1, 2, 8)]
+
+
+def test_a_minimum_shard_size_picks_the_fastest_workers() -> None:
+    got = split_rows(4, 1 << 20, [1 << 30] * 4, min_shard_bytes=2 << 20, speed=[1.0, 5.0, 2.0, 9.0])
+    assert [position for position, _, _ in got] == [1, 3]
+
+
+def test_speeds_must_match_the_workers() -> None:
+    with pytest.raises(PlacementError, match="speeds"):
+        split_rows(10, 1, [100, 100], speed=[1.0])
+
+
+def test_a_thousand_agents_of_mixed_speeds_get_rows_in_proportion_within_memory() -> None:
+    rng = random.Random(9)
+    speed = [rng.choice([50.0, 100.0, 400.0]) for _ in range(1000)]
+    free = [rng.choice([1 << 20, 1 << 30]) for _ in range(1000)]
+    rows, row_bytes = 1_000_000, 1024
+    got = split_rows(rows, row_bytes, free, speed=speed)
+    counts = {position: stop - start for position, start, stop in got}
+    assert sum(counts.values()) == rows
+    assert all(counts[p] * row_bytes <= free[p] for p in counts)
+    # Workers with room to spare hold rows in proportion to their speed (within one row).
+    roomy = [p for p in counts if free[p] == 1 << 30]
+    per_gflop = {round(counts[p] / speed[p]) for p in roomy}
+    assert max(per_gflop) - min(per_gflop) <= 1, per_gflop

@@ -37,6 +37,8 @@ class AgentConfig:
         worker_processes: each worker's buffers and compute in a process of its own, supervised and
             restarted by the agent (:mod:`gpupool.agent.procworker`); False keeps them in the agent's
             process (``--in-process-workers``: no fault isolation, a little less latency per call).
+        max_temperature: degrees C above which a GPU worker takes no new rows (the coordinator skips it
+            while its telemetry says so); 0 for no limit.
         allow_python: run users' Python tasks (``RunPython``, each in a process of its own); refused
             with permission-denied otherwise.
         memory_limit: per worker, a percentage of the GPU's memory (of host RAM for a NumPy worker)
@@ -62,6 +64,7 @@ class AgentConfig:
     backend: BackendChoice = "auto"
     allow_kernels: bool = False
     allow_python: bool = False
+    max_temperature: float = 85.0
     fuse_kernels: bool = False
     worker_processes: bool = True
     memory_limit: str = "80%"

@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
         "from its own ops (experimental: not yet verified on a GPU)",
     )
     parser.add_argument(
+        "--max-temperature",
+        type=float,
+        default=85.0,
+        metavar="C",
+        help="a GPU hotter than this takes no new rows until it cools (0: no limit; default %(default)g)",
+    )
+    parser.add_argument(
         "--in-process-workers",
         action="store_true",
         help="keep each worker's buffers and compute in the agent's own process instead of a supervised "
@@ -184,6 +191,8 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         parse_memory_limit(args.session_memory_limit, 1 << 40)
     if not args.heartbeat > 0:
         raise UsageError(f"--heartbeat must be more than zero, not {args.heartbeat}")
+    if args.max_temperature < 0:
+        raise UsageError(f"--max-temperature must be zero (no limit) or more, not {args.max_temperature}")
     if not args.stall_timeout > 0:
         raise UsageError(f"--stall-timeout must be more than zero, not {args.stall_timeout}")
     backend: BackendChoice = args.backend
@@ -201,6 +210,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         allow_python=args.allow_python,
         fuse_kernels=args.fuse_kernels,
         worker_processes=not args.in_process_workers,
+        max_temperature=args.max_temperature,
         memory_limit=args.memory_limit,
         session_memory_limit=args.session_memory_limit,
         topic_prefix=args.topic_prefix,

@@ -40,6 +40,7 @@ import numpy as np
 from gpupool._proto.v1 import agent_pb2
 from gpupool.agent.buffers import BufferRegistry, Reservation
 from gpupool.agent.compound import COMPOUND, buffer_reads, scratch_bytes
+from gpupool.agent.measure import Measured, slowdown
 from gpupool.agent.program import ProgramCancelled, check_op, check_request, is_small
 from gpupool.agent.workerproc import FAULT_OP, WorkerSpec
 from gpupool.agent.workers import Worker
@@ -240,6 +241,8 @@ class ProcessWorker:
         self._down = ""  # why the worker stays down, once it has died too often
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        #: The process's own figures (measured as it starts; again by each new process).
+        self.measured = Measured()
 
     # lifecycle
 
@@ -265,6 +268,7 @@ class ProcessWorker:
             faults=faults,
             log_level=logging.getLogger("gpupool").getEffectiveLevel(),
             thread_name=f"gpupool.worker{self.index}",
+            slowdown=slowdown(),
         )
         mine, theirs = socket.socketpair()
         try:
@@ -292,6 +296,7 @@ class ProcessWorker:
             self._generation += 1
             child = _Child(process, conn, self._generation)
             self._child = child
+        self.measured = Measured(*hello["measured"])
         log.info("worker %d: process %d serves it (%s)", self.index, hello["pid"], hello["backend"])
         return child
 

@@ -28,6 +28,7 @@ from gpupool.agent.bulk import BulkServer
 from gpupool.agent.config import AgentConfig
 from gpupool.agent.discovery import GpuTelemetry
 from gpupool.agent.guard import Guard
+from gpupool.agent.measure import measure
 from gpupool.agent.peers import Peers
 from gpupool.agent.procworker import AnyWorker, ProcessWorker
 from gpupool.agent.pull import Puller
@@ -201,6 +202,8 @@ class Agent:
             self._workers = tuple(processes)
         else:
             self._workers = setup.workers
+            for worker in setup.workers:
+                worker.measured = await worker.call(measure, worker.backend)
         identity = config.identity
         if identity is not None:
             self._signing_key = load_private_key(identity.key_pem)
@@ -279,6 +282,7 @@ class Agent:
             started=now(),
             bulk_port=bulk_port,
             allow_python=config.allow_python,
+            temperature_limit=config.max_temperature,
         )
         offline = self.status()
         offline.state = OFFLINE

@@ -54,6 +54,7 @@ class Identity:
         started: when the agent started.
         bulk_port: the port of its bulk byte path on the endpoint's host (0: none).
         allow_python: whether its owner lets it run Python tasks.
+        temperature_limit: degrees C above which its GPUs take no new rows (0: none).
     """
 
     agent_id: str
@@ -66,6 +67,7 @@ class Identity:
     started: Timestamp
     bulk_port: int = 0
     allow_python: bool = False
+    temperature_limit: float = 0.0
 
 
 def build_status(
@@ -102,8 +104,12 @@ def build_status(
             memory_limit=0 if down else usage.limit,
             memory_used=usage.used,
             buffers=usage.buffers,
+            gemm_f32_gflops=worker.measured.gemm_f32_gflops,
+            gemm_f16_gflops=worker.measured.gemm_f16_gflops,
+            host_to_device_gbps=worker.measured.host_to_device_gbps,
         )
         if worker.gpu is not None:
+            entry.temperature_limit_c = identity.temperature_limit
             entry.gpu.CopyFrom(worker.gpu)
             seen = (gpu_telemetry or {}).get(worker.index)
             if seen is not None and seen.memory_free:

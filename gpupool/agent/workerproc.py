@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import logging
 import mmap
@@ -39,6 +40,7 @@ import numpy as np
 from gpupool._proto.v1 import agent_pb2
 from gpupool.agent.backend import ArrayBackend, NumpyBackend
 from gpupool.agent.buffers import Buffer, Reservation, WorkerUsage
+from gpupool.agent.measure import measure
 from gpupool.agent.program import ProgramCancelled, device_errors, run_program
 from gpupool.agent.workers import Worker
 from gpupool.protocol.errors import RpcRefusal
@@ -87,6 +89,7 @@ class WorkerSpec:
     faults: bool
     log_level: int
     thread_name: str
+    slowdown: float = 1.0
 
 
 def main(conn: Connection, spec: WorkerSpec) -> None:
@@ -154,7 +157,10 @@ class _Server:
         self._cancel: dict[int, threading.Event] = {}
 
     def serve(self) -> None:
-        self._reply(0, True, {"backend": self._backend.name, "pid": os.getpid()})
+        self._backend.bind_thread()
+        measured = measure(self._backend, factor=self._spec.slowdown)
+        hello = {"backend": self._backend.name, "pid": os.getpid(), "measured": dataclasses.astuple(measured)}
+        self._reply(0, True, hello)
         while True:
             try:
                 call, name, args, frees = self._conn.recv()
@@ -353,6 +359,7 @@ class _Server:
                 if op.op == FAULT_OP:
                     _inject(op.kernel.name, self._spec.index)
         store = _ProgramStore(self, keys, request.worker)
+        started = time.perf_counter()
         reply = run_program(
             request,
             backend=self._backend,
@@ -362,6 +369,8 @@ class _Server:
             allow_kernels=self._spec.allow_kernels,
             fuse_kernels=self._spec.fuse_kernels,
         )
+        if self._spec.slowdown > 1.0:  # a slower card, for tests and benchmarks (GPUPOOL_SLOWDOWN)
+            time.sleep((self._spec.slowdown - 1.0) * (time.perf_counter() - started))
         return reply.SerializeToString()
 
     def _do_stats(self, _c: threading.Event) -> tuple[int, int]:

@@ -25,6 +25,7 @@ from gpupool._proto.v1 import control_pb2
 from gpupool.agent.backend import ArrayBackend, NumpyBackend
 from gpupool.agent.config import BackendChoice
 from gpupool.agent.discovery import Nvml, NvmlGpu, NvmlUnavailable
+from gpupool.agent.measure import Measured
 from gpupool.agent.turns import TurnGate
 from gpupool.protocol.errors import RpcRefusal
 
@@ -80,6 +81,8 @@ class Worker:
         self._lanes: dict[str, _Lane] = {}
         self._count_lock = threading.Lock()
         self._in_flight = 0  # calls submitted and not yet finished in their thread
+        #: Its speed, once measured (:func:`gpupool.agent.measure.measure`, at the agent's start).
+        self.measured = Measured()
 
     def idle_for_inline(self, small: bool) -> bool:
         """Whether a ``small`` program (a few microseconds of work) may run right on the event loop: a NumPy

@@ -173,13 +173,21 @@ def agents_table(records: Sequence[coordinator_pb2.AgentRecord]) -> str:
                 status.backend or "-",
                 workers_summary(status),
                 f"{format_bytes(used)} / {format_bytes(limit)}",
+                agent_speed(status),
                 status.endpoint or "-",
                 agent_options(status),
                 format_age(record.seconds_since_seen),
             ]
         )
-    headers = ["NAME", "ID", "STATE", "BACKEND", "WORKERS", "MEMORY", "ENDPOINT", "OPTIONS", "LAST SEEN"]
+    headers = ["NAME", "ID", "STATE", "BACKEND", "WORKERS", "MEMORY", "GFLOP/S"]
+    headers += ["ENDPOINT", "OPTIONS", "LAST SEEN"]
     return render_table(headers, rows)
+
+
+def agent_speed(status: control_pb2.AgentStatus) -> str:
+    """The workers' measured float32 GEMM speed, summed (placement sizes shards by it); "-" if unmeasured."""
+    total = sum(worker.gemm_f32_gflops for worker in status.workers)
+    return f"{total:,.0f}" if total > 0 else "-"
 
 
 def agent_options(status: control_pb2.AgentStatus) -> str:

@@ -103,6 +103,13 @@ def build_parser(prog: str = "gpupool coordinator") -> argparse.ArgumentParser:
         help="the smallest shard worth a worker of its own; smaller arrays use fewer workers (default 1 MiB)",
     )
     parser.add_argument(
+        "--placement",
+        choices=("speed", "memory"),
+        default="speed",
+        help="how rows are shared among workers: by each worker's measured speed within its free memory "
+        "(default), or by free memory alone (the old rule, e.g. as a baseline)",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -137,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             listen=args.listen,
             topics=Topics(args.topic_prefix),
             min_shard_bytes=args.min_shard_bytes,
+            by_speed=args.placement == "speed",
             lease=args.lease,
             liveness=args.liveness,
             insecure=args.insecure,

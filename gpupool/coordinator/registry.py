@@ -108,6 +108,11 @@ class WorkerMemory:
     limit: int
     used: int
     placed: int = 0
+    #: Measured float32 GEMM GFLOP/s from the status (0.0: not measured).
+    speed: float = 0.0
+    #: The agent's temperature limit for it (0.0: none), and whether its latest telemetry was above it.
+    temperature_limit: float = 0.0
+    hot: bool = False
 
     @property
     def free(self) -> int:
@@ -164,6 +169,7 @@ class ReadyWorkers:
         endpoints: each worker's agent's data-plane address.
         workers: each worker's index on its agent.
         free: each worker's free bytes, as :attr:`WorkerMemory.free` reckoned them.
+        speed: each worker's measured speed (float32 GEMM GFLOP/s; 0.0 where not measured).
         memory: the registry's own records of the workers, for :meth:`Registry.reserve_split` only.
     """
 
@@ -172,6 +178,7 @@ class ReadyWorkers:
     workers: Sequence[int]
     free: Sequence[int]
     memory: Sequence[WorkerMemory] = field(repr=False)
+    speed: Sequence[float] = ()
 
     def __len__(self) -> int:
         return len(self.free)
@@ -271,6 +278,11 @@ class Registry:
         self._apply_memory(
             entry, ((w.index, w.memory_limit, w.memory_used) for w in copy.workers), _seconds(copy.time)
         )
+        for worker in copy.workers:
+            memory = entry.memory.get(worker.index)
+            if memory is not None:
+                limit = memory.temperature_limit
+                memory.hot = bool(limit) and worker.temperature_c > limit
         if entry.silenced_from is None:
             return []
         # Shown offline for silence, and now heard from again (a resumed SIGSTOP, a healed link).
@@ -343,14 +355,19 @@ class Registry:
                 for index, memory in sorted(entry.memory.items())
             ]
             ready = self._ready = _ready_workers(slots)
-        if exclude:
-            skip = set(exclude)
-            if not skip.isdisjoint(ready.agent_ids):
-                kept = zip(ready.agent_ids, ready.endpoints, ready.workers, ready.memory, strict=True)
-                ready = _ready_workers([slot for slot in kept if slot[0] not in skip])
+        skip = set(exclude)
+        # A worker over its temperature limit takes no new rows until it cools (its telemetry says).
+        if not skip.isdisjoint(ready.agent_ids) or any(m.hot for m in ready.memory):
+            kept = zip(ready.agent_ids, ready.endpoints, ready.workers, ready.memory, strict=True)
+            ready = _ready_workers([slot for slot in kept if slot[0] not in skip and not slot[3].hot])
         # Free memory changes with every report and placement: read it afresh each time.
         return ReadyWorkers(
-            ready.agent_ids, ready.endpoints, ready.workers, [m.free for m in ready.memory], ready.memory
+            ready.agent_ids,
+            ready.endpoints,
+            ready.workers,
+            [m.free for m in ready.memory],
+            ready.memory,
+            [m.speed for m in ready.memory],
         )
 
     def ready_workers(self, exclude: Iterable[str] = ()) -> list[WorkerCapacity]:
@@ -360,6 +377,11 @@ class Registry:
             WorkerCapacity(*worker)
             for worker in zip(ready.agent_ids, ready.endpoints, ready.workers, ready.free, strict=True)
         ]
+
+    def hot_workers(self) -> int:
+        """How many workers of READY agents are over their temperature limit now."""
+        ready = (entry for entry in self._agents.values() if entry.state == READY)
+        return sum(memory.hot for entry in ready for memory in entry.memory.values())
 
     def count_by_state(self) -> dict[str, int]:
         """How many agents are in each state, by :func:`state_name`."""
@@ -395,7 +417,11 @@ class Registry:
             if index not in listed:
                 del entry.memory[index]
         for worker in status.workers:
-            entry.memory.setdefault(worker.index, WorkerMemory(worker.memory_limit, worker.memory_used))
+            memory = entry.memory.setdefault(
+                worker.index, WorkerMemory(worker.memory_limit, worker.memory_used)
+            )
+            memory.speed = float(worker.gemm_f32_gflops)
+            memory.temperature_limit = float(worker.temperature_limit_c)
         figures = ((w.index, w.memory_limit, w.memory_used) for w in status.workers)
         self._apply_memory(entry, figures, _seconds(status.updated), force=force)
 

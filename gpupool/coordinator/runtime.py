@@ -64,6 +64,7 @@ class Coordinator:
         topics: the pool's topic names.
         timeouts: deadlines for the broker connection and admin commands.
         min_shard_bytes: see :func:`gpupool.placement.split_rows`.
+        by_speed: share rows by the workers' measured speed (``--placement speed``), not free memory alone.
         lease: seconds a client session lives without a call or heartbeat.
         liveness: seconds of silence after which an agent is shown offline.
         insecure: serve plaintext even beyond loopback.
@@ -89,6 +90,7 @@ class Coordinator:
         topics: Topics = Topics(),
         timeouts: Timeouts = Timeouts(),
         min_shard_bytes: int = MIN_SHARD_BYTES,
+        by_speed: bool = True,
         lease: float = DEFAULT_LEASE,
         liveness: float = DEFAULT_LIVENESS,
         insecure: bool = False,
@@ -97,6 +99,7 @@ class Coordinator:
         tls_hosts: tuple[str, ...] = (),
     ) -> None:
         self._min_shard_bytes = min_shard_bytes
+        self._by_speed = by_speed
         self._broker = broker
         self._listen = listen
         self._topics = topics
@@ -160,6 +163,7 @@ class Coordinator:
             store=self.store,
             control=self,
             min_shard_bytes=self._min_shard_bytes,
+            by_speed=self._by_speed,
             topic_prefix=self._topics.prefix,
         )
         admin = AdminService(

@@ -141,6 +141,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         store: enrolled agents.
         control: the running coordinator.
         min_shard_bytes: the smallest shard worth a worker of its own (see :func:`split_rows`).
+        by_speed: share rows by the workers' measured speed within their free memory (else by free memory).
         topic_prefix: told to enrolling agents.
         clock: seconds since the epoch.
     """
@@ -155,6 +156,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         store: StateStore,
         control: PoolControl,
         min_shard_bytes: int = MIN_SHARD_BYTES,
+        by_speed: bool = True,
         topic_prefix: str = "gpupool",
     ) -> None:
         self._registry = registry
@@ -164,6 +166,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self._store = store
         self._control = control
         self._min_shard_bytes = min_shard_bytes
+        self._by_speed = by_speed
         self._topic_prefix = topic_prefix
         self._capabilities: dict[tuple[str, str], tuple[str, float, str]] = {}
 
@@ -407,7 +410,13 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         if not ready:
             raise RpcRefusal("no-agents", self._why_no_agents(len(exclude)))
         try:
-            split = split_rows(rows, row_bytes, ready.free, min_shard_bytes=self._min_shard_bytes)
+            split = split_rows(
+                rows,
+                row_bytes,
+                ready.free,
+                min_shard_bytes=self._min_shard_bytes,
+                speed=ready.speed if self._by_speed else None,
+            )
         except NoCapacity as exc:
             extra = {
                 "needed": str(exc.needed),
@@ -488,6 +497,9 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             return "no ready agents: no agent has registered with the coordinator"
         known = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
         detail = f"; {excluded} excluded by the request" if excluded else ""
+        hot = self._registry.hot_workers()
+        if hot:
+            detail += f"; {hot} worker(s) of ready agents over their temperature limit, cooling"
         return f"no ready agents: {sum(counts.values())} known ({known}){detail}"
 
 

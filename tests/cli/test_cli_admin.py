@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 from collections.abc import Callable, Iterator
@@ -35,6 +36,7 @@ def test_agents_prints_a_table_of_the_ready_agents(gpupool_cli: RunCli, cli_pool
         "BACKEND",
         "WORKERS",
         "MEMORY",
+        "GFLOP/S",
         "ENDPOINT",
         "OPTIONS",
         "LAST",
@@ -51,6 +53,9 @@ def test_agents_prints_a_table_of_the_ready_agents(gpupool_cli: RunCli, cli_pool
         assert "64 MiB" in row  # the memory limit
         assert " bulk:" in row  # its bulk byte path's port
         assert "python" not in row  # not started with --allow-python
+        speed = re.search(r"/ 64 MiB\s+([\d,]+)\s", row)  # after the memory: the measured GFLOP/s
+        assert speed is not None, row
+        assert float(speed.group(1).replace(",", "")) > 0, row
 
 
 def test_agents_json_is_the_records_as_protobuf_json(gpupool_cli: RunCli, cli_pool: LocalPool) -> None:

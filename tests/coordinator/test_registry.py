@@ -287,3 +287,46 @@ def test_the_listing_follows_names_and_arrivals():
     assert [a.agent_id for a in registry.agents()] == ["1", "2", "3"]
     registry.forget("2")
     assert [a.agent_id for a in registry.agents()] == ["1", "3"]
+
+
+# -- measured speed and temperature -----------------------------------------------------------------------
+
+
+def test_ready_workers_carry_their_measured_speed() -> None:
+    registry = Registry()
+    fast = status("fast01")
+    fast.workers[0].gemm_f32_gflops = 400.0
+    slow = status("slow0001")
+    slow.workers[0].gemm_f32_gflops = 100.0
+    registry.apply_status(fast, now=1.0)
+    registry.apply_status(slow, now=1.0)
+    ready = registry.ready()
+    assert dict(zip(ready.agent_ids, ready.speed, strict=True)) == {"fast01": 400.0, "slow0001": 100.0}
+
+
+def test_a_worker_hotter_than_its_limit_takes_no_rows_until_it_cools() -> None:
+    registry = Registry()
+    hot = status("hot001", used=(0, 0))
+    for worker in hot.workers:
+        worker.temperature_limit_c = 80.0
+    registry.apply_status(hot, now=1.0)
+    registry.apply_status(status("cool01"), now=1.0)
+    report = telemetry("hot001", used=(0, 0), time=101.0)
+    report.workers[1].temperature_c = 91.0
+    registry.apply_telemetry(report, now=2.0)
+    assert sorted(free(registry)) == [("cool01", 0), ("hot001", 0)]
+    report.workers[1].temperature_c = 70.0
+    report.time.CopyFrom(stamp(102.0))
+    registry.apply_telemetry(report, now=3.0)
+    assert sorted(free(registry)) == [("cool01", 0), ("hot001", 0), ("hot001", 1)]
+
+
+def test_every_worker_hot_means_no_ready_workers() -> None:
+    registry = Registry()
+    hot = status("hot001")
+    hot.workers[0].temperature_limit_c = 80.0
+    registry.apply_status(hot, now=1.0)
+    report = telemetry("hot001", time=101.0)
+    report.workers[0].temperature_c = 95.0
+    registry.apply_telemetry(report, now=2.0)
+    assert len(registry.ready()) == 0

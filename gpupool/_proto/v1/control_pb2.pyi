@@ -63,20 +63,28 @@ class GpuInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., model: _Optional[str] = ..., memory_total: _Optional[int] = ..., memory_free: _Optional[int] = ..., compute_capability: _Optional[str] = ..., pcie_generation: _Optional[int] = ..., pcie_width: _Optional[int] = ..., pcie_max_generation: _Optional[int] = ..., pcie_max_width: _Optional[int] = ..., driver_version: _Optional[str] = ...) -> None: ...
 
 class Worker(_message.Message):
-    __slots__ = ("index", "backend", "gpu", "memory_limit", "memory_used", "buffers")
+    __slots__ = ("index", "backend", "gpu", "memory_limit", "memory_used", "buffers", "gemm_f32_gflops", "gemm_f16_gflops", "host_to_device_gbps", "temperature_limit_c")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     GPU_FIELD_NUMBER: _ClassVar[int]
     MEMORY_LIMIT_FIELD_NUMBER: _ClassVar[int]
     MEMORY_USED_FIELD_NUMBER: _ClassVar[int]
     BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    GEMM_F32_GFLOPS_FIELD_NUMBER: _ClassVar[int]
+    GEMM_F16_GFLOPS_FIELD_NUMBER: _ClassVar[int]
+    HOST_TO_DEVICE_GBPS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_LIMIT_C_FIELD_NUMBER: _ClassVar[int]
     index: int
     backend: str
     gpu: GpuInfo
     memory_limit: int
     memory_used: int
     buffers: int
-    def __init__(self, index: _Optional[int] = ..., backend: _Optional[str] = ..., gpu: _Optional[_Union[GpuInfo, _Mapping]] = ..., memory_limit: _Optional[int] = ..., memory_used: _Optional[int] = ..., buffers: _Optional[int] = ...) -> None: ...
+    gemm_f32_gflops: float
+    gemm_f16_gflops: float
+    host_to_device_gbps: float
+    temperature_limit_c: float
+    def __init__(self, index: _Optional[int] = ..., backend: _Optional[str] = ..., gpu: _Optional[_Union[GpuInfo, _Mapping]] = ..., memory_limit: _Optional[int] = ..., memory_used: _Optional[int] = ..., buffers: _Optional[int] = ..., gemm_f32_gflops: _Optional[float] = ..., gemm_f16_gflops: _Optional[float] = ..., host_to_device_gbps: _Optional[float] = ..., temperature_limit_c: _Optional[float] = ...) -> None: ...
 
 class AgentStatus(_message.Message):
     __slots__ = ("schema_version", "agent_id", "name", "version", "endpoint", "state", "backend", "workers", "hostname", "updated", "note", "started", "signature", "certificate_fingerprint", "bulk_port", "allow_python")
