@@ -137,6 +137,10 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() == 1:  # the agent was gone before the call above
         os._exit(0)
+    # Ctrl-C in a terminal and systemd's stop signal the whole group: the agent stops this process itself
+    # (a "stop" message, then SIGKILL), after answering its callers; it must not die first, mid-call.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _Server:

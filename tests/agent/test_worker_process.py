@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -311,3 +313,31 @@ def test_shared_arrays_reuse_freed_memory_without_leaking_its_bytes(faulty_agent
             np.testing.assert_array_equal(np.frombuffer(data, np.float32), smaller[10:20] * 3)
 
     run(body())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_group_stops_the_agent_first_and_leaves_no_worker(
+    system_broker_url: str, signum: int
+) -> None:
+    """Ctrl-C in a terminal and systemd's stop signal every process of the agent at once: the worker
+    process ignores it, the agent stops cleanly and ends its worker, and nothing is reported as a death."""
+    argv = [sys.executable, "-m", "gpupool.agent", "--broker", system_broker_url, "--listen", "127.0.0.1:0"]
+    argv += ["--topic-prefix", new_prefix(), "--name", "grouped", "--insecure", "--backend", "numpy"]
+    process = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline(), "the agent did not say it was ready"  # its worker serves by now
+        (worker,) = [p for p in psutil.Process(process.pid).children() if WORKER_COMMAND in p.cmdline()]
+        os.killpg(process.pid, signum)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=10)
+    text = stderr.decode(errors="replace")
+    assert process.returncode == 0, text[-2000:]
+    assert "its process ended" not in text, text[-2000:]
+    assert "Traceback" not in text, text[-2000:]
+    assert not psutil.pid_exists(worker.pid) or worker.status() == psutil.STATUS_ZOMBIE
