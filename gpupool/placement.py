@@ -16,6 +16,7 @@ from gpupool._errors import NoCapacity, PlacementError
 __all__ = [
     "BACKENDS",
     "MIN_SHARD_BYTES",
+    "SPEED_TOLERANCE",
     "RowShard",
     "WorkerCapacity",
     "agents_without_backend",
@@ -25,6 +26,10 @@ __all__ = [
 
 #: The backends a placement may ask for ("" for any).
 BACKENDS = ("", "cupy", "numpy")
+
+#: Measured speeds within this fraction of each other count as one speed (:func:`split_rows`): the spread
+#: of repeated measurements of one card on a busy host.
+SPEED_TOLERANCE = 0.25
 
 #: The coordinator's default smallest shard worth its own worker: below it, one more round trip per op
 #: costs more than the parallel work saves (a 1,000-element array goes to one worker, not two).
@@ -169,7 +174,7 @@ def split_rows(
         if len(speed) != len(room):
             raise PlacementError(f"{len(speed)} speeds for {len(room)} workers")
         if usable and all(speed[i] > 0 for i in usable):
-            weight = speed
+            weight = _settled(speed, usable)
     if min_shard_bytes > 0 and row_bytes > 0:
         usable = _fewest(usable, rows, max(1, rows * row_bytes // min_shard_bytes), weight, capacity)
     if rows < len(usable):
@@ -185,6 +190,26 @@ def split_rows(
             split.append((i, start, start + count))
             start += count
     return split
+
+
+def _settled(speed: Sequence[float], usable: list[int]) -> list[float]:
+    """Speeds with measurement noise taken out: from the slowest up, workers within
+    :data:`SPEED_TOLERANCE` of the slowest of their group share the group's mean (two like cards measured
+    12% apart while they shared a machine's cores must still get equal shares)."""
+    settled = list(speed)
+    group: list[int] = []
+    for i in sorted(usable, key=speed.__getitem__):
+        if group and speed[i] > speed[group[0]] * (1 + SPEED_TOLERANCE):
+            mean = sum(speed[j] for j in group) / len(group)
+            for j in group:
+                settled[j] = mean
+            group = []
+        group.append(i)
+    if group:
+        mean = sum(speed[j] for j in group) / len(group)
+        for j in group:
+            settled[j] = mean
+    return settled
 
 
 def _fewest(

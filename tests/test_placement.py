@@ -236,3 +236,13 @@ def test_a_thousand_agents_of_mixed_speeds_get_rows_in_proportion_within_memory(
     roomy = [p for p in counts if free[p] == 1 << 30]
     per_gflop = {round(counts[p] / speed[p]) for p in roomy}
     assert max(per_gflop) - min(per_gflop) <= 1, per_gflop
+
+
+def test_speeds_within_the_tolerance_count_as_one_speed() -> None:
+    # Two like cards measured 12% apart while they shared a host's cores: an even split, not 47/53.
+    assert split_rows(1000, 4, [1 << 30, 1 << 30], speed=[99.0, 87.0]) == [(0, 0, 500), (1, 500, 1000)]
+    # Groups form from the slowest up: 100 and 120 together, 400 apart.
+    got = split_rows(1000, 4, [1 << 30] * 3, speed=[100.0, 120.0, 400.0])
+    counts = [stop - start for _, start, stop in got]
+    assert abs(counts[0] - counts[1]) <= 1
+    assert counts[2] > 3 * counts[0]

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
                 where = ", ".join(g.model for g in a.gpus) or "host memory"
                 print(
                     f"  agent {a.name:<10} {a.id}  {a.backend:<5} {where}  "
-                    f"limit {a.memory_limit / 2**30:.1f} GiB  at {a.endpoint}"
+                    f"limit {a.memory_limit / 2**30:.1f} GiB  {a.gemm_gflops:,.0f} GFLOP/s  at {a.endpoint}"
                 )
             print()
             x = _timed("upload x", timings, lambda: pool.asarray(x_host), f"{x_host.nbytes / 2**20:.0f} MiB")

@@ -62,6 +62,9 @@ class AgentInfo:
     seconds_since_seen: float
     note: str
     certificate: str = ""
+    #: The workers' measured float32 GEMM speed, summed (GFLOP/s; 0.0 where not measured): what placement
+    #: sizes shards by.
+    gemm_gflops: float = 0.0
 
     @property
     def enrolled(self) -> bool:
@@ -127,4 +130,5 @@ def agent_info_from_record(record: coordinator_pb2.AgentRecord) -> AgentInfo:
         seconds_since_seen=record.seconds_since_seen,
         note=status.note,
         certificate=status.certificate_fingerprint,
+        gemm_gflops=float(sum(w.gemm_f32_gflops for w in status.workers)),
     )
