@@ -37,6 +37,7 @@ from gpupool.agent.status import Counters, Identity, build_status, build_telemet
 from gpupool.agent.workerproc import FAULT_INJECTION_ENV
 from gpupool.agent.workers import WorkerSetup, plan_workers
 from gpupool.protocol.codec import decode_json, encode_json
+from gpupool.protocol.errors import RpcRefusal
 from gpupool.protocol.topics import Topics
 from gpupool.security.capability import CapabilityVerifier
 from gpupool.security.pki import fingerprint, load_private_key, load_public_key
@@ -52,6 +53,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 SignedT = TypeVar("SignedT", control_pb2.AgentStatus, control_pb2.AgentTelemetry)
 
+#: Seconds between measurements of each idle worker process's speed (the first is at its start).
+REMEASURE_SECONDS: Final = 600.0
 #: Seconds an ended session's capabilities stay refused (the coordinator's capability lifetime).
 CAPABILITY_LIFETIME: Final = 600.0
 #: Seconds a signed command may be old (by this agent's clock) and still obeyed: commands are never
@@ -118,6 +121,7 @@ class Agent:
         self._registry: BufferRegistry | None = None
         self._workers: tuple[AnyWorker, ...] = ()
         self._processes: list[ProcessWorker] = []
+        self._measured_at = time.monotonic()  # when the workers' speed was last measured
         self._server: grpc.aio.Server | None = None
         self._bulk: BulkServer | None = None
         self._session: MqttSession | None = None
@@ -543,6 +547,8 @@ class Agent:
             for process in self._processes:
                 hits, compiles = await process.kernel_counts()
                 self._counters.worker_kernels[process.index] = (hits, compiles)
+            if heartbeat and time.monotonic() - self._measured_at > REMEASURE_SECONDS:
+                await self._remeasure()
             report = build_telemetry(
                 self.agent_id,
                 self._workers,
@@ -562,6 +568,22 @@ class Agent:
             fingerprint = (status.state, *((w.memory_used, w.buffers) for w in status.workers))
             if self._status_dirty or fingerprint != self._last_published:
                 await self._publish_status()
+
+    async def _remeasure(self) -> None:
+        """Measure idle worker processes' speed again (a card slowed by heat, or by its owner's other work,
+        gets fewer rows); a busy one waits for the next round."""
+        self._measured_at = time.monotonic()
+        for process in self._processes:
+            if not process.idle():
+                continue
+            before = process.measured
+            try:
+                after = await process.remeasure()
+            except RpcRefusal as exc:
+                log.debug("worker %d not measured again: %s", process.index, exc)
+                continue
+            if after != before:
+                self._status_dirty = True
 
     @staticmethod
     def _read_gpus(setup: WorkerSetup) -> dict[int, GpuTelemetry]:

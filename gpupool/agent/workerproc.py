@@ -377,6 +377,10 @@ class _Server:
             time.sleep((self._spec.slowdown - 1.0) * (time.perf_counter() - started))
         return reply.SerializeToString()
 
+    def _do_measure(self, _c: threading.Event) -> tuple[float, float, float]:
+        """The worker's speed again (in one of its threads, bound to its device)."""
+        return dataclasses.astuple(measure(self._backend, factor=self._spec.slowdown))
+
     def _do_stats(self, _c: threading.Event) -> tuple[int, int]:
         from gpupool.agent import kernel_cache
 

@@ -24,8 +24,11 @@ import pytest
 from gpupool._errors import BufferNotFound, DeadlineExceeded, RemoteKernelError
 from gpupool._process import Child
 from gpupool._proto.v1 import agent_pb2
-from gpupool.agent.procworker import MAX_DEATHS, WORKER_COMMAND
+from gpupool.agent.backend import NumpyBackend
+from gpupool.agent.measure import SLOWDOWN_ENV
+from gpupool.agent.procworker import MAX_DEATHS, WORKER_COMMAND, ProcessWorker
 from gpupool.agent.workerproc import FAULT_INJECTION_ENV, FAULT_OP
+from gpupool.agent.workers import Worker
 from gpupool.protocol.errors import translate_rpc_error
 from gpupool.protocol.topics import Topics
 
@@ -341,3 +344,31 @@ def test_a_signal_to_the_group_stops_the_agent_first_and_leaves_no_worker(
     assert "its process ended" not in text, text[-2000:]
     assert "Traceback" not in text, text[-2000:]
     assert not psutil.pid_exists(worker.pid) or worker.status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_worker_process_measures_its_speed_at_start_and_again_when_idle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def body() -> tuple[float, float, float]:
+        planned = Worker(index=0, backend=NumpyBackend(0), memory_limit=1 << 26)
+        worker = ProcessWorker(planned, on_lost=lambda *_: None)
+        await worker.start()
+        try:
+            assert worker.idle()
+            at_start = worker.measured.gemm_f32_gflops
+            again = (await worker.remeasure()).gemm_f32_gflops
+        finally:
+            worker.shutdown()
+        monkeypatch.setenv(SLOWDOWN_ENV, "1000")  # a card a thousand times slower
+        slowed = ProcessWorker(Worker(index=0, backend=NumpyBackend(0), memory_limit=1 << 26), on_lost=print)
+        await slowed.start()
+        try:
+            return at_start, again, slowed.measured.gemm_f32_gflops
+        finally:
+            slowed.shutdown()
+
+    at_start, again, slowed = run(body())
+    print(f"float32 GEMM: {at_start:.1f} GFLOP/s at start, {again:.1f} again, {slowed:.3f} slowed 1000x")
+    assert at_start > 0
+    assert again > 0
+    assert 0 < slowed < min(at_start, again) / 50
