@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import gpupool as gp
+from gpupool.broker import find_mosquitto, free_port, wait_for_port
 from gpupool.local import LocalPool
 
 
@@ -81,3 +84,80 @@ def test_agents_are_back_in_the_registry_after_a_broker_restart(broker_kind: str
         np.testing.assert_array_equal((x + 1).get(), a + 1)  # the data plane never noticed
         y = pool.asarray(a)
         assert len({s.agent_id for s in y.shards}) == 2
+
+
+class PersistentMosquitto:
+    """A Mosquitto that keeps retained messages across restarts (``persistence true``, saved every second),
+    on ``port``; crash() kills it (SIGKILL: no last wills sent), start() loads what it saved."""
+
+    def __init__(self, directory: Path, port: int) -> None:
+        program = find_mosquitto()
+        if program is None:
+            pytest.skip("needs mosquitto (scripts/test installs it where it can)")
+        self.program = program
+        self.port = port
+        self.config = directory / "mosquitto.conf"
+        self.config.write_text(
+            f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+            f"persistence_location {directory}/\nautosave_interval 1\nlog_dest stderr\nlog_type error\n"
+        )
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen([self.program, "-c", str(self.config)], stdin=subprocess.DEVNULL)
+        wait_for_port("127.0.0.1", self.port, 20)
+
+    def crash(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            time.sleep(1.5)  # past an autosave, so the database holds every status retained so far
+            self.process.kill()
+            self.process.wait(20)
+
+
+def test_a_broker_outage_spares_the_data_plane_and_its_restart_does_not_revive_a_dead_agent(
+    tmp_path: Path,
+) -> None:
+    """A persistent broker crashes; meanwhile work on the pool carries on (agents and clients talk gRPC),
+    and one agent is SIGKILLed. The broker comes back with every retained status, the dead agent's READY
+    among them (its last will never fired: the broker was down): the coordinator shows it offline within
+    its liveness window, and new arrays go to the live agent only."""
+    broker = PersistentMosquitto(tmp_path, free_port())
+    broker.start()
+    try:
+        with (
+            LocalPool(
+                agents=2,
+                port=0,
+                backend="numpy",
+                broker_url=broker.url,
+                topic_prefix=f"gpupool-test-{uuid.uuid4().hex[:10]}",
+                coordinator_args=["--min-shard-bytes", "0", "--liveness", "3"],
+            ) as local,
+            local.connect() as pool,
+        ):
+            a = np.arange(4000.0).reshape(2000, 2)
+            x = pool.asarray(a)
+            broker.crash()
+            # The data plane does not need the broker: ops, new arrays and reads go on.
+            np.testing.assert_array_equal((x * 2 + 1).get(), a * 2 + 1)
+            z = pool.asarray(a[:10])
+            np.testing.assert_array_equal(z.get(), a[:10])
+            dead = local.agents[1].ready["name"]
+            live = local.agents[0].ready["name"]
+            local.kill_agent(1)
+            broker.start()
+            wait_until(lambda: states(pool).get(dead) == "offline", 30, f"{dead} shown offline")
+            wait_until(lambda: states(pool).get(live) == "ready", 30, f"{live} ready again")
+            # Shown offline by the coordinator, not by a last will: the broker replayed its READY status.
+            notes = {agent.name: agent.note for agent in pool.agents(include_offline=True)}
+            assert notes[dead].startswith("coordinator: "), notes  # its silence, not its will
+            y = pool.asarray(a)
+            names = {agent.id: agent.name for agent in pool.agents(include_offline=True)}
+            assert {names[shard.agent_id] for shard in y.shards} == {live}
+            np.testing.assert_array_equal((y + 1).get(), a + 1)
+    finally:
+        broker.crash()
