@@ -37,6 +37,8 @@ class AgentConfig:
         worker_processes: each worker's buffers and compute in a process of its own, supervised and
             restarted by the agent (:mod:`gpupool.agent.procworker`); False keeps them in the agent's
             process (``--in-process-workers``: no fault isolation, a little less latency per call).
+        control_socket: the Unix socket the rig's owner pauses and resumes the agent through
+            (:mod:`gpupool.agent.control`); "" for none.
         max_temperature: degrees C above which a GPU worker takes no new rows (the coordinator skips it
             while its telemetry says so); 0 for no limit.
         allow_python: run users' Python tasks (``RunPython``, each in a process of its own); refused
@@ -65,6 +67,7 @@ class AgentConfig:
     allow_kernels: bool = False
     allow_python: bool = False
     max_temperature: float = 85.0
+    control_socket: str = ""
     fuse_kernels: bool = False
     worker_processes: bool = True
     memory_limit: str = "80%"

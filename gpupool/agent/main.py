@@ -27,15 +27,16 @@ from gpupool._config import (
     parse_endpoint,
     parse_memory_limit,
 )
-from gpupool._errors import GpupoolError, UsageError
+from gpupool._errors import ConnectError, GpupoolError, UsageError
 from gpupool._ids import new_agent_id
 from gpupool._process import announce_ready
 from gpupool.agent._malloc import keep_chunk_memory
 from gpupool.agent.config import DEFAULT_AGENT_PORT, AgentConfig, BackendChoice
+from gpupool.agent.control import COMMANDS, ask
 from gpupool.agent.enrolment import load_or_enrol
 from gpupool.agent.runtime import Agent
 
-__all__ = ["build_parser", "config_from_args", "main", "serve"]
+__all__ = ["build_parser", "config_from_args", "main", "owner_command", "serve"]
 
 log = logging.getLogger("gpupool.agent")
 
@@ -166,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default $GPUPOOL_STATE_DIR, else ~/.local/state/gpupool/agent)",
     )
     parser.add_argument(
+        "--control-socket",
+        default=os.environ.get("GPUPOOL_CONTROL_SOCKET"),
+        metavar="PATH|off",
+        help="the Unix socket `gpupool-agent pause|resume|state` talks to (default $GPUPOOL_CONTROL_SOCKET, "
+        "else control.sock in the state directory for an enrolled agent, none for an --insecure one)",
+    )
+    parser.add_argument(
         "--insecure",
         action="store_true",
         help="run without an identity: plaintext, and any caller may use it (development only)",
@@ -210,6 +218,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         allow_python=args.allow_python,
         fuse_kernels=args.fuse_kernels,
         worker_processes=not args.in_process_workers,
+        control_socket=_control_socket(args),
         max_temperature=args.max_temperature,
         memory_limit=args.memory_limit,
         session_memory_limit=args.session_memory_limit,
@@ -309,10 +318,47 @@ async def serve(config: AgentConfig, args: argparse.Namespace | None = None) -> 
         await runner
 
 
+def _control_socket(args: argparse.Namespace) -> str:
+    """Where the owner's control socket goes: as given, else in the state directory of an enrolled agent."""
+    given = args.control_socket or ""
+    if given == "off":
+        return ""
+    if given:
+        return given
+    if args.insecure and not args.state_dir:
+        return ""
+    return str(Path(args.state_dir or default_state_dir("agent")) / "control.sock")
+
+
+def owner_command(argv: Sequence[str]) -> int:
+    """``gpupool-agent pause|resume|state [--state-dir DIR] [--control-socket PATH]``, on the rig itself."""
+    parser = argparse.ArgumentParser(
+        prog="gpupool-agent",
+        description="Take this rig's GPUs back from the pool (pause), give them back (resume), or ask "
+        "(state).",
+    )
+    parser.add_argument("command", choices=COMMANDS)
+    parser.add_argument("--state-dir", default=None, help="the agent's state directory (as it was started)")
+    parser.add_argument("--control-socket", default=os.environ.get("GPUPOOL_CONTROL_SOCKET"), metavar="PATH")
+    args = parser.parse_args(argv)
+    args.insecure = False
+    path = _control_socket(args)
+    try:
+        state = ask(Path(path), args.command)
+    except (ConnectError, ValueError) as exc:
+        print(f"gpupool-agent {args.command}: {exc}", file=sys.stderr)
+        return 1
+    print(state)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``gpupool-agent``; returns the exit status."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments and arguments[0] in COMMANDS:
+        return owner_command(arguments)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s gpupool-agent %(levelname)s %(name)s: %(message)s",

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import time
+from pathlib import Path
 from types import TracebackType
 from typing import Final, TypeVar
 
@@ -26,6 +27,7 @@ from gpupool._version import __version__
 from gpupool.agent.buffers import BufferRegistry
 from gpupool.agent.bulk import BulkServer
 from gpupool.agent.config import AgentConfig
+from gpupool.agent.control import ControlServer
 from gpupool.agent.discovery import GpuTelemetry
 from gpupool.agent.guard import Guard
 from gpupool.agent.measure import measure
@@ -124,6 +126,7 @@ class Agent:
         self._measured_at = time.monotonic()  # when the workers' speed was last measured
         self._server: grpc.aio.Server | None = None
         self._bulk: BulkServer | None = None
+        self._control: ControlServer | None = None
         self._session: MqttSession | None = None
         self._identity: Identity | None = None
         self._gpu_telemetry: dict[int, GpuTelemetry] = {}
@@ -258,6 +261,18 @@ class Agent:
         except ConnectError as exc:
             raise UsageError(f"cannot listen on {address} (in use, or not an address of this host)") from exc
         port = parse_endpoint(bound)[1]
+        if config.control_socket:
+            control = ControlServer(Path(config.control_socket), self._owner_command)
+            try:
+                await control.start()
+                self._control = control
+                log.info("the rig's owner pauses this agent with gpupool-agent pause (%s)", control.path)
+            except OSError as exc:
+                log.warning(
+                    "no control socket at %s (%s): gpupool-agent pause will not reach this agent",
+                    config.control_socket,
+                    exc,
+                )
         bulk_port = 0
         if config.bulk_port is not None:
             self._bulk = BulkServer(
@@ -345,10 +360,20 @@ class Agent:
             if self._setup is not None:
                 self._setup.close()
 
+    async def _owner_command(self, command: str) -> str:
+        """``gpupool-agent pause|resume|state`` from the rig itself (:mod:`gpupool.agent.control`)."""
+        if command == "pause":
+            await self.apply_command(control_pb2.COMMAND_KIND_DRAIN, "paused by the rig's owner")
+        elif command == "resume":
+            await self.apply_command(control_pb2.COMMAND_KIND_UNCORDON, "resumed by the rig's owner")
+        return str(State.Name(self._state)).removeprefix("AGENT_STATE_").lower()
+
     async def _shut_down_network(self) -> None:
         if self._shut_down:
             return
         self._shut_down = True
+        if self._control is not None:
+            await self._control.close()
         self._state = OFFLINE
         if self._session is not None:
             final = encode_json(self._signed(self.status()))
