@@ -335,13 +335,20 @@ class AgentChannel:
         request: agent_pb2.ExecuteRequest,
         timeout: float | None,  # noqa: ASYNC109 - a gRPC deadline
     ) -> dict[str, np.ndarray]:
+        reply = await self._unary(self._stub.Execute, request, timeout or self._timeouts.rpc)
+        return fetched_arrays(reply, peer=self.endpoint)
+
+    async def _unary(
+        self,
+        method: Callable[..., Awaitable[T]],
+        request: Any,
+        timeout: float,  # noqa: ASYNC109 - a gRPC deadline
+    ) -> T:
+        """One unary call of the stub's ``method`` with this channel's metadata, its errors as gpupool's."""
         try:
-            reply = await self._stub.Execute(
-                request, timeout=timeout or self._timeouts.rpc, metadata=self._metadata()
-            )
+            return await method(request, timeout=timeout, metadata=self._metadata())
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
-        return fetched_arrays(reply, peer=self.endpoint)
 
     async def run_python(
         self,
@@ -360,21 +367,10 @@ class AgentChannel:
             AgentLost: the coordinator showed the agent offline meanwhile.
         """
         request = agent_pb2.RunPythonRequest(worker=worker, session=session, payload=payload)
-        reply = await self._watched(self._run_python(request, timeout))
+        reply: agent_pb2.RunPythonReply = await self._watched(
+            self._unary(self._stub.RunPython, request, timeout)
+        )
         return reply.payload
-
-    async def _run_python(
-        self,
-        request: agent_pb2.RunPythonRequest,
-        timeout: float,  # noqa: ASYNC109 - a gRPC deadline
-    ) -> agent_pb2.RunPythonReply:
-        try:
-            reply: agent_pb2.RunPythonReply = await self._stub.RunPython(
-                request, timeout=timeout, metadata=self._metadata()
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise self._error(exc) from exc
-        return reply
 
     async def pull(
         self,
@@ -389,31 +385,13 @@ class AgentChannel:
                 agent); BufferNotFound, DeviceOutOfMemory, AuthError: as for any call.
             AgentLost: the coordinator showed this agent offline meanwhile.
         """
-        return await self._watched(self._pull(request, timeout))
-
-    async def _pull(
-        self,
-        request: agent_pb2.PullRequest,
-        timeout: float,  # noqa: ASYNC109 - a gRPC deadline
-    ) -> agent_pb2.PullReply:
-        try:
-            reply: agent_pb2.PullReply = await self._stub.Pull(
-                request, timeout=timeout, metadata=self._metadata()
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise self._error(exc) from exc
+        reply: agent_pb2.PullReply = await self._watched(self._unary(self._stub.Pull, request, timeout))
         return reply
 
     async def free(self, buffer_ids: Sequence[str] = (), *, session: str = "") -> int:
         """Free buffers (or, with only ``session``, all of that session's); returns how many went."""
-        try:
-            reply = await self._stub.Free(
-                agent_pb2.FreeRequest(buffer_ids=buffer_ids, session=session),
-                timeout=self._timeouts.rpc,
-                metadata=self._metadata(),
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise self._error(exc) from exc
+        request = agent_pb2.FreeRequest(buffer_ids=buffer_ids, session=session)
+        reply = await self._unary(self._stub.Free, request, self._timeouts.rpc)
         return int(reply.freed)
 
     async def close(self) -> None:
