@@ -577,31 +577,31 @@ class ProcessWorker:
     ) -> AsyncIterator[memoryview]:
         """The array's bytes (rows ``[start, stop)`` of it), a staging block at a time; each chunk is valid
         until the next is asked for. The process fills one block while the caller sends the other."""
-        self._check_generation(array, buffer_id)
-        start, stop = _byte_range(array, rows)
-        if stop == start:
+        spans = self._spans(array, buffer_id, rows)
+        if not spans:
             return
         blocks = [await self._ring.take_async(wait)]
+        pending: asyncio.Future[Any] | None = None
         try:
             blocks.append(await self._ring.take_async(wait))
-            size = self._ring.block_bytes
-            spans = [(offset, min(size, stop - offset)) for offset in range(start, stop, size)]
-            fills: list[asyncio.Future[Any]] = []
 
             def fill(index: int) -> asyncio.Future[Any]:
                 offset, length = spans[index]
-                return asyncio.ensure_future(
-                    self._call("copy_out", array.key, offset, blocks[index % 2], length, buffer_id)
-                )
+                args = (array.key, offset, blocks[index % 2], length, buffer_id)
+                return asyncio.ensure_future(self._call("copy_out", *args))
 
-            fills.append(fill(0))
+            waiting = pending = fill(0)
             for index, (_, length) in enumerate(spans):
-                await fills[index]
+                await waiting
+                pending = None
                 if index + 1 < len(spans):
-                    fills.append(fill(index + 1))
+                    waiting = pending = fill(index + 1)
                 yield self._ring.view(blocks[index % 2], length).data
-            fills.clear()
         finally:
+            if pending is not None:  # a reader that stopped early: the block is not free until the copy ends
+                with contextlib.suppress(Exception):
+                    await asyncio.wait([pending])
+                _retrieved(pending)
             for block in blocks:
                 self._ring.give(block)
 
@@ -609,35 +609,44 @@ class ProcessWorker:
         self, array: RemoteArray, buffer_id: str, rows: tuple[int, int] | None, *, timeout: float
     ) -> Iterator[memoryview]:
         """:meth:`read_chunks` for a thread (the bulk path's senders)."""
-        self._check_generation(array, buffer_id)
-        start, stop = _byte_range(array, rows)
-        if stop == start:
+        spans = self._spans(array, buffer_id, rows)
+        if not spans:
             return
         blocks = [self._ring.take(timeout)]
+        pending: Future[Any] | None = None
         try:
             blocks.append(self._ring.take(timeout))
-            size = self._ring.block_bytes
-            spans = [(offset, min(size, stop - offset)) for offset in range(start, stop, size)]
 
             def fill(index: int) -> Future[Any]:
                 offset, length = spans[index]
-                sent = self._send(
-                    "copy_out", (array.key, offset, blocks[index % 2], length, buffer_id), on_loop=False
-                )
-                return sent.future  # type: ignore[no-any-return]
+                args = (array.key, offset, blocks[index % 2], length, buffer_id)
+                return self._send("copy_out", args, on_loop=False).future  # type: ignore[no-any-return]
 
-            pending = fill(0)
+            waiting = pending = fill(0)
             for index, (_, length) in enumerate(spans):
                 try:
-                    pending.result(timeout)
+                    waiting.result(timeout)
                 except WorkerDied as exc:
                     raise RpcRefusal("not-accepting", str(exc)) from None
+                pending = None
                 if index + 1 < len(spans):
-                    pending = fill(index + 1)
+                    waiting = pending = fill(index + 1)
                 yield self._ring.view(blocks[index % 2], length).data
         finally:
+            if pending is not None:  # a reader that stopped early: the block is not free until the copy ends
+                with contextlib.suppress(Exception):
+                    pending.result(timeout)
             for block in blocks:
                 self._ring.give(block)
+
+    def _spans(
+        self, array: RemoteArray, buffer_id: str, rows: tuple[int, int] | None
+    ) -> list[tuple[int, int]]:
+        """(byte offset, length) of each staging block's worth of the array (or of its rows)."""
+        self._check_generation(array, buffer_id)
+        start, stop = _byte_range(array, rows)
+        size = self._ring.block_bytes
+        return [(offset, min(size, stop - offset)) for offset in range(start, stop, size)]
 
     def row_stream(
         self, array: RemoteArray, buffer_id: str, rows: tuple[int, int] | None, *, timeout: float
@@ -713,7 +722,8 @@ class ProcessWorker:
             ProgramCancelled: the caller gave up; nothing is kept.
         """
         if self._options[2] and any(op.op == FAULT_OP for op in request.ops):
-            return await self._run_fault(request, deadline)
+            # A test's fault-injection program: no buffers, the same waiting, cancelling and killing.
+            return await self._run_there(request, {}, False, deadline)
         expected = check_request(request, registry)
         keys: dict[str, str] = {}
         reads: set[str] = set(request.fetch)
@@ -753,10 +763,7 @@ class ProcessWorker:
                         session=request.session,
                     )
                 )
-            small = is_small(request, registry.nbytes_of)
-            sent = self._send("execute", (request.SerializeToString(), keys, small))
-            answer = await self._wait(sent, deadline)
-            reply = agent_pb2.ExecuteReply.FromString(answer)
+            reply = await self._run_there(request, keys, is_small(request, registry.nbytes_of), deadline)
             dropped = set(request.free)
             keep = [
                 (reservation, handles[reservation.buffer_id])
@@ -768,19 +775,22 @@ class ProcessWorker:
             registry.free(buffer_id for buffer_id in dropped if buffer_id not in expected)
             reply.memory_used = registry.usage(request.worker).used
             return reply
-        except WorkerDied as exc:
-            raise RpcRefusal(
-                "kernel-failed", f"{exc} while running this program; its buffers are lost"
-            ) from None
         finally:
             for reservation in reservations:
                 registry.release(reservation)  # a no-op once committed
 
-    async def _run_fault(self, request: agent_pb2.ExecuteRequest, deadline: float) -> agent_pb2.ExecuteReply:
-        """A test's fault-injection program: no buffers, the same waiting, cancelling and killing."""
+    async def _run_there(
+        self, request: agent_pb2.ExecuteRequest, keys: dict[str, str], small: bool, deadline: float
+    ) -> agent_pb2.ExecuteReply:
+        """Send the program to the process and wait for its reply (see :meth:`_wait`).
+
+        Raises:
+            RpcRefusal: the process refused it, or ``kernel-failed`` naming the cause when it died meanwhile.
+        """
         try:
-            sent = self._send("execute", (request.SerializeToString(), {}, False))
-            answer = await self._wait(sent, deadline)
+            answer = await self._wait(
+                self._send("execute", (request.SerializeToString(), keys, small)), deadline
+            )
         except WorkerDied as exc:
             raise RpcRefusal(
                 "kernel-failed", f"{exc} while running this program; its buffers are lost"

@@ -95,7 +95,7 @@ def build_status(
     )
     for worker in workers:
         usage = registry.usage(worker.index)
-        down = getattr(worker, "down", "")
+        down = worker.down
         if down:  # a worker process that kept dying: nothing is to be placed there
             status.note = f"{status.note}; {down}" if status.note else down
         entry = status.workers.add(

@@ -120,6 +120,11 @@ class Worker:
             self._in_flight -= 1
 
     @property
+    def down(self) -> str:
+        """Why the worker is down for good: never, for one in the agent's own process ("")."""
+        return ""
+
+    @property
     def host_resident(self) -> bool:
         """Whether its arrays are host memory of this process (a NumPy worker in the agent's own process)."""
         return self.backend.host_resident
