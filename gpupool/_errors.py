@@ -200,6 +200,33 @@ class BufferNotFound(RemoteError):
     """The agent does not hold the buffer: it was freed, or lost when the agent restarted."""
 
 
+class BufferMoved(BufferNotFound):
+    """The agent no longer holds the buffer because it moved it to another worker (a drain, or the rig's
+    owner taking the GPU back), under the same session and buffer id: the client follows it there.
+
+    Args:
+        to_agent: the agent that holds the buffer now.
+        to_endpoint: that agent's data-plane address.
+        to_worker: the worker there.
+    """
+
+    def __init__(
+        self,
+        agent_id: str,
+        message: str,
+        *,
+        buffer_id: str = "",
+        code: str = "",
+        to_agent: str = "",
+        to_endpoint: str = "",
+        to_worker: int = 0,
+    ) -> None:
+        super().__init__(agent_id, message, buffer_id=buffer_id, code=code)
+        self.to_agent = to_agent
+        self.to_endpoint = to_endpoint
+        self.to_worker = to_worker
+
+
 class AgentNotAccepting(RemoteError):
     """The agent takes no new work (draining) or has no such worker."""
 

@@ -14,16 +14,29 @@ import grpc
 
 from gpupool import _errors as e
 
-__all__ = ["AGENT_KEY", "BUFFER_KEY", "ERROR_KEY", "ErrorKind", "RpcRefusal", "abort", "translate_rpc_error"]
+__all__ = [
+    "AGENT_KEY",
+    "BUFFER_KEY",
+    "ERROR_KEY",
+    "MOVED_KEY",
+    "ErrorKind",
+    "RpcRefusal",
+    "abort",
+    "translate_rpc_error",
+]
 
 ERROR_KEY: Final = "gpupool-error"
 BUFFER_KEY: Final = "gpupool-buffer"
 #: Set by the coordinator when a refusal concerns one agent (``RpcRefusal(extra={"agent": id})``).
 AGENT_KEY: Final = "gpupool-agent"
+#: Set by an agent refusing a call on a buffer it moved away: ``agent_id|endpoint|worker`` of its new home
+#: (``RpcRefusal("buffer-moved", ..., extra={"moved-to": ...})``).
+MOVED_KEY: Final = "gpupool-moved-to"
 
 ErrorKind = Literal[
     "bad-request",
     "buffer-not-found",
+    "buffer-moved",
     "buffer-exists",
     "out-of-memory",
     "not-accepting",
@@ -43,6 +56,9 @@ ErrorKind = Literal[
 _CODES: Final[dict[str, grpc.StatusCode]] = {
     "bad-request": grpc.StatusCode.INVALID_ARGUMENT,
     "buffer-not-found": grpc.StatusCode.NOT_FOUND,
+    # The agent moved the buffer to another worker (drain, pause); trailing metadata ``gpupool-moved-to``
+    # says where: "agent_id|endpoint|worker" (MOVED_KEY).
+    "buffer-moved": grpc.StatusCode.NOT_FOUND,
     "buffer-exists": grpc.StatusCode.ALREADY_EXISTS,
     "out-of-memory": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "not-accepting": grpc.StatusCode.FAILED_PRECONDITION,
@@ -178,6 +194,18 @@ def translate_rpc_error(exc: grpc.RpcError, *, peer: str, agent_id: str = "") ->
         return e.DeadlineExceeded(peer, details)
     if kind == "bad-request" and not agent_id:
         return e.UsageError(f"{peer}: {details}")  # the coordinator refusing a malformed request
+    if kind == "buffer-moved":
+        to_agent, _, rest = meta.get(MOVED_KEY, "").partition("|")
+        to_endpoint, _, worker = rest.partition("|")
+        return e.BufferMoved(
+            agent_id or peer,
+            details,
+            buffer_id=buffer_id,
+            code=code.name,
+            to_agent=to_agent,
+            to_endpoint=to_endpoint,
+            to_worker=int(worker) if worker.isdigit() else 0,
+        )
     # The coordinator names the agent a refusal concerns (an admin command to an offline agent).
     agent_id = agent_id or meta.get(AGENT_KEY, "")
     if agent_id or kind in _REMOTE:
