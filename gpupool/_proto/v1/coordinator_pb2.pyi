@@ -34,10 +34,22 @@ class ConnectReply(_message.Message):
     def __init__(self, session: _Optional[str] = ..., coordinator_version: _Optional[str] = ..., ready_agents: _Optional[int] = ..., ca_certificate: _Optional[str] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
 
 class RenewRequest(_message.Message):
-    __slots__ = ("session",)
+    __slots__ = ("session", "observed")
     SESSION_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_FIELD_NUMBER: _ClassVar[int]
     session: str
-    def __init__(self, session: _Optional[str] = ...) -> None: ...
+    observed: _containers.RepeatedCompositeFieldContainer[ObservedThroughput]
+    def __init__(self, session: _Optional[str] = ..., observed: _Optional[_Iterable[_Union[ObservedThroughput, _Mapping]]] = ...) -> None: ...
+
+class ObservedThroughput(_message.Message):
+    __slots__ = ("agent_id", "bytes", "seconds")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    bytes: int
+    seconds: float
+    def __init__(self, agent_id: _Optional[str] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class RenewReply(_message.Message):
     __slots__ = ("lease_seconds", "offline_agents")
@@ -114,14 +126,56 @@ class ListAgentsRequest(_message.Message):
     def __init__(self, include_offline: _Optional[bool] = ...) -> None: ...
 
 class AgentRecord(_message.Message):
-    __slots__ = ("status", "telemetry", "seconds_since_seen")
+    __slots__ = ("status", "telemetry", "seconds_since_seen", "trust", "network_bytes_per_second")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     TELEMETRY_FIELD_NUMBER: _ClassVar[int]
     SECONDS_SINCE_SEEN_FIELD_NUMBER: _ClassVar[int]
+    TRUST_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     status: _control_pb2.AgentStatus
     telemetry: _control_pb2.AgentTelemetry
     seconds_since_seen: float
-    def __init__(self, status: _Optional[_Union[_control_pb2.AgentStatus, _Mapping]] = ..., telemetry: _Optional[_Union[_control_pb2.AgentTelemetry, _Mapping]] = ..., seconds_since_seen: _Optional[float] = ...) -> None: ...
+    trust: AgentTrust
+    network_bytes_per_second: float
+    def __init__(self, status: _Optional[_Union[_control_pb2.AgentStatus, _Mapping]] = ..., telemetry: _Optional[_Union[_control_pb2.AgentTelemetry, _Mapping]] = ..., seconds_since_seen: _Optional[float] = ..., trust: _Optional[_Union[AgentTrust, _Mapping]] = ..., network_bytes_per_second: _Optional[float] = ...) -> None: ...
+
+class AgentTrust(_message.Message):
+    __slots__ = ("checks", "mismatches", "score", "quarantined", "reason")
+    CHECKS_FIELD_NUMBER: _ClassVar[int]
+    MISMATCHES_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    checks: int
+    mismatches: int
+    score: float
+    quarantined: bool
+    reason: str
+    def __init__(self, checks: _Optional[int] = ..., mismatches: _Optional[int] = ..., score: _Optional[float] = ..., quarantined: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ReportVerificationRequest(_message.Message):
+    __slots__ = ("session", "agent_id", "reference_agent_id", "agreed", "detail")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    AGREED_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    agent_id: str
+    reference_agent_id: str
+    agreed: bool
+    detail: str
+    def __init__(self, session: _Optional[str] = ..., agent_id: _Optional[str] = ..., reference_agent_id: _Optional[str] = ..., agreed: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class ReportVerificationReply(_message.Message):
+    __slots__ = ("trust", "counted", "note")
+    TRUST_FIELD_NUMBER: _ClassVar[int]
+    COUNTED_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    trust: AgentTrust
+    counted: bool
+    note: str
+    def __init__(self, trust: _Optional[_Union[AgentTrust, _Mapping]] = ..., counted: _Optional[bool] = ..., note: _Optional[str] = ...) -> None: ...
 
 class ListAgentsReply(_message.Message):
     __slots__ = ("agents", "broker_connected", "broker_detail")

@@ -27,7 +27,8 @@ if _version_not_supported:
 
 class CoordinatorStub:
     """Every call carries a bearer token in the metadata ("authorization: Bearer gpt_..."); see SECURITY.md.
-    Roles: client (Connect, Disconnect, Renew, Grant, ListAgents, Place, PlanMoves, ListJobs of its own sessions),
+    Roles: client (Connect, Disconnect, Renew, Grant, ListAgents, Place, PlanMoves, ListJobs of its own sessions,
+    ReportVerification),
     agent (Enrol), admin (everything, the Admin service included). Missing or unknown tokens get
     UNAUTHENTICATED; a token of the wrong role, or a session of another token, PERMISSION_DENIED.
     """
@@ -83,11 +84,17 @@ class CoordinatorStub:
                 request_serializer=gpupool_dot_v1_dot_coordinator__pb2.EnrolRequest.SerializeToString,
                 response_deserializer=gpupool_dot_v1_dot_coordinator__pb2.EnrolReply.FromString,
                 _registered_method=True)
+        self.ReportVerification = channel.unary_unary(
+                '/gpupool.v1.Coordinator/ReportVerification',
+                request_serializer=gpupool_dot_v1_dot_coordinator__pb2.ReportVerificationRequest.SerializeToString,
+                response_deserializer=gpupool_dot_v1_dot_coordinator__pb2.ReportVerificationReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
     """Every call carries a bearer token in the metadata ("authorization: Bearer gpt_..."); see SECURITY.md.
-    Roles: client (Connect, Disconnect, Renew, Grant, ListAgents, Place, PlanMoves, ListJobs of its own sessions),
+    Roles: client (Connect, Disconnect, Renew, Grant, ListAgents, Place, PlanMoves, ListJobs of its own sessions,
+    ReportVerification),
     agent (Enrol), admin (everything, the Admin service included). Missing or unknown tokens get
     UNAUTHENTICATED; a token of the wrong role, or a session of another token, PERMISSION_DENIED.
     """
@@ -153,6 +160,16 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportVerification(self, request, context):
+        """A client's verdict on one agent's result after re-running the program on a second agent
+        (gp.connect(verify=...)). An agent with --quarantine-after mismatches is quarantined: placement skips
+        it until an operator uncordons it. PERMISSION_DENIED unless the coordinator placed rows on both
+        agents for this session.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -201,6 +218,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     request_deserializer=gpupool_dot_v1_dot_coordinator__pb2.EnrolRequest.FromString,
                     response_serializer=gpupool_dot_v1_dot_coordinator__pb2.EnrolReply.SerializeToString,
             ),
+            'ReportVerification': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportVerification,
+                    request_deserializer=gpupool_dot_v1_dot_coordinator__pb2.ReportVerificationRequest.FromString,
+                    response_serializer=gpupool_dot_v1_dot_coordinator__pb2.ReportVerificationReply.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'gpupool.v1.Coordinator', rpc_method_handlers)
@@ -211,7 +233,8 @@ def add_CoordinatorServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Coordinator:
     """Every call carries a bearer token in the metadata ("authorization: Bearer gpt_..."); see SECURITY.md.
-    Roles: client (Connect, Disconnect, Renew, Grant, ListAgents, Place, PlanMoves, ListJobs of its own sessions),
+    Roles: client (Connect, Disconnect, Renew, Grant, ListAgents, Place, PlanMoves, ListJobs of its own sessions,
+    ReportVerification),
     agent (Enrol), admin (everything, the Admin service included). Missing or unknown tokens get
     UNAUTHENTICATED; a token of the wrong role, or a session of another token, PERMISSION_DENIED.
     """
@@ -449,6 +472,33 @@ class Coordinator:
             '/gpupool.v1.Coordinator/Enrol',
             gpupool_dot_v1_dot_coordinator__pb2.EnrolRequest.SerializeToString,
             gpupool_dot_v1_dot_coordinator__pb2.EnrolReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportVerification(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpupool.v1.Coordinator/ReportVerification',
+            gpupool_dot_v1_dot_coordinator__pb2.ReportVerificationRequest.SerializeToString,
+            gpupool_dot_v1_dot_coordinator__pb2.ReportVerificationReply.FromString,
             options,
             channel_credentials,
             insecure,
