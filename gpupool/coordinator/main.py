@@ -26,6 +26,7 @@ from gpupool._errors import ConnectError, GpupoolError, UsageError
 from gpupool._process import announce_ready
 from gpupool.coordinator.jobs import DEFAULT_LEASE
 from gpupool.coordinator.runtime import DEFAULT_LIVENESS, Coordinator
+from gpupool.coordinator.trust import DEFAULT_QUARANTINE_AFTER
 from gpupool.placement import MIN_SHARD_BYTES
 from gpupool.protocol.topics import Topics
 
@@ -110,6 +111,14 @@ def build_parser(prog: str = "gpupool coordinator") -> argparse.ArgumentParser:
         "(default), or by free memory alone (the old rule, e.g. as a baseline)",
     )
     parser.add_argument(
+        "--quarantine-after",
+        type=int,
+        default=DEFAULT_QUARANTINE_AFTER,
+        metavar="N",
+        help="quarantine an agent (placement skips it until `gpupool uncordon`) once clients' verification "
+        "has caught N of its results disagreeing with another agent's (default %(default)s)",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -134,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--min-shard-bytes must be zero or more")
         if not args.lease > 0 or not args.liveness > 0:
             raise UsageError("--lease and --liveness must be more than zero")
+        if args.quarantine_after < 1:
+            raise UsageError("--quarantine-after must be at least 1")
     except UsageError as exc:
         print(f"{parser.prog}: {exc}", file=sys.stderr)
         return 2
@@ -151,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             allow_unenrolled=args.allow_unenrolled,
             manage_mqtt_users=args.manage_mqtt_users,
             tls_hosts=tuple(args.tls_host),
+            quarantine_after=args.quarantine_after,
         )
         asyncio.run(_serve(coordinator))
     except UsageError as exc:

@@ -206,6 +206,9 @@ class Registry:
         # Kept between calls, dropped when a status changes what they hold (None: rebuild when asked).
         self._listing: list[AgentEntry] | None = None
         self._ready: ReadyWorkers | None = None
+        # Agents clients' verification caught returning wrong answers (gpupool.coordinator.trust): like
+        # cordoned ones, they take no new rows. Kept by id, known or not yet (loaded before statuses come).
+        self._quarantined: set[str] = set()
         #: How many memory reports (statuses and telemetry) have been taken in: a placement that found no
         #: room while some of it was only placed, not yet reported, waits for this to move.
         self.reports = 0
@@ -344,14 +347,36 @@ class Registry:
             f"no agent {query!r}: not an id, id prefix or name of any of {len(self)} known agents"
         )
 
+    def set_quarantined(self, agent_id: str, quarantined: bool) -> None:
+        """Quarantine an agent (its workers take no new rows) or take it back."""
+        if (agent_id in self._quarantined) != quarantined:
+            if quarantined:
+                self._quarantined.add(agent_id)
+            else:
+                self._quarantined.discard(agent_id)
+            self._ready = None
+
+    def is_quarantined(self, agent_id: str) -> bool:
+        """Whether the agent is quarantined."""
+        return agent_id in self._quarantined
+
+    def quarantined_ready(self) -> int:
+        """How many READY agents are quarantined now."""
+        return sum(
+            1
+            for agent_id in self._quarantined
+            if (entry := self._agents.get(agent_id)) is not None and entry.state == READY
+        )
+
     def ready(self, exclude: Iterable[str] = ()) -> ReadyWorkers:
-        """The workers of READY agents with an endpoint, less those of agents in ``exclude``."""
+        """The workers of READY agents with an endpoint, not quarantined, less those of agents in
+        ``exclude``."""
         ready = self._ready
         if ready is None:
             slots = [
                 (entry.agent_id, entry.status.endpoint, index, memory)
                 for entry in sorted(self._agents.values(), key=attrgetter("agent_id"))
-                if entry.state == READY and entry.status.endpoint
+                if entry.state == READY and entry.status.endpoint and entry.agent_id not in self._quarantined
                 for index, memory in sorted(entry.memory.items())
             ]
             ready = self._ready = _ready_workers(slots)
@@ -371,7 +396,7 @@ class Registry:
         )
 
     def ready_workers(self, exclude: Iterable[str] = ()) -> list[WorkerCapacity]:
-        """The workers of READY agents, less those of agents in ``exclude``, with their free memory."""
+        """The workers of :meth:`ready`, with their free memory."""
         ready = self.ready(exclude)
         return [
             WorkerCapacity(*worker)

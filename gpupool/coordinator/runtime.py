@@ -35,8 +35,10 @@ from gpupool.coordinator.commands import AgentCommander
 from gpupool.coordinator.eventlog import EventLog
 from gpupool.coordinator.jobs import DEFAULT_LEASE, Jobs
 from gpupool.coordinator.mqttusers import MqttUsers
+from gpupool.coordinator.netspeed import NetworkSpeeds
 from gpupool.coordinator.registry import Registry, RegistryEvent
 from gpupool.coordinator.service import AdminService, CoordinatorService, add_services
+from gpupool.coordinator.trust import DEFAULT_QUARANTINE_AFTER, TrustBook
 from gpupool.placement import MIN_SHARD_BYTES
 from gpupool.protocol.topics import DYNSEC_RESPONSE_TOPIC, Topics
 from gpupool.security.pki import PoolAuthority
@@ -51,6 +53,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds of silence (no status, no telemetry) after which an agent is shown offline.
 DEFAULT_LIVENESS: Final = 15.0
+#: The state store's key for the agents' verification records (quarantines survive a restart).
+TRUST_KEY: Final = "agent-trust"
 
 
 class Coordinator:
@@ -72,9 +76,12 @@ class Coordinator:
         manage_mqtt_users: create an MQTT user per enrolled agent through Mosquitto's dynamic-security
             plugin (the broker URL's user must be its admin).
         tls_hosts: names and addresses to put in the server certificate (the listen host is added).
+        quarantine_after: mismatches clients' verification reports before an agent is quarantined.
 
     Attributes:
         registry: the agents, as their statuses and telemetry describe them.
+        trust: clients' verification reports about the agents, and the quarantined ones.
+        speeds: the network throughput clients observed to and from each agent.
         jobs: the client sessions.
         store: tokens, enrolled agents, sessions.
         authority: the pool CA and capability key.
@@ -97,6 +104,7 @@ class Coordinator:
         allow_unenrolled: bool = False,
         manage_mqtt_users: bool = False,
         tls_hosts: tuple[str, ...] = (),
+        quarantine_after: int = DEFAULT_QUARANTINE_AFTER,
     ) -> None:
         self._min_shard_bytes = min_shard_bytes
         self._by_speed = by_speed
@@ -111,6 +119,13 @@ class Coordinator:
         self.authority = PoolAuthority.load_or_create(state_dir)
         self.registry = Registry()
         self.jobs = Jobs(self.store, lease=lease)
+        self.trust = TrustBook(
+            quarantine_after=quarantine_after, save=lambda text: self.store.set_meta(TRUST_KEY, text)
+        )
+        saved = self.store.get_meta(TRUST_KEY)
+        for agent_id in self.trust.load(saved) if saved else ():
+            self.registry.set_quarantined(agent_id, True)
+        self.speeds = NetworkSpeeds()
         self._auth = Authenticator(self.store)
         self._admission = Admission(self.store, allow_unenrolled=allow_unenrolled)
         self._drops = DropLog(log.warning)
@@ -165,9 +180,16 @@ class Coordinator:
             min_shard_bytes=self._min_shard_bytes,
             by_speed=self._by_speed,
             topic_prefix=self._topics.prefix,
+            trust=self.trust,
+            speeds=self.speeds,
         )
         admin = AdminService(
-            registry=self.registry, commander=self._commander, auth=self._auth, control=self, store=self.store
+            registry=self.registry,
+            commander=self._commander,
+            auth=self._auth,
+            control=self,
+            store=self.store,
+            trust=self.trust,
         )
         service = self._service
 
@@ -270,6 +292,9 @@ class Coordinator:
         self._admission.forget(agent_id)
         for event in self.registry.forget(agent_id):
             self._events.record(event)
+        self.trust.forget(agent_id, now=time.monotonic())
+        self.registry.set_quarantined(agent_id, False)
+        self.speeds.forget(agent_id)
         await self._session.publish(self._topics.status(agent_id), b"", retain=True)
         await self._session.publish(self._topics.telemetry(agent_id), b"", retain=True)
         if self._users is not None:

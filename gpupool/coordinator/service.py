@@ -35,6 +35,7 @@ from gpupool._proto.v1.control_pb2 import CommandKind
 from gpupool._proto.v1.coordinator_pb2 import (
     AdminReply,
     AdminRequest,
+    AgentTrust,
     Capability,
     ConnectReply,
     ConnectRequest,
@@ -57,12 +58,16 @@ from gpupool._proto.v1.coordinator_pb2 import (
     PlanMovesRequest,
     RenewReply,
     RenewRequest,
+    ReportVerificationReply,
+    ReportVerificationRequest,
 )
 from gpupool._version import __version__
 from gpupool.coordinator.auth import Authenticator, requires
 from gpupool.coordinator.commands import AgentCommander
 from gpupool.coordinator.jobs import Jobs
+from gpupool.coordinator.netspeed import NetworkSpeeds
 from gpupool.coordinator.registry import Registry, state_name
+from gpupool.coordinator.trust import TrustBook, TrustRecord
 from gpupool.moves import Span, plan_moves
 from gpupool.placement import MIN_SHARD_BYTES, agents_without_backend, split_rows
 from gpupool.protocol.codec import check_dtype, shape_of
@@ -82,6 +87,9 @@ CAPABILITY_TTL = 600.0
 
 #: Most source shards one PlanMoves call may name (the plan's work grows with them).
 MAX_MOVE_SOURCES = 65536
+
+#: Most per-agent throughput figures one Renew may carry (more are ignored).
+MAX_OBSERVED = 1024
 
 #: Longest a placement that found no room waits for reports of memory placed but not yet reported (agents
 #: report within a heartbeat, and at once after they free buffers), and how often it looks.
@@ -124,6 +132,16 @@ def _job_info(record: SessionRecord) -> JobInfo:
     return info
 
 
+def _trust(record: TrustRecord) -> AgentTrust:
+    return AgentTrust(
+        checks=record.checks,
+        mismatches=record.mismatches,
+        score=record.score,
+        quarantined=record.quarantined,
+        reason=record.reason,
+    )
+
+
 def _timestamp(seconds: float) -> Timestamp:
     stamp = Timestamp()
     stamp.FromNanoseconds(int(seconds * 1e9))
@@ -143,7 +161,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         min_shard_bytes: the smallest shard worth a worker of its own (see :func:`split_rows`).
         by_speed: share rows by the workers' measured speed within their free memory (else by free memory).
         topic_prefix: told to enrolling agents.
-        clock: seconds since the epoch.
+        trust: clients' verification reports and the quarantined agents (kept in step with the registry).
+        speeds: the network throughput clients observed per agent.
     """
 
     def __init__(
@@ -158,8 +177,12 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         min_shard_bytes: int = MIN_SHARD_BYTES,
         by_speed: bool = True,
         topic_prefix: str = "gpupool",
+        trust: TrustBook | None = None,
+        speeds: NetworkSpeeds | None = None,
     ) -> None:
         self._registry = registry
+        self._trust = trust if trust is not None else TrustBook()
+        self._speeds = speeds if speeds is not None else NetworkSpeeds()
         self._jobs = jobs
         self._auth = auth
         self._authority = authority
@@ -205,9 +228,10 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         return Capability(agent_id=agent_id, token=cached[0], expires=cached[1])
 
     def forget_capabilities(self, session: str) -> None:
-        """Drop cached capabilities of an ended session."""
+        """Drop cached capabilities of an ended session, and what it was placed on."""
         for key in [key for key in self._capabilities if key[0] == session]:
             del self._capabilities[key]
+        self._trust.session_ended(session)
 
     @requires("client")
     async def Connect(self, request: ConnectRequest, context: Context, caller: TokenRecord) -> ConnectReply:
@@ -250,8 +274,16 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
 
     @requires("client")
     async def Renew(self, request: RenewRequest, context: Context, caller: TokenRecord) -> RenewReply:
-        """Renew the session's lease; the reply names the agents now offline."""
-        self._session(request.session, caller)
+        """Renew the session's lease and take in the throughput it observed; the reply names the agents
+        now offline."""
+        record = self._session(request.session, caller)
+        if request.observed:
+            # Only figures for agents the session was placed on or granted: a client's word about others
+            # would be hearsay.
+            used = set(record.agents)
+            for observed in request.observed[:MAX_OBSERVED]:
+                if observed.agent_id in used:
+                    self._speeds.observe(observed.agent_id, observed.bytes, observed.seconds)
         offline = [
             entry.agent_id
             for entry in self._registry.agents()
@@ -287,11 +319,57 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         add = reply.agents.add
         for entry in self._registry.agents():
             if request.include_offline or entry.state != control_pb2.AGENT_STATE_OFFLINE:
-                record = add(seconds_since_seen=now - entry.last_seen)
+                record = add(
+                    seconds_since_seen=now - entry.last_seen,
+                    network_bytes_per_second=self._speeds.get(entry.agent_id),
+                )
                 record.status.CopyFrom(entry.status)
                 if entry.telemetry is not None:
                     record.telemetry.CopyFrom(entry.telemetry)
+                trust = self._trust.get(entry.agent_id)
+                if trust.checks or trust.quarantined:
+                    record.trust.CopyFrom(_trust(trust))
         return reply
+
+    @requires("client")
+    async def ReportVerification(
+        self, request: ReportVerificationRequest, context: Context, caller: TokenRecord
+    ) -> ReportVerificationReply:
+        """Count a client's verdict on an agent's result; quarantine the agent at the mismatch limit."""
+        self._session(request.session, caller)
+        try:
+            verdict = self._trust.report(
+                request.session,
+                request.agent_id,
+                request.reference_agent_id,
+                agreed=request.agreed,
+                detail=request.detail,
+                now=time.monotonic(),
+            )
+        except UsageError as exc:
+            raise RpcRefusal("bad-request", str(exc)) from exc
+        except AuthError as exc:
+            raise RpcRefusal("permission-denied", str(exc)) from exc
+        if not request.agreed:
+            log.warning(
+                "session %s: agent %s disagreed with agent %s%s: %r",
+                request.session,
+                request.agent_id,
+                request.reference_agent_id,
+                "" if verdict.counted else " (over the session's limit, not counted)",
+                request.detail[:256],
+            )
+        if verdict.quarantined is not None:
+            self._registry.set_quarantined(request.agent_id, True)
+            log.warning(
+                "agent %s quarantined: %s (`gpupool uncordon %s` takes it back)",
+                request.agent_id,
+                verdict.quarantined.reason,
+                request.agent_id,
+            )
+        return ReportVerificationReply(
+            trust=_trust(verdict.trust), counted=verdict.counted, note=verdict.note
+        )
 
     @requires("client")
     async def Place(self, request: PlaceRequest, context: Context, caller: TokenRecord) -> PlaceReply:
@@ -446,6 +524,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             if capability is not None:
                 shard.capability.CopyFrom(capability)
         self._jobs.record_placement(session, rows * row_bytes, capabilities)
+        self._trust.placed(session, capabilities)
         return reply
 
     @requires("client")
@@ -497,6 +576,9 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             return "no ready agents: no agent has registered with the coordinator"
         known = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
         detail = f"; {excluded} excluded by the request" if excluded else ""
+        quarantined = self._registry.quarantined_ready()
+        if quarantined:
+            detail += f"; {quarantined} quarantined for wrong answers (`gpupool uncordon` takes one back)"
         hot = self._registry.hot_workers()
         if hot:
             detail += f"; {hot} worker(s) of ready agents over their temperature limit, cooling"
@@ -511,6 +593,8 @@ class AdminService(coordinator_pb2_grpc.AdminServicer):
         commander: sends the command and waits for its confirmation.
         auth: checks callers' tokens.
         control: the running coordinator.
+        store: enrolled agents (to forget one the registry no longer knows).
+        trust: clients' verification reports; uncordoning a quarantined agent takes it back.
     """
 
     def __init__(
@@ -521,12 +605,14 @@ class AdminService(coordinator_pb2_grpc.AdminServicer):
         auth: Authenticator,
         control: PoolControl,
         store: StateStore,
+        trust: TrustBook | None = None,
     ) -> None:
         self._registry = registry
         self._commander = commander
         self._auth = auth
         self._control = control
         self._store = store
+        self._trust = trust if trust is not None else TrustBook()
 
     @requires("admin")
     async def Drain(self, request: AdminRequest, context: Context, caller: TokenRecord) -> AdminReply:
@@ -540,8 +626,19 @@ class AdminService(coordinator_pb2_grpc.AdminServicer):
 
     @requires("admin")
     async def Uncordon(self, request: AdminRequest, context: Context, caller: TokenRecord) -> AdminReply:
-        """Back to READY."""
-        return await self._command(request, control_pb2.COMMAND_KIND_UNCORDON)
+        """Back to READY; a quarantined agent is taken back too, with a clean verification record."""
+        reply = await self._command(request, control_pb2.COMMAND_KIND_UNCORDON)
+        agent_id = reply.agent.agent_id
+        released = self._trust.release(agent_id, now=time.monotonic())
+        if released is not None:
+            self._registry.set_quarantined(agent_id, False)
+            log.info(
+                "agent %s taken back from quarantine (%d of %d checks had disagreed)",
+                agent_id,
+                released.mismatches,
+                released.checks,
+            )
+        return reply
 
     @requires("admin")
     async def Forget(self, request: AdminRequest, context: Context, caller: TokenRecord) -> AdminReply:

@@ -330,3 +330,20 @@ def test_every_worker_hot_means_no_ready_workers() -> None:
     report.workers[0].temperature_c = 95.0
     registry.apply_telemetry(report, now=2.0)
     assert len(registry.ready()) == 0
+
+
+def test_a_quarantined_agent_takes_no_rows_until_taken_back() -> None:
+    registry = Registry()
+    registry.set_quarantined("bad001", True)  # a quarantine loaded before the agent's status arrives
+    registry.apply_status(status("bad001"), now=1.0)
+    registry.apply_status(status("good01"), now=1.0)
+    assert registry.is_quarantined("bad001")
+    assert registry.quarantined_ready() == 1
+    assert sorted(free(registry)) == [("good01", 0)]
+    assert registry.ready(exclude=["good01"]).agent_ids == ()
+    registry.apply_status(status("bad001", state=CORDONED, updated=101.0), now=2.0)
+    assert registry.quarantined_ready() == 0  # counted among the ready ones only
+    registry.apply_status(status("bad001", updated=102.0), now=3.0)
+    registry.set_quarantined("bad001", False)
+    assert sorted(free(registry)) == [("bad001", 0), ("good01", 0)]
+    assert registry.count_by_state() == {"ready": 2}  # the agent's own state is untouched throughout
