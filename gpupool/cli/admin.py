@@ -32,6 +32,9 @@ __all__ = [
     "CoordinatorClient",
     "PoolSummary",
     "agent_memory",
+    "agent_network",
+    "agent_state",
+    "agent_trust",
     "run_admin",
     "run_agents",
     "run_end_job",
@@ -160,7 +163,7 @@ def agent_memory(record: coordinator_pb2.AgentRecord) -> tuple[int, int]:
 
 
 def agents_table(records: Sequence[coordinator_pb2.AgentRecord]) -> str:
-    """The table ``gpupool agents`` prints."""
+    """The table ``gpupool agents`` prints, and a line under it for each quarantined agent saying why."""
     rows = []
     for record in records:
         status = record.status
@@ -169,19 +172,49 @@ def agents_table(records: Sequence[coordinator_pb2.AgentRecord]) -> str:
             [
                 status.name or "-",
                 status.agent_id,
-                state_name(status.state),
+                agent_state(record),
                 status.backend or "-",
                 workers_summary(status),
                 f"{format_bytes(used)} / {format_bytes(limit)}",
                 agent_speed(status),
+                agent_network(record),
+                agent_trust(record),
                 status.endpoint or "-",
                 agent_options(status),
                 format_age(record.seconds_since_seen),
             ]
         )
-    headers = ["NAME", "ID", "STATE", "BACKEND", "WORKERS", "MEMORY", "GFLOP/S"]
+    headers = ["NAME", "ID", "STATE", "BACKEND", "WORKERS", "MEMORY", "GFLOP/S", "NET", "TRUST"]
     headers += ["ENDPOINT", "OPTIONS", "LAST SEEN"]
-    return render_table(headers, rows)
+    reasons = [
+        f"{r.status.name or r.status.agent_id} ({r.status.agent_id}) is quarantined: "
+        f"{r.trust.reason or 'wrong answers'}; `gpupool uncordon {r.status.agent_id}` takes it back"
+        for r in records
+        if r.trust.quarantined
+    ]
+    return "\n".join([render_table(headers, rows), *reasons])
+
+
+def agent_state(record: coordinator_pb2.AgentRecord) -> str:
+    """The agent's state, or ``quarantined`` when clients' verification caught it giving wrong answers
+    (placement skips it whatever its own state says)."""
+    return "quarantined" if record.trust.quarantined else state_name(record.status.state)
+
+
+def agent_trust(record: coordinator_pb2.AgentRecord) -> str:
+    """``0.83 (4/4 ok)``: the verification score and how many checks agreed; "-" before any check."""
+    trust = record.trust
+    if not trust.checks:
+        return "-"
+    return f"{trust.score:.2f} ({trust.checks - trust.mismatches}/{trust.checks} ok)"
+
+
+def agent_network(record: coordinator_pb2.AgentRecord) -> str:
+    """The network throughput clients observed to and from the agent, smoothed, in MB/s; "-" if none."""
+    rate = record.network_bytes_per_second / 1e6
+    if rate <= 0:
+        return "-"
+    return f"{rate:,.0f} MB/s" if rate >= 10 else f"{rate:.2g} MB/s"
 
 
 def agent_speed(status: control_pb2.AgentStatus) -> str:

@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     helps = {
         "drain": "take no new work on an agent, serve what it holds",
         "cordon": "take no new shards on an agent, keep serving",
-        "uncordon": "make a cordoned or draining agent ready again",
+        "uncordon": "make a cordoned, draining or quarantined agent ready again",
         "forget": "remove a dead agent, clear its retained topics and revoke its enrolment",
     }
     for action, text in helps.items():

@@ -65,6 +65,14 @@ class AgentInfo:
     #: The workers' measured float32 GEMM speed, summed (GFLOP/s; 0.0 where not measured): what placement
     #: sizes shards by.
     gemm_gflops: float = 0.0
+    #: What clients' verification found of its results: (agreed + 1) / (checks + 2), the checks counted,
+    #: how many of them disagreed, and whether placement skips it for that (until an operator uncordons it).
+    trust: float = 0.5
+    checks: int = 0
+    mismatches: int = 0
+    quarantined: bool = False
+    #: The network throughput clients observed to and from it, smoothed (bytes/s; 0.0: none reported).
+    network_bytes_per_second: float = 0.0
 
     @property
     def enrolled(self) -> bool:
@@ -131,4 +139,9 @@ def agent_info_from_record(record: coordinator_pb2.AgentRecord) -> AgentInfo:
         note=status.note,
         certificate=status.certificate_fingerprint,
         gemm_gflops=float(sum(w.gemm_f32_gflops for w in status.workers)),
+        trust=record.trust.score if record.HasField("trust") else 0.5,
+        checks=record.trust.checks,
+        mismatches=record.trust.mismatches,
+        quarantined=record.trust.quarantined,
+        network_bytes_per_second=record.network_bytes_per_second,
     )

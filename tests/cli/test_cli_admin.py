@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from gpupool._proto.v1 import control_pb2, coordinator_pb2
+from gpupool.cli.admin import agents_table
 from gpupool.local import LocalPool
 
 RunCli = Callable[..., subprocess.CompletedProcess[str]]
@@ -37,6 +39,8 @@ def test_agents_prints_a_table_of_the_ready_agents(gpupool_cli: RunCli, cli_pool
         "WORKERS",
         "MEMORY",
         "GFLOP/S",
+        "NET",
+        "TRUST",
         "ENDPOINT",
         "OPTIONS",
         "LAST",
@@ -56,6 +60,40 @@ def test_agents_prints_a_table_of_the_ready_agents(gpupool_cli: RunCli, cli_pool
         speed = re.search(r"/ 64 MiB\s+([\d,]+)\s", row)  # after the memory: the measured GFLOP/s
         assert speed is not None, row
         assert float(speed.group(1).replace(",", "")) > 0, row
+
+
+def test_agents_shows_trust_quarantine_and_observed_network_throughput() -> None:
+    def record(agent_id: str, name: str) -> coordinator_pb2.AgentRecord:
+        return coordinator_pb2.AgentRecord(
+            status=control_pb2.AgentStatus(
+                agent_id=agent_id, name=name, state=control_pb2.AGENT_STATE_READY, endpoint="10.0.0.1:1"
+            ),
+            seconds_since_seen=1.0,
+        )
+
+    good, bad, new = record("a1", "rig-good"), record("b2", "rig-bad"), record("c3", "rig-new")
+    good.trust.CopyFrom(coordinator_pb2.AgentTrust(checks=8, mismatches=0, score=0.9))
+    good.network_bytes_per_second = 112.4e6
+    bad.trust.CopyFrom(
+        coordinator_pb2.AgentTrust(
+            checks=3, mismatches=2, score=0.4, quarantined=True, reason="2 of 3 verified results disagreed"
+        )
+    )
+    bad.network_bytes_per_second = 2.5e6
+    lines = agents_table([good, bad, new]).splitlines()
+    header = lines[0]
+    net, trust = header.index("NET"), header.index("TRUST")
+    rows = {line.split()[0]: line for line in lines[1:4]}
+    assert rows["rig-good"][net:trust].strip() == "112 MB/s"
+    assert rows["rig-good"][trust:].startswith("0.90 (8/8 ok)")
+    assert " ready " in rows["rig-good"]
+    assert rows["rig-bad"][net:trust].strip() == "2.5 MB/s"
+    assert rows["rig-bad"][trust:].startswith("0.40 (1/3 ok)")
+    assert " quarantined " in rows["rig-bad"]
+    assert rows["rig-new"][net:].split()[:2] == ["-", "-"]  # nothing observed, never checked
+    assert lines[4:] == [
+        "rig-bad (b2) is quarantined: 2 of 3 verified results disagreed; `gpupool uncordon b2` takes it back"
+    ]
 
 
 def test_agents_json_is_the_records_as_protobuf_json(gpupool_cli: RunCli, cli_pool: LocalPool) -> None:
