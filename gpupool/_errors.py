@@ -109,6 +109,30 @@ class AgentLost(TransportError):
         return AgentLost(self.agent_id, (start, stop))
 
 
+class ShardsLost(AgentLost):
+    """Rows of an array were lost with an agent (or its worker) and cannot be made again.
+
+    Args:
+        agent_id: the agent that held them.
+        array: the array, as its repr names it ("" when it was an intermediate of a computation).
+        rows: ``(start, stop)``.
+        why: why they cannot be rebuilt.
+    """
+
+    def __init__(self, agent_id: str, array: str, rows: tuple[int, int], why: str) -> None:
+        super().__init__(agent_id, rows)
+        self.array = array
+        self.why = why
+        what = array or "an array"
+        self.args = (
+            agent_id,
+            f"agent {agent_id} lost rows {rows[0]}:{rows[1]} of {what}, which cannot be rebuilt: {why}",
+        )
+
+    def __str__(self) -> str:
+        return str(self.args[1])
+
+
 class ProtocolError(GpupoolError):
     """A peer sent a payload we cannot use."""
 

@@ -70,6 +70,7 @@ def test_public_names_are_pinned() -> None:
     core |= {"PendingValue", "fft", "linalg", "__array_namespace_info__"}
     core |= {"ElementwiseKernel", "RawKernel", "ReductionKernel", "fuse"}
     core |= {"Replicated", "TaskFuture", "TracingError", "fori_loop"}
+    core |= {"BufferMoved", "ShardsLost"}
     dtypes = {"bool", "complex64", "complex128", "float16", "float32", "float64"}
     dtypes |= {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
     # The Array API standard's functions (2024.12) and constants, and NumPy's names of the same ufuncs.

@@ -57,9 +57,11 @@ def test_a_client_carries_on_across_a_coordinator_restart(short_pool: LocalPool)
 
 
 def test_a_frozen_agent_is_not_waited_on_once_the_coordinator_shows_it_offline(short_pool: LocalPool) -> None:
+    """Without a copy of the uploaded rows the work cannot move (tests/client/test_recovery.py has the case
+    where it does): the call gives up as soon as the agent is shown offline, naming its rows."""
     host = np.arange(8000, dtype=np.float32).reshape(2000, 4)
     victim = short_pool.agents[0]
-    with short_pool.connect() as pool:
+    with short_pool.connect(keep_uploads="none") as pool:
         x = pool.asarray(host)
         piece = next(s for s in x.shards if s.agent_id == victim.ready["agent_id"])
         os.kill(victim.pid, signal.SIGSTOP)
@@ -69,19 +71,12 @@ def test_a_frozen_agent_is_not_waited_on_once_the_coordinator_shows_it_offline(s
                 float((x + 1).sum())  # the default program deadline is 30 s
             waited = time.monotonic() - started
             print(f"gave up on the frozen agent after {waited:.1f} s")
+            assert isinstance(info.value, gp.ShardsLost)
             assert info.value.agent_id == victim.ready["agent_id"]
             assert info.value.rows == (piece.start, piece.stop)
             assert f"rows {piece.start}:{piece.stop}" in str(info.value)
         finally:
             os.kill(victim.pid, signal.SIGCONT)
-        # Resumed: its telemetry brings it back, and its rows were never lost.
-        wait_until(
-            lambda: {a.state for a in pool.agents()} == {"ready"} and len(pool.agents()) == 2,
-            15,
-            "the resumed agent ready again",
-        )
-        wait_until(lambda: victim.ready["agent_id"] not in pool.offline_agents, 5, "the client sees it back")
-        np.testing.assert_allclose(float((x + 1).sum()), float((host + 1).sum(dtype=np.float64)), rtol=1e-6)
 
 
 def test_a_restarted_agent_keeps_its_id_and_needs_no_token(short_pool: LocalPool) -> None:

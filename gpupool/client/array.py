@@ -33,6 +33,7 @@ from gpupool.client.graph import (
 from gpupool.client.layout import Piece, Place
 from gpupool.client.methods import ArrayMethods
 from gpupool.client.operands import native_contiguous
+from gpupool.client.recovery import MAX_RECOVERIES, loss_of, recover
 from gpupool.client.reprs import array_html, array_repr
 from gpupool.client.session import Session
 from gpupool.client.types import Shard
@@ -94,6 +95,30 @@ class RemoteArray(ArrayMethods):
         self._readers: dict[int, weakref.ref[Any]] = {}
         if node is None:
             self._finalizer = weakref.finalize(self, session.release, self._pieces)
+        session.add_holder(self)
+
+    def relocate(self, old: Place, to: Piece) -> None:
+        """Shards at ``old`` are at ``to``'s place now, under the same buffer ids (a lost worker's rebuilt
+        elsewhere, or moved by a drain): point this array's pieces, replicas and finalizer there."""
+        if not any(p.place == old for p in self._pieces) and old not in self._replicas:
+            return
+        self._pieces = tuple(_moved(p, to) if p.place == old else p for p in self._pieces)
+        replica = self._replicas.pop(old, None)
+        if replica is not None:
+            self._replicas[to.place] = _moved(replica, to)
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = weakref.finalize(
+                self, self.session.release, self._pieces + tuple(self._replicas.values())
+            )
+
+    def holding(self, buffer_id: str) -> str:
+        """This array's repr if one of its shards or replicas is ``buffer_id``, else ""."""
+        if self.node is None and any(p.buffer_id == buffer_id for p in self._pieces):
+            return repr(self)
+        if any(p.buffer_id == buffer_id for p in self._replicas.values()):
+            return repr(self)
+        return ""
 
     # -- description ------------------------------------------------------------------------------
     @property
@@ -167,21 +192,38 @@ class RemoteArray(ArrayMethods):
         self._finalizer = weakref.finalize(self, self.session.release, self._pieces)
 
     def get(self) -> np.ndarray:
-        """The whole array as a NumPy array (shards are fetched concurrently)."""
+        """The whole array as a NumPy array (shards are fetched concurrently). A shard lost with its agent
+        is rebuilt elsewhere from lineage first (:mod:`gpupool.client.recovery`)."""
         pieces = self.pieces
         out = np.empty(self.shape, self.dtype)
         session = self.session
 
         async def fetch() -> None:
-            await asyncio.gather(
-                *(
-                    session.channel(p.agent_id, p.endpoint).download_into(p.buffer_id, out[p.start : p.stop])
-                    for p in pieces
+            todo = list(pieces)
+            for attempt in range(MAX_RECOVERIES + 1):
+                results = await asyncio.gather(
+                    *(
+                        session.channel(p.agent_id, p.endpoint).download_into(
+                            p.buffer_id, out[p.start : p.stop]
+                        )
+                        for p in todo
+                    ),
+                    return_exceptions=True,
                 )
-            )
+                failed = [(p, r) for p, r in zip(todo, results, strict=True) if isinstance(r, BaseException)]
+                if not failed:
+                    return
+                for _, error in failed:
+                    if attempt == MAX_RECOVERIES or loss_of(error) is None:
+                        raise error
+                todo = [await recover(session, p, error) for p, error in failed]
 
         with session.track("download", total=self.nbytes, unit="bytes"):
-            session.run(fetch(), timeout=session.timeouts.for_stream(self.nbytes), what="download")
+            session.run(
+                fetch(),
+                timeout=session.timeouts.for_stream(self.nbytes) * (MAX_RECOVERIES + 1),
+                what="download",
+            )
         return out
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
@@ -423,6 +465,11 @@ def _register(array: RemoteArray) -> None:
         for arg in (*array.node.args, *array.node.holds):
             if isinstance(arg, RemoteArray):
                 arg._dependents[id(array)] = weakref.ref(array, _forget(arg._dependents, id(array)))
+
+
+def _moved(piece: Piece, to: Piece) -> Piece:
+    """``piece`` (rows, buffer) at ``to``'s place."""
+    return replace(piece, agent_id=to.agent_id, endpoint=to.endpoint, worker=to.worker)
 
 
 def _forget(table: dict[int, weakref.ref[Any]], key: int) -> Callable[[object], None]:

@@ -70,16 +70,45 @@ def replicate(session: Session, host: np.ndarray, places: Sequence[Piece]) -> di
     return {copy.place: copy for copy in copies}
 
 
-def _held(session: Session, pieces: Sequence[Piece], key: Callable[[Piece], Hashable]) -> PieceOperand:
+class _Held:
     """A per-shard operand: the buffer among ``pieces`` whose ``key`` is the shard's. The buffers belong to
-    the operand: they are released when it is garbage-collected (with the last node that holds it)."""
-    buffers = {key(p): p.buffer_id for p in pieces}
+    the operand: they are released when it is garbage-collected (with the last node that holds it), and
+    follow their place when it moves (:mod:`gpupool.client.recovery`)."""
 
-    def operand(piece: Piece) -> agent_pb2.Operand:
-        return buffer_operand(buffers[key(piece)])
+    __slots__ = ("__weakref__", "_finalizer", "_key", "_pieces", "_session")
 
-    weakref.finalize(operand, session.release, tuple(pieces))
-    return operand
+    def __init__(self, session: Session, pieces: Sequence[Piece], key: Callable[[Piece], Hashable]) -> None:
+        self._session = session
+        self._key = key
+        self._pieces = tuple(pieces)
+        self._finalizer = weakref.finalize(self, session.release, self._pieces)
+        session.add_holder(self)
+
+    def __call__(self, piece: Piece) -> agent_pb2.Operand:
+        wanted = self._key(piece)
+        for p in self._pieces:
+            if self._key(p) == wanted:
+                return buffer_operand(p.buffer_id)
+        raise KeyError(f"no buffer held for rows {piece.start}:{piece.stop} on {piece.place}")
+
+    def relocate(self, old: Place, to: Piece) -> None:
+        if any(p.place == old for p in self._pieces):
+            self._pieces = tuple(
+                replace(p, agent_id=to.agent_id, endpoint=to.endpoint, worker=to.worker)
+                if p.place == old
+                else p
+                for p in self._pieces
+            )
+            self._finalizer.detach()
+            self._finalizer = weakref.finalize(self, self._session.release, self._pieces)
+
+    def holding(self, buffer_id: str) -> str:
+        return "an operand" if any(p.buffer_id == buffer_id for p in self._pieces) else ""
+
+
+def _held(session: Session, pieces: Sequence[Piece], key: Callable[[Piece], Hashable]) -> PieceOperand:
+    """A per-shard operand holding ``pieces`` (see :class:`_Held`)."""
+    return _Held(session, pieces, key)
 
 
 def _rows(piece: Piece) -> Hashable:

@@ -27,6 +27,7 @@ from gpupool._errors import AgentLost
 from gpupool._proto.v1 import agent_pb2
 from gpupool.client.layout import LayoutKey, Piece, Place, layout_key
 from gpupool.client.operands import buffer_operand
+from gpupool.client.recovery import MAX_RECOVERIES, loss_of, recover
 from gpupool.client.session import Session
 from gpupool.protocol.codec import meta_of
 
@@ -261,12 +262,45 @@ def run_programs(session: Session, programs: Sequence[Program], *, what: str) ->
 
     Buffers garbage-collected since the last call ride along in the programs' free lists. A single program
     goes straight from the calling thread (no hop to the session's event loop: it is the common case, and
-    per-op latency is what it costs).
+    per-op latency is what it costs). A program whose worker was lost (or moved its buffers away) runs
+    again where :func:`~gpupool.client.recovery.recover` rebuilt them, up to
+    :data:`~gpupool.client.recovery.MAX_RECOVERIES` times; each program that ran is recorded in the
+    session's lineage book.
 
     Raises:
         The first failure, after freeing what the successful programs created.
     """
     busy = [p for p in programs if p.ops or p.fetch or p.free]
+    results: dict[int, dict[str, np.ndarray]] = {}
+    for attempt in range(MAX_RECOVERIES + 1):
+        failed = _run_once(session, busy, results, what=what, last=attempt == MAX_RECOVERIES)
+        if not failed:
+            break
+        for program, error in failed:
+            program.place = session.run(
+                recover(session, program.place, error), timeout=_recovery_deadline(session), what="recover"
+            )
+        busy = [p for p, _ in failed]
+    return [results.get(id(p), {}) for p in programs]
+
+
+def _recovery_deadline(session: Session) -> float:
+    return session.timeouts.rpc * 4 + session.timeouts.connect
+
+
+def _run_once(
+    session: Session,
+    busy: Sequence[Program],
+    results: dict[int, dict[str, np.ndarray]],
+    *,
+    what: str,
+    last: bool,
+) -> list[tuple[Program, BaseException]]:
+    """Run ``busy`` once, filling ``results`` by ``id`` of program; returns the programs that failed by a
+    loss (to recover and run again), unless ``last``. Any other failure is raised, after freeing what the
+    programs that succeeded created (and what earlier attempts created)."""
+    if not busy:
+        return []
     carried: dict[str, list[str]] = {}
     for p in busy:
         carried.setdefault(p.place.endpoint, []).extend(session.take_pending_frees(p.place.endpoint))
@@ -282,10 +316,15 @@ def run_programs(session: Session, programs: Sequence[Program], *, what: str) ->
                     free=frees[0],
                     timeout=program_deadline(session, [program]),
                 )
-        except BaseException:
+        except BaseException as exc:
             _requeue(session, program, frees[0])
+            if not last and loss_of(exc) is not None:
+                return [(program, exc)]
+            _free_created(session, [p for p in busy if id(p) in results])
             raise
-        return [fetched if p is program else {} for p in programs]
+        _record(session, program, frees[0])
+        results[id(program)] = fetched
+        return []
 
     deadline = program_deadline(session, busy)
     tracker = session.track(what, total=len(busy), unit="programs")
@@ -296,7 +335,7 @@ def run_programs(session: Session, programs: Sequence[Program], *, what: str) ->
         finally:
             tracker.advance()
 
-    async def go() -> list[dict[str, np.ndarray]]:
+    async def go() -> list[object]:
         calls = [
             counted(
                 session.channel(p.place.agent_id, p.place.endpoint).execute(
@@ -305,20 +344,43 @@ def run_programs(session: Session, programs: Sequence[Program], *, what: str) ->
             )
             for p, free in zip(busy, frees, strict=True)
         ]
-        results: list[object] = list(await asyncio.gather(*calls, return_exceptions=True))
-        results = [
-            r.with_rows(p.place.start, p.place.stop) if isinstance(r, AgentLost) else r
-            for p, r in zip(busy, results, strict=True)
+        outcome: list[object] = list(await asyncio.gather(*calls, return_exceptions=True))
+        return [
+            r.with_rows(p.place.start, p.place.stop) if isinstance(r, AgentLost) and r.rows is None else r
+            for p, r in zip(busy, outcome, strict=True)
         ]
-        for p, free, result in zip(busy, frees, results, strict=True):
-            if isinstance(result, BaseException):
-                _requeue(session, p, free)
-        await session.raise_after_cleanup(results, [p.creates for p in busy])
-        by_program = iter(r for r in results if isinstance(r, dict))
-        return [next(by_program) if (p.ops or p.fetch or p.free) else {} for p in programs]
 
     with tracker:
-        return session.run(go(), timeout=deadline + session.timeouts.connect, what=what)
+        outcome = session.run(go(), timeout=deadline + session.timeouts.connect, what=what)
+    failed: list[tuple[Program, BaseException]] = []
+    fatal: BaseException | None = None
+    for p, free, result in zip(busy, frees, outcome, strict=True):
+        if isinstance(result, BaseException):
+            _requeue(session, p, free)
+            if not last and loss_of(result) is not None:
+                failed.append((p, result))
+            elif fatal is None:
+                fatal = result
+        else:
+            assert isinstance(result, dict)
+            _record(session, p, free)
+            results[id(p)] = result
+    if fatal is not None:
+        _free_created(session, [p for p in busy if id(p) in results])
+        raise fatal
+    return failed
+
+
+def _record(session: Session, program: Program, free: Sequence[str]) -> None:
+    """Note in the session's lineage book what ``program`` kept and freed."""
+    session.book.ran(program.place, program.ops, (c.buffer_id for c in program.creates), free)
+
+
+def _free_created(session: Session, programs: Sequence[Program]) -> None:
+    """Free what the programs that ran created (a round that failed keeps nothing)."""
+    created = [c for p in programs for c in p.creates]
+    if created:
+        session.run(session.free_now(created), timeout=session.timeouts.rpc, what="free")
 
 
 def _requeue(session: Session, program: Program, free: Sequence[str]) -> None:

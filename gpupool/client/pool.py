@@ -17,6 +17,7 @@ from gpupool._errors import UsageError
 from gpupool.client.array import RemoteArray, from_spec
 from gpupool.client.graph import ArraySpec
 from gpupool.client.layout import check_rows
+from gpupool.client.lineage import Keep
 from gpupool.client.operands import native_contiguous
 from gpupool.client.session import Session
 from gpupool.client.tasks import DEFAULT_RETRIES, Replicated, TaskFuture, Tasks
@@ -53,8 +54,11 @@ class Pool:
         timeouts: Timeouts = Timeouts(),
         client: str | None = None,
         progress: bool | None = None,
+        keep_uploads: Keep = "host",
     ) -> None:
-        self._session = Session(credentials, timeouts=timeouts, client=client, progress=progress)
+        self._session = Session(
+            credentials, timeouts=timeouts, client=client, progress=progress, keep_uploads=keep_uploads
+        )
         self._entered: list[Token[tuple[Pool, ...]]] = []
         self._tasks = Tasks(self._session)
 
@@ -260,6 +264,7 @@ def connect(
     timeouts: Timeouts | None = None,
     client: str | None = None,
     progress: bool | None = None,
+    keep_uploads: Keep = "host",
 ) -> Pool:
     """Connect to a pool's coordinator.
 
@@ -273,10 +278,20 @@ def connect(
         client: how ``gpupool jobs`` lists this session (default ``user@host``).
         progress: show a progress bar on stderr for uploads, downloads and computations that take more
             than about a second; default: when stderr is a terminal (and ``$CI`` is unset).
+        keep_uploads: what the client keeps of the rows it uploads, so that shards lost with an agent are
+            rebuilt on another from lineage: ``"host"`` (default) a copy in this process, as many bytes
+            as were uploaded, kept while an array made from them lives; ``"none"`` nothing, and a lost
+            uploaded shard (or one computed from it) raises :class:`gpupool.ShardsLost`.
 
     Raises:
         ConnectError: nothing listens at the address (at once), or no coordinator answered in time.
         AuthError: the coordinator refused the token (missing, unknown, revoked, expired).
     """
     credentials = PoolCredentials.from_env(address, token=token, ca=ca)
-    return Pool(credentials, timeouts=timeouts or Timeouts(), client=client, progress=progress)
+    return Pool(
+        credentials,
+        timeouts=timeouts or Timeouts(),
+        client=client,
+        progress=progress,
+        keep_uploads=keep_uploads,
+    )

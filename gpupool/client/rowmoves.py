@@ -14,7 +14,7 @@ import asyncio
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 
@@ -92,6 +92,12 @@ def pulls_for(
     return pulls
 
 
+#: Why a buffer made by a pull cannot be rebuilt (gpupool.client.lineage).
+PULLED: Final = (
+    "it was made by moving rows between agents (indexing, sorting, a re-layout), which keeps no lineage yet"
+)
+
+
 def run_pulls(session: Session, pulls: Sequence[Pull], *, what: str) -> None:
     """Run the pulls concurrently, each on its target's agent.
 
@@ -113,6 +119,8 @@ def run_pulls(session: Session, pulls: Sequence[Pull], *, what: str) -> None:
         await session.raise_after_cleanup(results, [[p.target] for p in pulls])
 
     session.run(go(), timeout=deadline + session.timeouts.rpc, what=what)
+    for pull in pulls:
+        session.book.made_elsewhere(pull.target, PULLED)
 
 
 def _request(session: Session, pull: Pull) -> agent_pb2.PullRequest:

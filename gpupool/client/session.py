@@ -15,6 +15,7 @@ import itertools
 import logging
 import socket
 import threading
+import weakref
 from collections import defaultdict
 from collections.abc import Awaitable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
@@ -23,7 +24,14 @@ import grpc
 import numpy as np
 
 from gpupool._config import Streams, Timeouts
-from gpupool._errors import AgentLost, ArrayFreed, ConnectError, DeadlineExceeded, PlacementError
+from gpupool._errors import (
+    AgentLost,
+    ArrayFreed,
+    ConnectError,
+    DeadlineExceeded,
+    GpupoolError,
+    PlacementError,
+)
 from gpupool._ids import new_buffer_id
 from gpupool._proto.v1 import agent_pb2, agent_pb2_grpc, control_pb2, coordinator_pb2
 from gpupool._version import __version__
@@ -31,7 +39,9 @@ from gpupool.client._loop import LoopThread
 from gpupool.client.channels import AgentChannel, Metadata, fetched_arrays
 from gpupool.client.layout import Piece, by_endpoint, pieces_from_placement, round_robin
 from gpupool.client.lease import WATCH_INTERVAL, LeaseKeeper
+from gpupool.client.lineage import Book, Keep
 from gpupool.client.progress import DELAY, Tracker, Unit, progress_default
+from gpupool.client.recovery import MAX_RECOVERIES, Recovery, loss_of
 from gpupool.moves import Segment
 from gpupool.protocol.codec import meta_of
 from gpupool.protocol.errors import translate_rpc_error
@@ -60,6 +70,8 @@ class Session:
             serves TLS.
         timeouts: deadlines for every call.
         client: how the coordinator lists this session in ``gpupool jobs``.
+        keep_uploads: what the client keeps of uploaded rows, so that shards lost with an agent can be
+            rebuilt (:data:`gpupool.client.lineage.KEEP_MODES`): "host" a copy, "none" nothing.
 
     Raises:
         ConnectError: nothing listens at the address (at once), or no coordinator answered in time.
@@ -73,8 +85,17 @@ class Session:
         timeouts: Timeouts = Timeouts(),
         client: str | None = None,
         progress: bool | None = None,
+        keep_uploads: Keep = "host",
     ) -> None:
         self.address = credentials.address
+        #: How each kept buffer was made, and where it is (:mod:`gpupool.client.lineage`).
+        self.book = Book(keep_uploads)
+        #: Lost places and where they went (:mod:`gpupool.client.recovery`).
+        self.recovery = Recovery()
+        #: What holds pieces and must follow them when their place moves (remote arrays, held operands):
+        #: objects with ``relocate(old_place, to_piece)`` and ``holding(buffer_id) -> str`` (a name or ""),
+        #: weakly, by id (arrays are unhashable, as NumPy's).
+        self._holders: dict[int, weakref.ref[Any]] = {}
         self.timeouts = timeouts
         self.streams = Streams.from_environment()  # how shards' bytes travel (GPUPOOL_STREAMS)
         #: Whether long calls show a progress bar (None when made: in an interactive terminal).
@@ -125,6 +146,29 @@ class Session:
             "Connect", request, timeout=self.timeouts.connect
         )
         return reply
+
+    def add_holder(self, holder: Any) -> None:
+        """Have ``holder`` told when a place it holds pieces on moves (see ``_holders``)."""
+        key = id(holder)
+        holders = self._holders
+
+        def gone(ref: weakref.ref[Any]) -> None:
+            if holders.get(key) is ref:  # not a newer holder that took the same id
+                del holders[key]
+
+        holders[key] = weakref.ref(holder, gone)
+
+    def holders(self) -> list[Any]:
+        """The live holders of pieces."""
+        return [h for h in (r() for r in list(self._holders.values())) if h is not None]
+
+    async def call_coordinator(self, method: str, request: Any) -> Any:
+        """Call the coordinator (loop thread only), waiting for one that is restarting."""
+        return await self._call_coordinator(method, request)
+
+    def keep_placed(self, shards: Iterable[coordinator_pb2.ShardPlacement]) -> None:
+        """Keep the capabilities a placement carries."""
+        self._keeper.keep_placed(shards)
 
     async def _call_coordinator(self, method: str, request: Any) -> Any:
         # Once connected, a coordinator that is restarting is waited for (up to the call's deadline):
@@ -349,12 +393,23 @@ class Session:
             )
 
     async def _upload(self, host: np.ndarray, rows: Sequence[int] | None, backend: str) -> list[Piece]:
-        if rows is None:
-            pieces = await self._place(host.shape, host.dtype, backend)
-        else:
-            pieces = await self._place_rows(host.shape, host.dtype, rows, backend)
-        await self.upload_pieces(host, pieces)
-        return pieces
+        exclude: list[str] = []
+        for attempt in range(MAX_RECOVERIES + 1):
+            if rows is None:
+                pieces = await self._place(host.shape, host.dtype, backend, exclude=exclude)
+            else:
+                pieces = await self._place_rows(host.shape, host.dtype, rows, backend)
+            try:
+                await self.upload_pieces(host, pieces)
+                return pieces
+            except GpupoolError as exc:
+                # An agent lost mid-upload: place the rows again without it (what arrived was freed).
+                lost = getattr(exc, "agent_id", "")
+                if attempt == MAX_RECOVERIES or rows is not None or loss_of(exc) != "agent" or not lost:
+                    raise
+                log.warning("agent %s was lost during an upload: placing the rows again without it", lost)
+                exclude.append(lost)
+        raise AssertionError("unreachable")
 
     async def _place_rows(
         self, shape: tuple[int, ...], dtype: np.dtype[Any], counts: Sequence[int], backend: str = ""
@@ -423,8 +478,12 @@ class Session:
         self.check_open()
         return self.run(self._place(shape, dtype), timeout=self.timeouts.rpc * 2, what="place")
 
-    async def _place(self, shape: tuple[int, ...], dtype: np.dtype[Any], backend: str = "") -> list[Piece]:
-        request = coordinator_pb2.PlaceRequest(session=self.id, meta=meta_of(dtype, shape), backend=backend)
+    async def _place(
+        self, shape: tuple[int, ...], dtype: np.dtype[Any], backend: str = "", *, exclude: Sequence[str] = ()
+    ) -> list[Piece]:
+        request = coordinator_pb2.PlaceRequest(
+            session=self.id, meta=meta_of(dtype, shape), backend=backend, exclude_agents=list(exclude)
+        )
         reply = await self._call_coordinator("Place", request)
         self._keeper.keep_placed(reply.shards)
         return pieces_from_placement(reply.shards, self.new_buffer_id)
@@ -445,6 +504,8 @@ class Session:
             for r, p in zip(results, pieces, strict=True)
         ]
         await self.raise_after_cleanup(results, [[p] for p in pieces])
+        for p in pieces:
+            self.book.uploaded(p, host[p.start : p.stop])
 
     async def raise_after_cleanup(
         self, results: Sequence[object], created: Sequence[Sequence[Piece]]
@@ -465,6 +526,8 @@ class Session:
     # -- free -------------------------------------------------------------------------------------
     async def free_now(self, pieces: Iterable[Piece]) -> None:
         """Free buffers, grouped per agent; failures are logged, never raised (best effort)."""
+        pieces = list(pieces)
+        self.book.forget(p.buffer_id for p in pieces)
         results = await asyncio.gather(
             *(
                 self.channel(ps[0].agent_id, endpoint).free([p.buffer_id for p in ps])
@@ -484,6 +547,8 @@ class Session:
         """
         if self._closed:
             return
+        pieces = list(pieces)
+        self.book.forget(p.buffer_id for p in pieces)
         with self._free_lock:
             for piece in pieces:
                 self._pending_free[piece.endpoint].append(piece.buffer_id)
