@@ -1,12 +1,15 @@
-"""A session's standing with the coordinator: its lease, its capabilities on agents, and which agents the
-coordinator shows offline."""
+"""A session's standing with the coordinator: its lease, its capabilities on agents, which agents the
+coordinator shows offline, and the network throughput the session observed per agent (which each heartbeat
+reports)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 from gpupool._errors import GpupoolError
 from gpupool._proto.v1 import coordinator_pb2
@@ -14,7 +17,7 @@ from gpupool.client.channels import Metadata
 from gpupool.transport.coordinator import CoordinatorClient
 from gpupool.transport.rpc import CAPABILITY_KEY
 
-__all__ = ["WATCH_INTERVAL", "LeaseKeeper"]
+__all__ = ["WATCH_INTERVAL", "LeaseKeeper", "ObservedTransfers", "TransferMeter"]
 
 #: Seconds between the client's looks at which agents the coordinator shows offline (a Renew call).
 WATCH_INTERVAL = 1.0
@@ -22,6 +25,43 @@ WATCH_INTERVAL = 1.0
 RENEW_BEFORE = 300
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ObservedTransfers:
+    """Bytes moved to and from one agent and the seconds those transfers took (summed over transfers, not
+    the wall time between heartbeats)."""
+
+    agent_id: str
+    nbytes: int
+    seconds: float
+
+
+class TransferMeter:
+    """Sums a session's transfers per agent between heartbeats; thread-safe.
+
+    The session calls :meth:`add` after each upload or download (a shard's bytes and the seconds its
+    stream took) and hands :meth:`drain` to :class:`LeaseKeeper` as its ``observed`` provider.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sums: dict[str, tuple[int, float]] = {}
+
+    def add(self, agent_id: str, nbytes: int, seconds: float) -> None:
+        """Count one transfer of ``nbytes`` to or from ``agent_id`` that took ``seconds``."""
+        with self._lock:
+            total, spent = self._sums.get(agent_id, (0, 0.0))
+            self._sums[agent_id] = (total + nbytes, spent + seconds)
+
+    def drain(self) -> list[ObservedTransfers]:
+        """The sums since the last drain, by agent id, and start again from zero."""
+        with self._lock:
+            sums, self._sums = self._sums, {}
+        return [
+            ObservedTransfers(agent_id=agent_id, nbytes=nbytes, seconds=seconds)
+            for agent_id, (nbytes, seconds) in sorted(sums.items())
+        ]
 
 
 class LeaseKeeper:
@@ -34,6 +74,10 @@ class LeaseKeeper:
         session: the session's id.
         lease: the seconds the coordinator keeps the session without a renewal (0: no lease, no beats).
         on_offline: called at each beat with the agents the coordinator shows offline.
+        observed: called at each beat for what the session's transfers to each agent measured since the
+            previous beat (:meth:`TransferMeter.drain`); the beat reports it to the coordinator, which
+            shows a smoothed figure per agent (``gpupool agents``' NET column). Figures of a beat that
+            fails are not sent again. None: nothing reported.
     """
 
     def __init__(
@@ -43,11 +87,13 @@ class LeaseKeeper:
         session: str,
         lease: float,
         on_offline: Callable[[frozenset[str]], None],
+        observed: Callable[[], Sequence[ObservedTransfers]] | None = None,
     ) -> None:
         self._rpc = rpc
         self._session = session
         self._lease = lease
         self._on_offline = on_offline
+        self._observed = observed
         self._capabilities: dict[str, tuple[str, float]] = {}
         self._closed = False
         self.offline_agents: frozenset[str] = frozenset()
@@ -98,9 +144,7 @@ class LeaseKeeper:
             await asyncio.sleep(interval)
             try:
                 reply = await self._rpc.acall(
-                    "Renew",
-                    coordinator_pb2.RenewRequest(session=self._session),
-                    timeout=max(1.0, self._lease / 3),
+                    "Renew", self._renew_request(), timeout=max(1.0, self._lease / 3)
                 )
                 self.offline_agents = frozenset(reply.offline_agents)
                 self._on_offline(self.offline_agents)
@@ -110,6 +154,15 @@ class LeaseKeeper:
                     await self.grant(stale)
             except GpupoolError as exc:
                 log.warning("session %s: heartbeat: %s", self._session, exc)
+
+    def _renew_request(self) -> coordinator_pb2.RenewRequest:
+        request = coordinator_pb2.RenewRequest(session=self._session)
+        if self._observed is not None:
+            add = request.observed.add
+            for figure in self._observed():
+                if figure.nbytes > 0 and figure.seconds > 0:
+                    add(agent_id=figure.agent_id, bytes=figure.nbytes, seconds=figure.seconds)
+        return request
 
     def close(self) -> None:
         """End :meth:`run` at its next beat."""
