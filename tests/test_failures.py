@@ -97,8 +97,11 @@ class PersistentMosquitto:
         self.program = program
         self.port = port
         self.config = directory / "mosquitto.conf"
+        # As root, Mosquitto drops to the user mosquitto, who may not write the test's private directory:
+        # persistence would fail ("Permission denied") and the restart would bring back nothing.
+        user = "user root\n" if os.geteuid() == 0 else ""
         self.config.write_text(
-            f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+            f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n{user}"
             f"persistence_location {directory}/\nautosave_interval 1\nlog_dest stderr\nlog_type error\n"
         )
         self.process: subprocess.Popen[bytes] | None = None
@@ -115,6 +118,12 @@ class PersistentMosquitto:
         if self.process is not None and self.process.poll() is None:
             time.sleep(1.5)  # past an autosave, so the database holds every status retained so far
             self.process.kill()
+            self.process.wait(20)
+
+    def stop(self) -> None:
+        """SIGTERM: a clean stop, which publishes the last will of every client still connected."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
             self.process.wait(20)
 
 
@@ -159,5 +168,65 @@ def test_a_broker_outage_spares_the_data_plane_and_its_restart_does_not_revive_a
             names = {agent.id: agent.name for agent in pool.agents(include_offline=True)}
             assert {names[shard.agent_id] for shard in y.shards} == {live}
             np.testing.assert_array_equal((y + 1).get(), a + 1)
+    finally:
+        broker.crash()
+
+
+def test_a_broker_stopped_cleanly_sends_every_last_will_yet_live_agents_stay_ready(tmp_path: Path) -> None:
+    """A persistent broker stopped with SIGTERM publishes the last will (OFFLINE) of every agent connected
+    to it, live ones too. The coordinator asks each agent over gRPC (Health, with TLS: they are enrolled)
+    before it believes a will; both answer, so both stay ready, and new arrays are placed on both and
+    computed during the outage, which lasts longer than the liveness window (silence does not count while
+    the coordinator cannot reach the broker). The broker comes back with the wills retained; the agents
+    reconnect and report again, and no agent was ever shown offline."""
+    broker = PersistentMosquitto(tmp_path, free_port())
+    broker.start()
+    log_path = tmp_path / "pool.log"
+    try:
+        with (
+            log_path.open("wb") as log,
+            LocalPool(
+                agents=2,
+                port=0,
+                backend="numpy",
+                broker_url=broker.url,
+                topic_prefix=f"gpupool-test-{uuid.uuid4().hex[:10]}",
+                coordinator_args=["--min-shard-bytes", "0", "--liveness", "2"],
+                agent_args=["--heartbeat", "0.5"],
+                stderr=log,
+            ) as local,
+            local.connect() as pool,
+        ):
+
+            def lines(*texts: str) -> list[str]:
+                text = log_path.read_text(errors="replace")
+                return [line for line in text.splitlines() if all(t in line for t in texts)]
+
+            names = {str(child.ready["name"]) for child in local.agents}
+            a = np.arange(4000.0).reshape(2000, 2)
+            x = pool.asarray(a)
+            broker.stop()
+            kept = (" coordinator ", "an OFFLINE status came over MQTT", "kept ready")
+            wait_until(lambda: len(lines(*kept)) == 2, 15, "both wills received and refuted by a probe")
+            print(*lines(*kept), sep="\n")
+            assert states(pool) == dict.fromkeys(names, "ready")
+            y = pool.asarray(a + 1)  # placement goes on: both agents are still ready
+            named = {agent.id: agent.name for agent in pool.agents()}
+            assert {named[shard.agent_id] for shard in y.shards} == names
+            np.testing.assert_array_equal((x + y).get(), 2 * a + 1)
+            time.sleep(2.5)  # longer than the liveness window, with the coordinator cut off from the broker
+            assert states(pool) == dict.fromkeys(names, "ready")
+            broker.start()
+            wait_until(
+                lambda: all(r.seconds_since_seen < 1.0 for r in local.list_agents(include_offline=True)),
+                20,
+                "both agents reporting through the restarted broker",
+            )
+            time.sleep(2.5)  # a liveness window after the reconnect: nobody went quiet
+            assert states(pool) == dict.fromkeys(names, "ready")
+            z = pool.asarray(a * 3)
+            assert len({s.agent_id for s in z.shards}) == 2
+            np.testing.assert_array_equal((x + z).get(), 4 * a)
+            assert not lines(" coordinator ", "went offline"), lines(" coordinator ", "went offline")
     finally:
         broker.crash()

@@ -11,6 +11,11 @@ which is how a restarted coordinator learns the pool again; tokens, enrolled age
 the state store (``<state-dir>/state.sqlite3``) with the pool CA beside it. Statuses pass
 :class:`~gpupool.coordinator.admission.Admission` first. Background loops show silent agents offline
 (the liveness window) and end sessions whose lease ran out.
+
+A broker outage does not stop the pool, since the data plane is gRPC: an OFFLINE status of an agent the
+registry shows alive (a last will, which a broker that stops cleanly publishes for every agent, live ones
+too) is confirmed by asking the agent itself (:class:`~gpupool.coordinator.probe.OfflineProbes`) before
+the registry takes it, and silence counts only while the coordinator's own MQTT session is up.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import grpc
 
 from gpupool._config import BrokerAddress, Timeouts, parse_endpoint
 from gpupool._errors import GpupoolError
+from gpupool._proto.v1 import control_pb2
 from gpupool._proto.v1.control_pb2 import AgentCommand
 from gpupool.coordinator.admission import Admission, DropLog, Dropped
 from gpupool.coordinator.auth import Authenticator
@@ -36,6 +42,7 @@ from gpupool.coordinator.eventlog import EventLog
 from gpupool.coordinator.jobs import DEFAULT_LEASE, Jobs
 from gpupool.coordinator.mqttusers import MqttUsers
 from gpupool.coordinator.netspeed import NetworkSpeeds
+from gpupool.coordinator.probe import OfflineProbes
 from gpupool.coordinator.registry import Registry, RegistryEvent
 from gpupool.coordinator.service import AdminService, CoordinatorService, add_services
 from gpupool.coordinator.trust import DEFAULT_QUARANTINE_AFTER, TrustBook
@@ -154,6 +161,10 @@ class Coordinator:
         self._server: grpc.aio.Server | None = None
         self._group: asyncio.TaskGroup | None = None
         self._expiries: set[asyncio.Task[None]] = set()
+        self._probes = OfflineProbes(
+            registry=self.registry, ca_pem=self.authority.ca_pem, applied=self._record_applied
+        )
+        self._connected_at = 0.0  # monotonic time of the MQTT session's latest connect
         self._stop = asyncio.Event()
         self.address = ""
 
@@ -225,6 +236,7 @@ class Coordinator:
                     group.create_task(self._lease_loop(), name="gpupool[coordinator].leases"),
                 ]
                 await self._stop.wait()
+                self._probes.cancel_all()
                 for task in (*loops, *self._expiries):
                     task.cancel()
         finally:
@@ -314,12 +326,18 @@ class Coordinator:
     # -- background loops ---------------------------------------------------------------------------
 
     async def _liveness_loop(self) -> None:
-        """Show offline every agent silent for longer than the liveness window, whatever its status says."""
+        """Show offline every agent silent for longer than the liveness window, whatever its status says.
+
+        Only silence while the coordinator's own MQTT session was up counts: during a broker outage no
+        agent can be heard, and after a reconnect the grace of :meth:`_expire_unseen` judges first.
+        """
         note = f"coordinator: silent for more than {self._liveness:g} s"
         while True:
             await asyncio.sleep(min(1.0, self._liveness / 4))
-            if not self._session.connected.is_set():
+            if not self._session.connected.is_set() or self._expiries:
                 continue  # the silence is ours: the reconnect grace (_expire_unseen) covers it
+            if time.monotonic() - self._connected_at < self._liveness:
+                continue  # not connected for a whole window yet: an agent's silence may be the outage's
             for event in self.registry.expire_unseen(time.monotonic() - self._liveness, note=note):
                 self._events.record(event)
                 self._commander.status_applied()
@@ -336,6 +354,7 @@ class Coordinator:
 
     async def _on_connect(self) -> None:
         """After a reconnect, give the agents a grace period to be heard from again."""
+        self._connected_at = time.monotonic()
         if self._session.connects > 1 and self._group is not None:
             task = self._group.create_task(
                 self._expire_unseen(time.monotonic()), name="gpupool[coordinator].expire-unseen"
@@ -353,6 +372,12 @@ class Coordinator:
         await asyncio.sleep(grace)
         note = f"coordinator: not heard from within {grace:g} s of reconnecting to the broker"
         for event in self.registry.expire_unseen(since, note=note):
+            self._events.record(event)
+        self._commander.status_applied()
+
+    def _record_applied(self, events: list[RegistryEvent]) -> None:
+        """Log the events of a status applied outside :meth:`_on_message` (a confirmed OFFLINE)."""
+        for event in events:
             self._events.record(event)
         self._commander.status_applied()
 
@@ -394,8 +419,14 @@ class Coordinator:
             if not payload:
                 self._admission.check_forgettable(agent_id)  # only `gpupool forget` removes an enrolled agent
                 self._admission.forget(agent_id)
+                self._probes.cancel(agent_id)
                 return self.registry.forget(agent_id)
-            return self.registry.apply_status(self._admission.status(agent_id, payload), now=now)
+            status = self._admission.status(agent_id, payload)
+            self._probes.cancel(agent_id)  # the agent's newer word settles what a probe was asking
+            offline = status.state == control_pb2.AGENT_STATE_OFFLINE
+            if offline and self._group is not None and self._probes.start(self._group, status):
+                return []  # applied once the agent does not answer (OfflineProbes)
+            return self.registry.apply_status(status, now=now)
         if channel == "telemetry" and payload:
             return self.registry.apply_telemetry(self._admission.telemetry(agent_id, payload), now=now)
         return []  # commands: ours, echoed by a broker that ignores subscriptions

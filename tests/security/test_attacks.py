@@ -40,7 +40,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 import gpupool as gp
-from gpupool._config import Timeouts
+from gpupool._config import Timeouts, parse_broker_url
 from gpupool._proto.v1 import agent_pb2, control_pb2, coordinator_pb2
 from gpupool.broker import mosquitto_secure_available
 from gpupool.client.array import RemoteArray
@@ -908,6 +908,54 @@ def test_a_replayed_ready_status_of_a_gone_agent_does_not_revive_it(
     assert not revived(log, agent_id)
     assert state_of(local, agent_id) == OFFLINE
     assert str(child.ready["endpoint"]) not in sum_on_pool(local)
+
+
+def test_a_forced_or_replayed_last_will_does_not_take_a_live_agent_offline(
+    open_broker: tuple[LocalPool, PoolLog],
+) -> None:
+    """On an open broker anyone may connect with a live agent's client id: the broker drops the agent's
+    session and publishes its last will, genuine and signed, which the eavesdropper keeps to replay. The
+    coordinator believes an OFFLINE status of an agent it shows alive only once the agent does not answer
+    a gRPC Health call (TLS, its enrolled certificate): this one answers, so it stays ready and keeps
+    getting work, through the forced will and through replays of it (retained or not)."""
+    local, log = open_broker
+    topics = Topics(local.topic_prefix)
+    child = local.add_agent(name="will-forced")
+    agent_id = str(child.ready["agent_id"])
+    topic = topics.status(agent_id)
+    broker = parse_broker_url(local.broker_url)
+    try:
+
+        async def force_will() -> bytes:
+            async with mqtt(local.broker_url) as watcher:
+                await watcher.subscribe(topic, qos=1)
+                await next_message(watcher, topic, control_pb2.AgentStatus, lambda s: s.state == READY)
+                try:  # the agent's own client id: the broker hands over the session, and sends the will
+                    async with aiomqtt.Client(
+                        broker.host, broker.port, identifier=f"gpupool-agent-{agent_id}"
+                    ):
+                        will, _ = await next_message(
+                            watcher, topic, control_pb2.AgentStatus, lambda s: s.state == OFFLINE
+                        )
+                except aiomqtt.MqttError:
+                    pass  # the agent took its session back first
+                # The agent reconnects and publishes its status again.
+                await next_message(watcher, topic, control_pb2.AgentStatus, lambda s: s.state == READY)
+            return will
+
+        will = run(force_will())
+        assert log.wait_for(" coordinator ", f"agent {agent_id} (", "but it answers on", "kept ready")
+
+        async def replay() -> None:
+            async with mqtt(local.broker_url) as client:
+                await publish_then_sync(client, topics.root, log, [(topic, will, False), (topic, will, True)])
+
+        run(replay())
+        assert str(child.ready["endpoint"]) in sum_on_pool(local)  # placement still counts on it
+        assert state_of(local, agent_id) == READY
+        assert not log.matching(" coordinator ", f"agent {agent_id} (", "went offline")
+    finally:
+        local.stop_agent(local.agents.index(child))
 
 
 def test_an_empty_status_does_not_make_the_coordinator_forget_an_agent(
