@@ -13,6 +13,9 @@ turns on the device as in the agent (:class:`~gpupool.agent.workers.Worker`).
 A fault in here (a kernel's illegal address, a segfault in a library, a hang) ends this process only: the
 agent answers its caller, marks this worker's buffers lost and starts a fresh process. A CUDA error that
 leaves the context unusable ends the process on purpose, after answering, for the same reason.
+
+With ``GPUPOOL_FAULT_INJECTION=1`` (tests only) a process also honours :data:`FAULT_OP` (a fault on
+purpose) and ``GPUPOOL_FAULT_CORRUPT`` (wrong answers on purpose, :mod:`gpupool.agent.corruption`).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import numpy as np
 from gpupool._proto.v1 import agent_pb2
 from gpupool.agent.backend import ArrayBackend, NumpyBackend
 from gpupool.agent.buffers import Buffer, Reservation, WorkerUsage
+from gpupool.agent.corruption import CORRUPT_ENV, Corrupter, CorruptSetting, corrupt
 from gpupool.agent.measure import measure
 from gpupool.agent.program import ProgramCancelled, device_errors, run_program
 from gpupool.agent.workers import Worker
@@ -117,7 +121,34 @@ def main(conn: Connection, spec: WorkerSpec) -> None:
     staging = np.frombuffer(ring, np.uint8)
     if spec.backend == "cupy":
         _pin(staging)
-    _Server(conn, worker, staging, spec).serve()
+    _Server(conn, worker, staging, spec, corrupter=_corrupter(spec)).serve()
+
+
+def _corrupter(spec: WorkerSpec) -> Corrupter | None:
+    """What ``GPUPOOL_FAULT_CORRUPT`` asks of this process: nothing unless fault injection is on.
+
+    Raises:
+        ValueError: a malformed setting (the process ends as it starts; the agent's log says why).
+    """
+    text = os.environ.get(CORRUPT_ENV, "")
+    if not text:
+        return None
+    if not spec.faults:
+        log.warning(
+            "worker %d: %s is set but ignored: fault injection is off (%s is not 1)",
+            spec.index,
+            CORRUPT_ENV,
+            FAULT_INJECTION_ENV,
+        )
+        return None
+    setting = CorruptSetting.parse(text)
+    log.warning(
+        "worker %d: fault injection: corrupting the first result of %g of programs (seed %d)",
+        spec.index,
+        setting.fraction,
+        setting.seed,
+    )
+    return Corrupter(setting, worker=spec.index)
 
 
 def _pin(staging: np.ndarray) -> None:
@@ -146,7 +177,15 @@ def _die_with_parent() -> None:
 class _Server:
     """The process's one reader of the pipe, its arrays, and the calls running in the worker's threads."""
 
-    def __init__(self, conn: Connection, worker: Worker, ring: np.ndarray, spec: WorkerSpec) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        worker: Worker,
+        ring: np.ndarray,
+        spec: WorkerSpec,
+        *,
+        corrupter: Corrupter | None = None,
+    ) -> None:
         self._conn = conn
         self._worker = worker
         self._backend = worker.backend
@@ -159,6 +198,7 @@ class _Server:
         self._arrays_lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._cancel: dict[int, threading.Event] = {}
+        self._corrupter = corrupter
 
     def serve(self) -> None:
         self._backend.bind_thread()
@@ -373,9 +413,43 @@ class _Server:
             allow_kernels=self._spec.allow_kernels,
             fuse_kernels=self._spec.fuse_kernels,
         )
+        if self._corrupter is not None:
+            self._corrupt(self._corrupter, request, keys, reply)
         if self._spec.slowdown > 1.0:  # a slower card, for tests and benchmarks (GPUPOOL_SLOWDOWN)
             time.sleep((self._spec.slowdown - 1.0) * (time.perf_counter() - started))
         return reply.SerializeToString()
+
+    def _corrupt(
+        self,
+        corrupter: Corrupter,
+        request: agent_pb2.ExecuteRequest,
+        keys: dict[str, str],
+        reply: agent_pb2.ExecuteReply,
+    ) -> None:
+        """Fault injection: one wrong value in the program's first result, kept and fetched alike, if
+        ``corrupter`` picks this program (:mod:`gpupool.agent.corruption`)."""
+        chosen = corrupter.choose(request)
+        if chosen is None:
+            return
+        key = keys.get(chosen.buffer_id) if chosen.buffer_id not in request.free else None
+        with self._arrays_lock:
+            kept = self._arrays.get(key) if key is not None else None
+        with device_errors(self._backend, self._spec.index):
+            made = corrupt(chosen, reply, kept, to_host=self._backend.to_host)
+        if made is None:
+            return
+        if made.kept is not None and key is not None:
+            with self._arrays_lock:
+                if key in self._arrays:
+                    self._arrays[key] = made.kept
+        corrupted, programs = corrupter.count()
+        log.warning(
+            "worker %d: %s; %d of %d programs corrupted so far",
+            self._spec.index,
+            made.describe(),
+            corrupted,
+            programs,
+        )
 
     def _do_measure(self, _c: threading.Event) -> tuple[float, float, float]:
         """The worker's speed again (in one of its threads, bound to its device)."""
