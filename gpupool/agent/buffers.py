@@ -5,6 +5,10 @@ flight (an upload being streamed, a program's outputs before it commits). A rese
 its buffer id, so two uploads of one id cannot both proceed. Limits are checked against both parts:
 the worker's, and where one is set, each session's share of the worker (so one session cannot take
 a worker's whole memory from the others).
+
+A buffer moved to another agent (drain, pause: :meth:`BufferRegistry.forward`) leaves a forward behind: a
+look-up of its id is refused ``buffer-moved`` naming its new home, until its session ends
+(:meth:`BufferRegistry.drop_forwards`) or the buffer moves back here (committed again under its id).
 """
 
 from __future__ import annotations
@@ -18,10 +22,51 @@ import numpy as np
 
 from gpupool.protocol.errors import RpcRefusal
 
-__all__ = ["LOST_REMEMBERED", "Buffer", "BufferRegistry", "Reservation", "WorkerUsage"]
+__all__ = [
+    "FORWARDS_REMEMBERED",
+    "LOST_REMEMBERED",
+    "Buffer",
+    "BufferRegistry",
+    "Forward",
+    "Reservation",
+    "WorkerUsage",
+]
 
 #: How many lost buffer ids a registry remembers, to say why a look-up of one fails.
 LOST_REMEMBERED: Final = 100_000
+#: How many moved buffers a registry forwards at most (the oldest forward is forgotten first).
+FORWARDS_REMEMBERED: Final = 200_000
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Where a moved buffer lives now.
+
+    Attributes:
+        session: the buffer's session (its forward goes when the session ends).
+        agent_id: the agent holding it now.
+        endpoint: that agent's data-plane address.
+        worker: the worker there.
+    """
+
+    session: str
+    agent_id: str
+    endpoint: str
+    worker: int
+
+    @property
+    def moved_to(self) -> str:
+        """``agent_id|endpoint|worker``: the ``gpupool-moved-to`` metadata of a buffer-moved refusal."""
+        return f"{self.agent_id}|{self.endpoint}|{self.worker}"
+
+    def refusal(self, buffer_id: str) -> RpcRefusal:
+        """The refusal of a call naming the buffer that moved here."""
+        return RpcRefusal(
+            "buffer-moved",
+            f"buffer {buffer_id} moved to worker {self.worker} of agent {self.agent_id} ({self.endpoint})",
+            buffer_id=buffer_id,
+            extra={"moved-to": self.moved_to},
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +159,7 @@ class BufferRegistry:
         self._buffers: dict[str, Buffer] = {}
         self._pending: dict[str, Reservation] = {}
         self._lost: dict[str, str] = {}  # buffer id -> why it was lost, oldest first
+        self._moved: dict[str, Forward] = {}  # buffer id -> its new home, oldest first
         self._lock = threading.Lock()
 
     @property
@@ -138,7 +184,8 @@ class BufferRegistry:
         Raises:
             RpcRefusal: ``bad-request`` for an empty id, ``not-accepting`` for an unknown worker,
                 ``buffer-exists`` for an id held or reserved, ``out-of-memory`` past the worker's limit
-                or the session's cap.
+                or the session's cap. (The id of a buffer moved away may be reserved: the buffer moving
+                back, which replaces its forward once committed.)
         """
         if not buffer_id:
             raise RpcRefusal("bad-request", "a buffer id is required")
@@ -223,6 +270,7 @@ class BufferRegistry:
                     reservation.buffer_id, reservation.worker, array, int(array.nbytes), reservation.session
                 )
                 self._buffers[buffer.buffer_id] = buffer
+                self._moved.pop(buffer.buffer_id, None)  # moved back here: no longer forwarded
                 self._used[buffer.worker] += buffer.nbytes
                 self._count_session(buffer.worker, buffer.session, buffer.nbytes)
                 self._counts[buffer.worker] += 1
@@ -235,10 +283,14 @@ class BufferRegistry:
         """The resident buffer ``buffer_id`` (on ``worker`` when given).
 
         Raises:
-            RpcRefusal: ``buffer-not-found``, also for a buffer that lives on another worker.
+            RpcRefusal: ``buffer-not-found``, also for a buffer that lives on another worker;
+                ``buffer-moved`` for one moved to another agent (the refusal says where).
         """
         with self._lock:
             buffer = self._buffers.get(buffer_id)
+            moved = self._moved.get(buffer_id) if buffer is None else None
+        if moved is not None:
+            raise moved.refusal(buffer_id)
         if buffer is None:
             lost = self._lost.get(buffer_id)
             if lost is not None:
@@ -264,6 +316,56 @@ class BufferRegistry:
         """Whether ``buffer_id`` is resident or reserved."""
         with self._lock:
             return buffer_id in self._buffers or buffer_id in self._pending
+
+    def check_not_moved(self, buffer_ids: Iterable[str]) -> None:
+        """Refuse a call naming a buffer moved away (a free of one, which would otherwise be skipped).
+
+        Raises:
+            RpcRefusal: ``buffer-moved``, for the first such id.
+        """
+        with self._lock:
+            if not self._moved:
+                return
+            for buffer_id in buffer_ids:
+                moved = self._moved.get(buffer_id)
+                if moved is not None:
+                    raise moved.refusal(buffer_id)
+
+    def resident(self) -> list[Buffer]:
+        """Every resident buffer now (reservations not included)."""
+        with self._lock:
+            return list(self._buffers.values())
+
+    def forward(self, moves: Iterable[tuple[str, Forward]]) -> tuple[list[Buffer], list[str]]:
+        """Free buffers that now live elsewhere, and forward their ids there (one step, under the lock: no
+        call sees a moved buffer as neither here nor forwarded). An id not resident here is not forwarded.
+
+        Returns:
+            The buffers forwarded (freed here), and the ids not resident (freed meanwhile, or never here).
+        """
+        forwarded: list[Buffer] = []
+        missing: list[str] = []
+        with self._lock:
+            for buffer_id, home in moves:
+                buffer = self._buffers.pop(buffer_id, None)
+                if buffer is None:
+                    missing.append(buffer_id)
+                    continue
+                forwarded.append(buffer)
+                self._moved.pop(buffer_id, None)  # re-inserted at the end: it is now the youngest
+                self._moved[buffer_id] = home
+            while len(self._moved) > FORWARDS_REMEMBERED:
+                del self._moved[next(iter(self._moved))]
+            self._account_freed(forwarded)
+        return forwarded, missing
+
+    def drop_forwards(self, session: str) -> int:
+        """Forget the forwards of ``session``'s moved buffers (it ended). Returns how many."""
+        with self._lock:
+            doomed = [buffer_id for buffer_id, home in self._moved.items() if home.session == session]
+            for buffer_id in doomed:
+                del self._moved[buffer_id]
+        return len(doomed)
 
     def free(self, buffer_ids: Iterable[str]) -> tuple[int, int]:
         """Drop these buffers; unknown ids are skipped. Returns (buffers freed, bytes freed)."""

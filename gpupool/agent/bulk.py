@@ -178,7 +178,7 @@ class BulkServer:
             for chunk in host.chunks_sync(self._timeouts.stall):
                 bulk.send_all(conn, chunk, deadline=deadline)
             return host.nbytes
-        array: Any = np.ascontiguousarray(host)
+        array: Any = np.asarray(host, order="C")  # ascontiguousarray would make a 0-d array 1-d
         deadline = time.monotonic() + self._timeouts.for_stream(array.nbytes)
         conn.sendall(bulk.encode_meta(meta_of(array.dtype, tuple(array.shape))))
         bulk.send_all(conn, memoryview(array.reshape(-1).view(np.uint8)), deadline=deadline)

@@ -39,6 +39,8 @@ class AgentConfig:
             process (``--in-process-workers``: no fault isolation, a little less latency per call).
         control_socket: the Unix socket the rig's owner pauses and resumes the agent through
             (:mod:`gpupool.agent.control`); "" for none.
+        pause_schedule: windows of the rig's local time in which the agent is paused, as
+            ``gpupool-agent pause`` pauses it (``Mon-Fri 08:00-18:00``: :mod:`gpupool.agent.schedule`).
         max_temperature: degrees C above which a GPU worker takes no new rows (the coordinator skips it
             while its telemetry says so); 0 for no limit.
         allow_python: run users' Python tasks (``RunPython``, each in a process of its own); refused
@@ -68,6 +70,7 @@ class AgentConfig:
     allow_python: bool = False
     max_temperature: float = 85.0
     control_socket: str = ""
+    pause_schedule: tuple[str, ...] = ()
     fuse_kernels: bool = False
     worker_processes: bool = True
     memory_limit: str = "80%"

@@ -7,6 +7,10 @@ only the capability's session: the request's session field is set to it, and eve
 qualified as ``<session>/<id>``. Another session's buffers are thus not just forbidden but unnameable,
 and an id a client chose cannot collide with anyone else's. Replies are rewritten back.
 
+The coordinator's own calls (``Inventory`` and ``Forward``, when it moves this agent's buffers away) show a
+capability of its own session, :data:`~gpupool.security.capability.COORDINATOR_SESSION`: those calls take
+no other, and no other call takes it.
+
 An agent run ``--insecure`` has no guard: calls name their session themselves (a trusted network).
 """
 
@@ -22,7 +26,7 @@ from gpupool._errors import AuthError, FrameDecodeError
 from gpupool._proto.v1 import agent_pb2
 from gpupool.protocol.errors import RpcRefusal, abort
 from gpupool.protocol.rawstream import decode_message
-from gpupool.security.capability import CapabilityVerifier
+from gpupool.security.capability import COORDINATOR_SESSION, CapabilityVerifier
 from gpupool.transport.rpc import CAPABILITY_KEY
 
 __all__ = ["Guard", "qualify", "unqualify"]
@@ -85,9 +89,31 @@ class Guard:
             capability = self._verifier.verify(token, now=self._clock())
         except AuthError as exc:
             raise RpcRefusal("unauthenticated", str(exc)) from exc
+        if capability.session == COORDINATOR_SESSION:
+            raise RpcRefusal("permission-denied", "the coordinator's capability is for its own calls only")
         if claimed and claimed != capability.session:
             raise RpcRefusal("permission-denied", "the request names a session other than its capability's")
         return capability.session
+
+    def check_coordinator(self, context: Context) -> None:
+        """Refuse a call that does not show the coordinator's own capability for this agent.
+
+        Raises:
+            RpcRefusal: ``unauthenticated`` (none, or one that does not verify or has expired),
+                ``permission-denied`` (a session's capability).
+        """
+        token = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == CAPABILITY_KEY and isinstance(value, str):
+                token = value
+        if not token:
+            raise RpcRefusal("unauthenticated", "this call needs the coordinator's capability")
+        try:
+            capability = self._verifier.verify(token, now=self._clock())
+        except AuthError as exc:
+            raise RpcRefusal("unauthenticated", str(exc)) from exc
+        if capability.session != COORDINATOR_SESSION:
+            raise RpcRefusal("permission-denied", "only the coordinator may make this call")
 
     # -- each method: authorize, rewrite the request, run the handler, rewrite the reply ------------------
 
@@ -259,6 +285,46 @@ class Guard:
 
         return guarded
 
+    def inventory(
+        self, handler: Callable[[agent_pb2.InventoryRequest, Context], Awaitable[agent_pb2.InventoryReply]]
+    ) -> Callable[[agent_pb2.InventoryRequest, Context], Awaitable[agent_pb2.InventoryReply]]:
+        """Guard ``Inventory``: the coordinator's only; each buffer id as its session names it."""
+
+        async def guarded(request: agent_pb2.InventoryRequest, context: Context) -> agent_pb2.InventoryReply:
+            try:
+                self.check_coordinator(context)
+            except RpcRefusal as refusal:
+                await abort(context, refusal)
+            reply = await handler(request, context)
+            for buffer in reply.buffers:
+                buffer.buffer_id = _session_name(buffer.session, buffer.buffer_id)
+            return reply
+
+        return guarded
+
+    def forward(
+        self, handler: Callable[[agent_pb2.ForwardRequest, Context], Awaitable[agent_pb2.ForwardReply]]
+    ) -> Callable[[agent_pb2.ForwardRequest, Context], Awaitable[agent_pb2.ForwardReply]]:
+        """Guard ``Forward``: the coordinator's only; each buffer id qualified with the session it names."""
+
+        async def guarded(request: agent_pb2.ForwardRequest, context: Context) -> agent_pb2.ForwardReply:
+            try:
+                self.check_coordinator(context)
+                for home in request.moves:
+                    if not home.session:
+                        raise RpcRefusal(
+                            "bad-request", f"a move of buffer {home.buffer_id[:64]!r} names no session"
+                        )
+                    home.buffer_id = _qualified(home.session, home.buffer_id)
+            except RpcRefusal as refusal:
+                await abort(context, refusal)
+            reply = await handler(request, context)
+            for home in reply.missing:
+                home.buffer_id = _session_name(home.session, home.buffer_id)
+            return reply
+
+        return guarded
+
     def free(
         self, handler: Callable[[agent_pb2.FreeRequest, Context], Awaitable[agent_pb2.FreeReply]]
     ) -> Callable[[agent_pb2.FreeRequest, Context], Awaitable[agent_pb2.FreeReply]]:
@@ -274,6 +340,11 @@ class Guard:
             return await handler(request, context)
 
         return guarded
+
+
+def _session_name(session: str, buffer_id: str) -> str:
+    """A registry id (``<session>/<id>``) as the session names it."""
+    return buffer_id.removeprefix(f"{session}/")
 
 
 def _qualified(session: str, buffer_id: str) -> str:

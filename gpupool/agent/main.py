@@ -32,9 +32,10 @@ from gpupool._ids import new_agent_id
 from gpupool._process import announce_ready
 from gpupool.agent._malloc import keep_chunk_memory
 from gpupool.agent.config import DEFAULT_AGENT_PORT, AgentConfig, BackendChoice
-from gpupool.agent.control import COMMANDS, ask
+from gpupool.agent.control import COMMANDS, PAUSE_WAIT, ask
 from gpupool.agent.enrolment import load_or_enrol
 from gpupool.agent.runtime import Agent
+from gpupool.agent.schedule import parse_schedule
 
 __all__ = ["build_parser", "config_from_args", "main", "owner_command", "serve"]
 
@@ -174,6 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
         "else control.sock in the state directory for an enrolled agent, none for an --insecure one)",
     )
     parser.add_argument(
+        "--pause-schedule",
+        action="append",
+        default=None,
+        metavar="WINDOW",
+        help="pause the agent (as gpupool-agent pause does: its buffers move to other agents) during "
+        "WINDOW of this rig's local time, '[DAYS] HH:MM-HH:MM', e.g. 'Mon-Fri 08:00-18:00' or "
+        "'daily 22:00-06:00'; "
+        "repeat for more windows (default $GPUPOOL_PAUSE_SCHEDULE, windows separated by ';')",
+    )
+    parser.add_argument(
         "--insecure",
         action="store_true",
         help="run without an identity: plaintext, and any caller may use it (development only)",
@@ -204,7 +215,14 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
     if not args.stall_timeout > 0:
         raise UsageError(f"--stall-timeout must be more than zero, not {args.stall_timeout}")
     backend: BackendChoice = args.backend
+    schedule = args.pause_schedule
+    if schedule is None:
+        schedule = [os.environ.get("GPUPOOL_PAUSE_SCHEDULE", "")]
+    parse_schedule(schedule)  # refuse a bad window before discovery
     return AgentConfig(
+        pause_schedule=tuple(
+            piece.strip() for text in schedule for piece in text.split(";") if piece.strip()
+        ),
         bulk_port=_bulk_port(args.bulk_port),
         broker=broker_with_password(parse_broker_url(args.broker)),
         insecure=args.insecure,
@@ -331,7 +349,11 @@ def _control_socket(args: argparse.Namespace) -> str:
 
 
 def owner_command(argv: Sequence[str]) -> int:
-    """``gpupool-agent pause|resume|state [--state-dir DIR] [--control-socket PATH]``, on the rig itself."""
+    """``gpupool-agent pause|resume|state [--state-dir DIR] [--control-socket PATH]``, on the rig itself.
+
+    Prints the agent's state; after a pause, a line for each session and agent its buffers moved to, and
+    what stayed.
+    """
     parser = argparse.ArgumentParser(
         prog="gpupool-agent",
         description="Take this rig's GPUs back from the pool (pause), give them back (resume), or ask "
@@ -340,16 +362,53 @@ def owner_command(argv: Sequence[str]) -> int:
     parser.add_argument("command", choices=COMMANDS)
     parser.add_argument("--state-dir", default=None, help="the agent's state directory (as it was started)")
     parser.add_argument("--control-socket", default=os.environ.get("GPUPOOL_CONTROL_SOCKET"), metavar="PATH")
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=PAUSE_WAIT,
+        metavar="SECONDS",
+        help="pause: how long to wait for the coordinator to move the agent's buffers to other agents "
+        "(0: not at all; default %(default)g)",
+    )
     args = parser.parse_args(argv)
     args.insecure = False
     path = _control_socket(args)
     try:
-        state = ask(Path(path), args.command)
+        answer = ask(Path(path), args.command, wait=args.wait if args.command == "pause" else None)
     except (ConnectError, ValueError) as exc:
         print(f"gpupool-agent {args.command}: {exc}", file=sys.stderr)
         return 1
-    print(state)
+    print(answer["state"])
+    if args.command == "pause":
+        for line in pause_lines(answer):
+            print(line)
     return 0
+
+
+def pause_lines(answer: dict[str, object]) -> list[str]:
+    """What a pause's answer says moved where, and what stayed, as lines (none where nothing was held)."""
+    lines = []
+    moved = answer.get("moved")
+    for group in moved if isinstance(moved, list) else ():
+        if isinstance(group, dict):
+            lines.append(
+                f"moved {group.get('buffers')} buffer(s), {group.get('bytes')} bytes, of session "
+                f"{group.get('session') or '(none)'} to agent {group.get('agent_id')} "
+                f"({group.get('endpoint')}) worker {group.get('worker')}"
+            )
+    left = answer.get("left")
+    if left:
+        note = answer.get("note")
+        lines.append(
+            f"{left} buffer(s), {answer.get('left_bytes')} bytes, stay here" + (f": {note}" if note else "")
+        )
+    held = answer.get("held")
+    if held and not answer.get("finished"):
+        lines.append(
+            f"{held} buffer(s) still here: not all moved within the wait (the coordinator moves them to "
+            "other ready agents with room; gpupool agents shows what each holds)"
+        )
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:

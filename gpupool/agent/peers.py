@@ -44,7 +44,7 @@ from gpupool._errors import AuthError, FrameDecodeError, UnsupportedDType, Usage
 from gpupool._proto.v1 import agent_pb2
 from gpupool.protocol import bulk
 from gpupool.protocol.codec import check_dtype, shape_of
-from gpupool.protocol.errors import BUFFER_KEY, ERROR_KEY, RpcRefusal
+from gpupool.protocol.errors import BUFFER_KEY, ERROR_KEY, MOVED_KEY, RpcRefusal
 from gpupool.protocol.rawstream import DOWNLOAD_RAW, SERVICE, decode_message
 from gpupool.security.capability import CapabilityVerifier
 from gpupool.security.pki import agent_dns_name
@@ -80,8 +80,12 @@ _TRANSIENT: Final = frozenset(
     }
 )
 
-#: Refusals of the holder passed on as themselves; any other becomes the puller's bad-request.
-_PASSED_ON: Final = frozenset({"buffer-not-found", "bad-request", "out-of-memory", "not-accepting"})
+#: Refusals of the holder passed on as themselves; any other becomes the puller's bad-request. A source moved
+#: to another agent (drain, pause) is passed on with its new home (``gpupool-moved-to``), so that the client
+#: can name it there.
+_PASSED_ON: Final = frozenset(
+    {"buffer-not-found", "buffer-moved", "bad-request", "out-of-memory", "not-accepting"}
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -204,10 +208,12 @@ class Peers:
         *,
         max_bytes: int,
         into: np.ndarray | None = None,
+        whole: bool = False,
     ) -> np.ndarray:
         """Rows ``[start, stop)`` of ``peer``'s buffer ``buffer_id``, which must be of ``dtype`` and at most
         ``max_bytes``, as a new host array; or, with ``into`` (C-contiguous, ``stop - start`` rows of as many
-        elements as the buffer's), written there (``into`` returned).
+        elements as the buffer's), written there (``into`` returned). ``whole``: the whole buffer, whatever
+        its shape (``start`` and ``stop`` ignored; ``into`` of as many elements).
 
         Rows of at least :data:`BULK_MIN_BYTES` go over the peer's bulk byte path where it has one and it
         can be reached (:meth:`_fetch_bulk`); otherwise, or where that connection breaks, over
@@ -220,7 +226,7 @@ class Peers:
                 out-of-memory, not-accepting), permission-denied (the holder refused the capability), or
                 bad-request (rows of another dtype or larger than ``max_bytes``).
         """
-        read = _Read(peer, buffer_id, start, stop, dtype, max_bytes, into)
+        read = _Read(peer, buffer_id, start, stop, dtype, max_bytes, into, whole)
         size = into.nbytes if into is not None else max_bytes
         if self._bulk and size >= BULK_MIN_BYTES:
             out = await self._try_bulk(read)
@@ -256,7 +262,11 @@ class Peers:
     async def _fetch_once(self, read: _Read) -> np.ndarray:
         peer, buffer_id, max_bytes = read.peer, read.buffer_id, read.max_bytes
         request = agent_pb2.DownloadRequest(
-            buffer_id=buffer_id, chunk_bytes=CHUNK_BYTES, has_rows=True, start=read.start, stop=read.stop
+            buffer_id=buffer_id,
+            chunk_bytes=CHUNK_BYTES,
+            has_rows=not read.whole,
+            start=read.start,
+            stop=read.stop,
         )
         metadata = ((CAPABILITY_KEY, peer.capability),) if peer.capability else ()
         download = self._channel(peer).unary_stream(DOWNLOAD_RAW, None, None)
@@ -353,7 +363,7 @@ class Peers:
         """
         peer = read.peer
         request = agent_pb2.DownloadRequest(
-            buffer_id=read.buffer_id, has_rows=True, start=read.start, stop=read.stop
+            buffer_id=read.buffer_id, has_rows=not read.whole, start=read.start, stop=read.stop
         )
         payload = bulk.encode_request(request, peer.capability)
         call = _BulkCall()
@@ -399,7 +409,8 @@ class Peers:
             call.cancel()
             raise
         if isinstance(result, RpcRefusal):
-            raise _passed_on(result.kind, peer, result.message, result.buffer_id.split("/", 1)[-1])
+            buffer_id = result.buffer_id.split("/", 1)[-1]
+            raise _passed_on(result.kind, peer, result.message, buffer_id, result.extra.get("moved-to", ""))
         return result
 
     @staticmethod
@@ -450,6 +461,7 @@ class _Read:
     dtype: np.dtype[Any]
     max_bytes: int
     into: np.ndarray | None
+    whole: bool = False
 
 
 class _BulkUnreachable(Exception):
@@ -480,6 +492,8 @@ def _allocate(read: _Read, meta: agent_pb2.ArrayMeta) -> np.ndarray:
     except UnsupportedDType as exc:
         raise _malformed(peer, buffer_id, str(exc)) from None
     shape = shape_of(meta)
+    if read.whole:
+        return _allocate_whole(read, sent, shape)
     if sent != dtype or not shape or shape[0] != stop - start or any(n < 0 for n in shape):
         raise RpcRefusal(
             "bad-request",
@@ -506,6 +520,29 @@ def _allocate(read: _Read, meta: agent_pb2.ArrayMeta) -> np.ndarray:
     return into
 
 
+def _allocate_whole(read: _Read, sent: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
+    """:func:`_allocate` for a whole buffer: any shape, of the pull's dtype, at most its bytes."""
+    peer, buffer_id, dtype, into = read.peer, read.buffer_id, read.dtype, read.into
+    size = math.prod(shape)
+    if sent != dtype or any(n < 0 for n in shape) or size * dtype.itemsize > read.max_bytes:
+        raise RpcRefusal(
+            "bad-request",
+            f"agent {peer.agent_id}: buffer {buffer_id} is {sent.name}{list(shape)}, not of {dtype.name} "
+            f"in at most {read.max_bytes} bytes as the pull expects",
+            buffer_id=buffer_id,
+        )
+    if into is None:
+        return np.empty(shape, dtype)
+    if into.size != size:
+        raise RpcRefusal(
+            "bad-request",
+            f"agent {peer.agent_id}: buffer {buffer_id} has {size} elements, not {into.size} as the pull "
+            "expects",
+            buffer_id=buffer_id,
+        )
+    return into
+
+
 def _close_soon(channel: grpc.aio.Channel) -> None:
     task = asyncio.ensure_future(channel.close(grace=None))
     task.add_done_callback(lambda t: t.cancelled() or t.exception())
@@ -523,17 +560,20 @@ def _refusal_of(exc: grpc.aio.AioRpcError, peer: Peer) -> RpcRefusal | None:
     """The refusal to answer with for a failed read; None where another try may do better."""
     kind = ""
     buffer_id = ""
+    moved_to = ""
     for item in exc.trailing_metadata() or ():
         pair: tuple[object, ...] = tuple(item)  # type: ignore[arg-type]  # grpc-stubs: opaque metadatum
         if len(pair) == 2 and pair[0] == ERROR_KEY and isinstance(pair[1], str):
             kind = pair[1]
         elif len(pair) == 2 and pair[0] == BUFFER_KEY and isinstance(pair[1], str):
             buffer_id = pair[1].split("/", 1)[-1]
+        elif len(pair) == 2 and pair[0] == MOVED_KEY and isinstance(pair[1], str):
+            moved_to = pair[1]
     code = exc.code()
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         return _passed_on("permission-denied", peer, exc.details() or "", buffer_id)
     if kind in _PASSED_ON:
-        return _passed_on(kind, peer, exc.details() or "", buffer_id)
+        return _passed_on(kind, peer, exc.details() or "", buffer_id, moved_to)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return RpcRefusal(
             "peer-unavailable",
@@ -544,12 +584,15 @@ def _refusal_of(exc: grpc.aio.AioRpcError, peer: Peer) -> RpcRefusal | None:
     return _passed_on(kind, peer, exc.details() or "", buffer_id)
 
 
-def _passed_on(kind: str, peer: Peer, details: str, buffer_id: str) -> RpcRefusal:
+def _passed_on(kind: str, peer: Peer, details: str, buffer_id: str, moved_to: str = "") -> RpcRefusal:
     """The puller's refusal for the holder's: a refused capability as permission-denied, the kinds of
-    :data:`_PASSED_ON` as themselves, any other as bad-request."""
+    :data:`_PASSED_ON` as themselves (buffer-moved with the holder's ``moved_to``), any other as
+    bad-request."""
     words = f"agent {peer.agent_id} at {peer.endpoint} refused the pull: {details}"
     if kind in ("unauthenticated", "permission-denied"):
         return RpcRefusal("permission-denied", words, buffer_id=buffer_id)
+    if kind == "buffer-moved":
+        return RpcRefusal("buffer-moved", words, buffer_id=buffer_id, extra={"moved-to": moved_to})
     if kind in _PASSED_ON:
         return RpcRefusal(kind, words, buffer_id=buffer_id)  # type: ignore[arg-type]  # checked just above
     return RpcRefusal("bad-request", words, buffer_id=buffer_id)

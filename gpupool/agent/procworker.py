@@ -683,7 +683,7 @@ class ProcessWorker:
 
     async def to_device(self, host: np.ndarray, buffer_id: str) -> RemoteArray:
         """A new array in the process holding ``host``'s values."""
-        host = np.ascontiguousarray(host)
+        host = np.asarray(host, order="C")  # ascontiguousarray would make a 0-d array 1-d
         array = await self.allocate(host.dtype, tuple(host.shape), buffer_id)
         data = host.reshape(-1).view(np.uint8)
         size = self._ring.block_bytes

@@ -144,16 +144,24 @@ class Puller:
         rows are written straight into their rows of it, and the pieces returned are those views.
         """
         pieces: list[np.ndarray] = [np.empty(0, dtype)] * len(peers)
-        offsets = itertools.accumulate((s.stop - s.start for s in request.sources), initial=0)
+        shape = shape_of(request.expect)
+        offsets = itertools.accumulate((_rows(s, shape) for s in request.sources), initial=0)
 
         async def read(index: int, source: agent_pb2.PullSource, peer: Peer | None, first: int) -> None:
-            rows = source.stop - source.start
+            rows = _rows(source, shape)
             region = None if into is None else into[first : first + rows]
             if peer is None:
                 pieces[index] = await self._read_local(source, dtype, region)
             else:
                 pieces[index] = await self._peers.fetch(
-                    peer, source.buffer_id, source.start, source.stop, dtype, max_bytes=nbytes, into=region
+                    peer,
+                    source.buffer_id,
+                    source.start,
+                    source.stop,
+                    dtype,
+                    max_bytes=nbytes,
+                    into=region,
+                    whole=source.whole,
                 )
 
         try:
@@ -179,7 +187,7 @@ class Puller:
                 f"buffer {source.buffer_id} is {buffer.dtype.name}, not the pull's {dtype.name}",
                 buffer_id=source.buffer_id,
             )
-        if not buffer.shape or source.stop > buffer.shape[0]:
+        if not source.whole and (not buffer.shape or source.stop > buffer.shape[0]):
             raise RpcRefusal(
                 "bad-request",
                 f"rows [{source.start}, {source.stop}) are not rows of buffer {source.buffer_id} "
@@ -192,12 +200,15 @@ class Puller:
             if isinstance(worker, ProcessWorker)
             else None
         )
+        span = slice(None) if source.whole else slice(source.start, source.stop)
         if shared is not None:
-            rows: np.ndarray = shared[source.start : source.stop]
+            rows: np.ndarray = shared[span]
         elif worker.host_resident:
-            rows = buffer.array[source.start : source.stop]
+            rows = buffer.array[span]
         else:
-            rows = await worker.to_host(buffer.array, source.buffer_id, (source.start, source.stop))
+            rows = await worker.to_host(
+                buffer.array, source.buffer_id, None if source.whole else (source.start, source.stop)
+            )
         if into is None:
             return rows
         if rows.size != into.size:
@@ -222,11 +233,22 @@ def _first_refusal(group: BaseExceptionGroup[Any]) -> RpcRefusal | None:
     return None
 
 
+def _rows(source: agent_pb2.PullSource, shape: tuple[int, ...]) -> int:
+    """How many rows of the result a source fills: its range's, or for a whole buffer the result's rows (a
+    whole source goes straight into the result only when it is the only one: see :func:`_direct`)."""
+    if source.whole:
+        return shape[0] if shape else 0
+    return source.stop - source.start
+
+
 def _direct(request: agent_pb2.PullRequest, shape: tuple[int, ...]) -> bool:
     """Whether the pieces go straight into their rows of the result: a concatenation along axis 0 whose
-    pieces' rows add up to the result's (so each row has the result's row of elements, whatever its shape)."""
+    pieces' rows add up to the result's (so each row has the result's row of elements, whatever its shape),
+    or a whole buffer that is the only source (copied as it is, then given the result's shape)."""
     if request.combine == "sum" or not shape:
         return False
+    if any(source.whole for source in request.sources):
+        return len(request.sources) == 1
     if request.axis != 0 and len(request.sources) > 1:
         return False
     return sum(source.stop - source.start for source in request.sources) == shape[0]
@@ -261,4 +283,4 @@ def _combine(
         raise RpcRefusal(
             "bad-request", f"the pieces make {list(joined.shape)}, which does not reshape to {list(shape)}"
         )
-    return np.ascontiguousarray(joined.reshape(shape), dtype=dtype)
+    return np.asarray(joined.reshape(shape), dtype=dtype, order="C")  # ascontiguousarray: 0-d made 1-d

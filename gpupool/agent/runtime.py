@@ -3,6 +3,10 @@
 Use as ``async with Agent(config) as agent: await agent.run()``; :meth:`Agent.stop` (from a signal
 handler) or cancelling :meth:`Agent.run` stops it cleanly: the retained status turns OFFLINE, in-flight
 calls get a short grace, then the workers stop.
+
+Drained (unless with ``--no-move``) or paused by its owner (``gpupool-agent pause``, or the pause schedule),
+the agent's status asks the coordinator to move its buffers away (``move_request``); the coordinator does it
+through ``Inventory``, other agents' ``Pull`` and ``Forward`` (:mod:`gpupool.agent.evacuation`).
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ import logging
 import os
 import socket
 import time
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Final, TypeVar
+from typing import Final, Literal, TypeVar
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -29,11 +34,13 @@ from gpupool.agent.bulk import BulkServer
 from gpupool.agent.config import AgentConfig
 from gpupool.agent.control import ControlServer
 from gpupool.agent.discovery import GpuTelemetry
+from gpupool.agent.evacuation import CallsInFlight, Evacuation
 from gpupool.agent.guard import Guard
 from gpupool.agent.measure import measure
 from gpupool.agent.peers import Peers
 from gpupool.agent.procworker import AnyWorker, ProcessWorker
 from gpupool.agent.pull import Puller
+from gpupool.agent.schedule import parse_schedule, paused_at
 from gpupool.agent.service import AgentService, add_to_server
 from gpupool.agent.status import Counters, Identity, build_status, build_telemetry, now
 from gpupool.agent.workerproc import FAULT_INJECTION_ENV
@@ -66,6 +73,8 @@ COMMAND_MAX_AGE: Final = 300.0
 #: at least this long after the previous report (an agent busy all the time reports 5 times a second).
 FREED_REPORT_DELAY: Final = 0.02
 MIN_FREED_REPORT_GAP: Final = 0.2
+#: Seconds between looks at the owner's pause schedule (windows are whole minutes).
+SCHEDULE_TICK: Final = 10.0
 
 State = control_pb2.AgentState
 READY: Final = control_pb2.AGENT_STATE_READY
@@ -144,6 +153,10 @@ class Agent:
         self._peers: Peers | None = None
         self._seen_commands: dict[str, None] = {}  # ids of signed commands applied, oldest first
         self._ignored = RateLimitedLog(log.warning)
+        self._evacuation: Evacuation | None = None
+        self._move_request = 0  # AgentStatus.move_request while DRAINING to have the buffers moved
+        self._paused_by: Literal["owner", "schedule"] | None = None  # who paused it, if its owner's side did
+        self._schedule = parse_schedule(config.pause_schedule)
 
     # lifecycle
 
@@ -220,6 +233,8 @@ class Agent:
         elif not config.insecure:
             raise UsageError("an agent needs an identity (enrolment) unless it runs --insecure")
         accepting = lambda: self._state in (READY, CORDONED)  # noqa: E731 - given to two servicers
+        calls = CallsInFlight()
+        self._evacuation = Evacuation(registry=self._registry, calls=calls)
         self._peers = Peers(
             agent_id=self.agent_id,
             coordinator_key=self._coordinator_key,
@@ -244,6 +259,8 @@ class Agent:
             allow_kernels=config.allow_kernels,
             allow_python=config.allow_python,
             fuse_kernels=config.fuse_kernels,
+            evacuation=self._evacuation,
+            calls=calls,
         )
         guard = Guard(self._verifier) if self._verifier is not None else None
         tls = None
@@ -335,6 +352,8 @@ class Agent:
                 group.create_task(session.run(), name=f"{label}.mqtt"),
                 group.create_task(self._telemetry_loop(), name=f"{label}.telemetry"),
             ]
+            if self._schedule:
+                loops.append(group.create_task(self._schedule_loop(), name=f"{label}.schedule"))
             try:
                 await self._stop.wait()
             finally:
@@ -360,13 +379,44 @@ class Agent:
             if self._setup is not None:
                 self._setup.close()
 
-    async def _owner_command(self, command: str) -> str:
-        """``gpupool-agent pause|resume|state`` from the rig itself (:mod:`gpupool.agent.control`)."""
+    async def _owner_command(self, command: str, wait: float) -> dict[str, object]:
+        """``gpupool-agent pause|resume|state`` from the rig itself (:mod:`gpupool.agent.control`): a pause
+        waits up to ``wait`` seconds for the coordinator to move the buffers away, and says what moved."""
+        evacuation = self._require(self._evacuation)
         if command == "pause":
             await self.apply_command(control_pb2.COMMAND_KIND_DRAIN, "paused by the rig's owner")
-        elif command == "resume":
+            self._paused_by = "owner"
+            registry = self._require(self._registry)
+            summary = await evacuation.wait(wait) if len(registry) and wait > 0 else evacuation.summary()
+            return {"state": self._state_name(), "held": len(registry), **summary.as_dict()}
+        if command == "resume":
             await self.apply_command(control_pb2.COMMAND_KIND_UNCORDON, "resumed by the rig's owner")
+            self._paused_by = None
+        return {"state": self._state_name()}
+
+    def _state_name(self) -> str:
         return str(State.Name(self._state)).removeprefix("AGENT_STATE_").lower()
+
+    async def _schedule_loop(self) -> None:
+        """Pause and resume at the edges of the owner's pause schedule (``--pause-schedule``), in local time.
+
+        Only the edges act: the owner may resume inside a window or pause outside one by hand, and the end of
+        a window resumes only a pause the schedule made (not an operator's drain, nor the owner's own pause).
+        """
+        previous: bool | None = None
+        while True:
+            paused = paused_at(self._schedule, datetime.now())
+            if paused != previous:
+                if paused and self._state in (READY, CORDONED):
+                    await self.apply_command(control_pb2.COMMAND_KIND_DRAIN, "paused by the rig's schedule")
+                    self._paused_by = "schedule"
+                elif not paused and self._state == DRAINING and self._paused_by == "schedule":
+                    await self.apply_command(
+                        control_pb2.COMMAND_KIND_UNCORDON, "resumed by the rig's schedule"
+                    )
+                    self._paused_by = None
+                previous = paused
+            await asyncio.sleep(SCHEDULE_TICK)
 
     async def _shut_down_network(self) -> None:
         if self._shut_down:
@@ -413,13 +463,16 @@ class Agent:
 
     def status(self) -> control_pb2.AgentStatus:
         """The status as published now (unsigned; :meth:`_signed` signs a copy to publish)."""
-        return build_status(
+        status = build_status(
             self._require(self._identity),
             self._state,
             self._workers,
             self._require(self._registry),
             self._gpu_telemetry,
         )
+        if self._state == DRAINING:
+            status.move_request = self._move_request
+        return status
 
     def _signed(self, message: SignedT) -> SignedT:
         """``message`` with the certificate fingerprint (statuses) and this agent's signature, if enrolled."""
@@ -430,8 +483,11 @@ class Agent:
         sign_message(message, self._signing_key)
         return message
 
-    async def apply_command(self, kind: control_pb2.CommandKind, reason: str = "") -> None:
-        """Apply DRAIN, CORDON or UNCORDON, then republish the status.
+    async def apply_command(
+        self, kind: control_pb2.CommandKind, reason: str = "", *, keep_buffers: bool = False
+    ) -> None:
+        """Apply DRAIN, CORDON or UNCORDON, then republish the status. A DRAIN asks the coordinator to move
+        the buffers away (a new ``move_request`` in the status) unless ``keep_buffers``.
 
         Raises:
             UsageError: an unknown command kind.
@@ -449,6 +505,11 @@ class Agent:
             State.Name(new),
         )
         self._state = new
+        if kind == control_pb2.COMMAND_KIND_DRAIN and not keep_buffers:
+            self._require(self._evacuation).begin()
+            self._move_request = max(self._move_request + 1, int(time.time() * 1000))
+        else:
+            self._move_request = 0
         await self._publish_status()
 
     # MQTT
@@ -473,7 +534,8 @@ class Agent:
             if command.kind == control_pb2.COMMAND_KIND_END_SESSION:
                 self.end_session(command.session)
             else:
-                await self.apply_command(command.kind, command.reason)
+                await self.apply_command(command.kind, command.reason, keep_buffers=command.keep_buffers)
+                self._paused_by = None  # the operator's word now
         except (ProtocolError, UsageError) as exc:
             # Anyone on an open broker can send these: one line per kind of refusal a minute.
             self._ignored.emit(type(exc).__name__ + str(exc)[:40], f"ignoring a command on {topic}: {exc}")
@@ -509,7 +571,9 @@ class Agent:
         """Free every buffer of an ended session and refuse its capabilities from now on."""
         if not session:
             raise UsageError("an END_SESSION command names no session")
-        freed, nbytes = self._require(self._registry).free_session(session)
+        registry = self._require(self._registry)
+        freed, nbytes = registry.free_session(session)
+        registry.drop_forwards(session)
         if self._verifier is not None:
             self._verifier.end_session(session, until=time.time() + CAPABILITY_LIFETIME)
         self._status_dirty = True

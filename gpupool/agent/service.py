@@ -23,6 +23,7 @@ from gpupool._config import CHUNK_BYTES, MAX_MESSAGE_BYTES, Timeouts
 from gpupool._errors import FrameDecodeError, UnsupportedDType
 from gpupool._proto.v1 import agent_pb2, agent_pb2_grpc, control_pb2
 from gpupool.agent.buffers import BufferRegistry, Reservation
+from gpupool.agent.evacuation import CallsInFlight, Evacuation
 from gpupool.agent.guard import Guard
 from gpupool.agent.parts import Assemblies, Assembly, PartsFailed
 from gpupool.agent.procworker import AnyWorker, ProcessWorker, RemoteArray, RowStream
@@ -60,7 +61,9 @@ def add_to_server(service: AgentService, server: grpc.aio.Server, guard: Guard |
 
     ``UploadRaw`` and ``DownloadRaw`` (:mod:`gpupool.protocol.rawstream`) have no serializers: their
     handlers take and give ``bytes``, and encode or parse their one protobuf message themselves. With a
-    ``guard`` every method but Health needs a capability, and sees only its session's buffers.
+    ``guard`` every method but Health needs a capability, and sees only its session's buffers; Inventory and
+    Forward take only the coordinator's. The data-plane calls are counted in ``service.calls`` while they run
+    (an inventory for a move waits for them).
     """
     upload: Handler = service.Upload
     upload_raw: Handler = service.upload_raw
@@ -70,12 +73,23 @@ def add_to_server(service: AgentService, server: grpc.aio.Server, guard: Guard |
     free: Handler = service.Free
     pull: Handler = service.Pull
     run_python: Handler = service.RunPython
+    inventory: Handler = service.Inventory
+    forward: Handler = service.Forward
     if guard is not None:
         upload, upload_raw = guard.upload(upload), guard.upload_raw(upload_raw)
         download, download_raw = guard.download(download), guard.download_raw(download_raw)
         execute, free = guard.execute(execute), guard.free(free)
         pull = guard.pull(pull)
         run_python = guard.run_python(run_python)
+        inventory, forward = guard.inventory(inventory), guard.forward(forward)
+    track = service.calls.track
+    upload, upload_raw, download, download_raw = (
+        track(upload),
+        track(upload_raw),
+        track(download),
+        track(download_raw),
+    )
+    execute, free, pull, run_python = track(execute), track(free), track(pull), track(run_python)
     handlers = {
         "Upload": grpc.stream_unary_rpc_method_handler(
             upload,
@@ -107,6 +121,16 @@ def add_to_server(service: AgentService, server: grpc.aio.Server, guard: Guard |
             request_deserializer=agent_pb2.RunPythonRequest.FromString,
             response_serializer=agent_pb2.RunPythonReply.SerializeToString,
         ),
+        "Inventory": grpc.unary_unary_rpc_method_handler(
+            inventory,
+            request_deserializer=agent_pb2.InventoryRequest.FromString,
+            response_serializer=agent_pb2.InventoryReply.SerializeToString,
+        ),
+        "Forward": grpc.unary_unary_rpc_method_handler(
+            forward,
+            request_deserializer=agent_pb2.ForwardRequest.FromString,
+            response_serializer=agent_pb2.ForwardReply.SerializeToString,
+        ),
         "Health": grpc.unary_unary_rpc_method_handler(
             service.Health,
             request_deserializer=agent_pb2.HealthRequest.FromString,
@@ -132,6 +156,11 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         allow_kernels: run users' kernels (``--allow-kernels``); refused with permission-denied otherwise.
         allow_python: run Python tasks (``--allow-python``, :mod:`gpupool.agent.pytask`); refused otherwise.
         fuse_kernels: on CuPy workers, run programs' elementwise chains as generated kernels.
+        evacuation: serves ``Inventory`` and ``Forward`` (the coordinator moving buffers away); None refuses
+            them.
+
+    Attributes:
+        calls: the data-plane calls in flight (counted by :func:`add_to_server`).
     """
 
     def __init__(
@@ -147,7 +176,11 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         allow_kernels: bool = False,
         allow_python: bool = False,
         fuse_kernels: bool = False,
+        evacuation: Evacuation | None = None,
+        calls: CallsInFlight | None = None,
     ) -> None:
+        self.calls = calls if calls is not None else CallsInFlight()
+        self._evacuation = evacuation
         self._puller = puller
         # The program runner with this agent's options, for both of Execute's paths.
         self._run_program = functools.partial(
@@ -460,6 +493,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         deadline = 0.0
         try:
             self._registry.check_worker(request.worker)
+            self._registry.check_not_moved(request.free)
             worker = self._workers[request.worker]
             if isinstance(worker, ProcessWorker):
                 deadline = _program_deadline(self._timeouts, request, self._registry.nbytes_of)
@@ -506,7 +540,15 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         self._counters.bytes_sent += sum(len(fetched.data) for fetched in reply.fetched)
 
     async def Free(self, request: agent_pb2.FreeRequest, context: Context) -> agent_pb2.FreeReply:
-        """Free buffers by id (unknown ids skipped), or every buffer of a session."""
+        """Free buffers by id (unknown ids skipped; any moved away refuses the call), or every buffer of a
+        session."""
+        refusal: RpcRefusal | None = None
+        try:
+            self._registry.check_not_moved(request.buffer_ids)
+        except RpcRefusal as exc:
+            refusal = _detached(exc)
+        if refusal is not None:  # aborted outside the handler, as every refusal here
+            await abort(context, refusal)
         if request.buffer_ids:
             freed, nbytes = self._registry.free(request.buffer_ids)
         elif request.session:
@@ -545,6 +587,20 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             await abort(context, refusal)
         await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, overdue)
         raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+    async def Inventory(
+        self, request: agent_pb2.InventoryRequest, context: Context
+    ) -> agent_pb2.InventoryReply:
+        """Every resident buffer, for the coordinator moving them away (:mod:`gpupool.agent.evacuation`)."""
+        if self._evacuation is None:
+            await abort(context, RpcRefusal("bad-request", "this agent does not move its buffers"))
+        return await self._evacuation.inventory(request)
+
+    async def Forward(self, request: agent_pb2.ForwardRequest, context: Context) -> agent_pb2.ForwardReply:
+        """Free buffers that moved to other agents and forward their ids there."""
+        if self._evacuation is None:
+            await abort(context, RpcRefusal("bad-request", "this agent does not move its buffers"))
+        return await self._evacuation.forward(request)
 
     async def Health(self, request: agent_pb2.HealthRequest, context: Context) -> agent_pb2.HealthReply:
         """The agent's status."""

@@ -12,7 +12,8 @@ One read per connection::
     puller -> holder   MAGIC, u32 length, a serialized DownloadRequest (rows of one buffer),
                        u32 length, the capability (UTF-8; empty on an insecure agent)
     holder -> puller   b"M", u32 length, a serialized ArrayMeta, then exactly that array's bytes
-                 or    b"R", u32 length, a JSON refusal {"kind", "message", "buffer_id"}
+                 or    b"R", u32 length, a JSON refusal {"kind", "message", "buffer_id"} (and "moved_to"
+                                   for a buffer-moved refusal: agent_id|endpoint|worker)
 
 Integers are big-endian. The holder checks the capability and confines the buffer id to its session as
 its gRPC guard does (:mod:`gpupool.agent.bulk`); where this path cannot be reached (a rig forwarding only
@@ -98,9 +99,10 @@ def encode_meta(meta: agent_pb2.ArrayMeta) -> bytes:
 
 def encode_refusal(refusal: RpcRefusal) -> bytes:
     """The holder's answer when it will not send the rows."""
-    body = json.dumps(
-        {"kind": refusal.kind, "message": refusal.message[:4000], "buffer_id": refusal.buffer_id[:512]}
-    ).encode()
+    fields = {"kind": refusal.kind, "message": refusal.message[:4000], "buffer_id": refusal.buffer_id[:512]}
+    if "moved-to" in refusal.extra:
+        fields["moved_to"] = refusal.extra["moved-to"][:1024]
+    body = json.dumps(fields).encode()
     return b"".join((_REFUSAL, _LENGTH.pack(len(body)), body))
 
 
@@ -121,7 +123,11 @@ def read_reply(sock: socket.socket) -> agent_pb2.ArrayMeta | RpcRefusal:
     try:
         fields = json.loads(body)
         kind: ErrorKind = fields["kind"]
-        return RpcRefusal(kind, str(fields["message"]), buffer_id=str(fields.get("buffer_id", "")))
+        moved_to = fields.get("moved_to")
+        extra = {"moved-to": moved_to} if isinstance(moved_to, str) else None
+        return RpcRefusal(
+            kind, str(fields["message"]), buffer_id=str(fields.get("buffer_id", "")), extra=extra
+        )
     except (ValueError, KeyError, TypeError) as exc:
         raise FrameDecodeError("a bulk refusal", str(exc)) from None
 

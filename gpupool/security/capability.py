@@ -24,10 +24,20 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gpupool._errors import AuthError, UsageError
 
-__all__ = ["CAPABILITY_VERSION", "Capability", "CapabilityVerifier", "issue_capability"]
+__all__ = [
+    "CAPABILITY_VERSION",
+    "COORDINATOR_SESSION",
+    "Capability",
+    "CapabilityVerifier",
+    "issue_capability",
+]
 
 #: The payload's ``v``.
 CAPABILITY_VERSION: Final = 1
+#: The session of the coordinator's own capabilities, for its calls to an agent whose buffers it moves away
+#: (``Inventory``, ``Forward``): no client session can have this id (theirs are ``job-<hex>``), and an agent
+#: takes it for those calls only.
+COORDINATOR_SESSION: Final = "~coordinator"
 
 _ALGORITHM: Final = ec.ECDSA(hashes.SHA256())
 # Real capabilities are about 200 characters; anything much longer is refused before it is decoded.

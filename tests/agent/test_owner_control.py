@@ -3,6 +3,7 @@ through the agent's control socket (real agent process, real socket, the real co
 
 from __future__ import annotations
 
+import asyncio
 import stat
 import subprocess
 import sys
@@ -63,3 +64,45 @@ def test_pause_without_a_running_agent_says_so(tmp_path: Path) -> None:
     done = owner("pause", tmp_path / "nobody.sock")
     assert done.returncode == 1
     assert "no agent answers on its control socket" in done.stderr
+
+
+def test_a_pause_schedule_pauses_the_agent_within_its_window(system_broker_url: str, tmp_path: Path) -> None:
+    prefix = new_prefix()
+    agent = start_agent(
+        system_broker_url, prefix, "--backend", "numpy", "--pause-schedule", "daily 00:00-24:00"
+    )
+    try:
+
+        async def state() -> int:
+            async with agent_stub(agent.ready["endpoint"]) as stub:
+                for _ in range(100):
+                    health = await stub.Health(agent_pb2.HealthRequest(), timeout=10)
+                    if health.status.state == control_pb2.AGENT_STATE_DRAINING:
+                        break
+                    await asyncio.sleep(0.05)
+                return health.status.state
+
+        assert run(state()) == control_pb2.AGENT_STATE_DRAINING  # the whole day is a window: paused at start
+    finally:
+        agent.stop()
+        run(clear_retained(system_broker_url, Topics(prefix).status(agent.ready["agent_id"])))
+
+
+def test_a_pause_schedule_that_does_not_read_stops_the_agent_at_once() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gpupool.agent",
+            "--broker",
+            "mqtt://127.0.0.1:1",
+            "--insecure",
+            "--pause-schedule",
+            "Mon-Fri 8-18",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "a pause window reads [DAYS] HH:MM-HH:MM" in done.stderr

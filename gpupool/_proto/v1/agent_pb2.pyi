@@ -238,20 +238,22 @@ class HealthReply(_message.Message):
     def __init__(self, status: _Optional[_Union[_control_pb2.AgentStatus, _Mapping]] = ...) -> None: ...
 
 class PullSource(_message.Message):
-    __slots__ = ("agent_id", "buffer_id", "start", "stop", "capability", "endpoint")
+    __slots__ = ("agent_id", "buffer_id", "start", "stop", "capability", "endpoint", "whole")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     BUFFER_ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     CAPABILITY_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    WHOLE_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     buffer_id: str
     start: int
     stop: int
     capability: str
     endpoint: str
-    def __init__(self, agent_id: _Optional[str] = ..., buffer_id: _Optional[str] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., capability: _Optional[str] = ..., endpoint: _Optional[str] = ...) -> None: ...
+    whole: bool
+    def __init__(self, agent_id: _Optional[str] = ..., buffer_id: _Optional[str] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., capability: _Optional[str] = ..., endpoint: _Optional[str] = ..., whole: _Optional[bool] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("worker", "output", "sources", "combine", "axis", "expect", "session")
@@ -296,3 +298,69 @@ class RunPythonReply(_message.Message):
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     payload: bytes
     def __init__(self, payload: _Optional[bytes] = ...) -> None: ...
+
+class InventoryRequest(_message.Message):
+    __slots__ = ("settle_seconds",)
+    SETTLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    settle_seconds: float
+    def __init__(self, settle_seconds: _Optional[float] = ...) -> None: ...
+
+class ResidentBuffer(_message.Message):
+    __slots__ = ("session", "buffer_id", "worker", "meta", "nbytes")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    buffer_id: str
+    worker: int
+    meta: ArrayMeta
+    nbytes: int
+    def __init__(self, session: _Optional[str] = ..., buffer_id: _Optional[str] = ..., worker: _Optional[int] = ..., meta: _Optional[_Union[ArrayMeta, _Mapping]] = ..., nbytes: _Optional[int] = ...) -> None: ...
+
+class InventoryReply(_message.Message):
+    __slots__ = ("buffers", "settled")
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    SETTLED_FIELD_NUMBER: _ClassVar[int]
+    buffers: _containers.RepeatedCompositeFieldContainer[ResidentBuffer]
+    settled: bool
+    def __init__(self, buffers: _Optional[_Iterable[_Union[ResidentBuffer, _Mapping]]] = ..., settled: _Optional[bool] = ...) -> None: ...
+
+class BufferHome(_message.Message):
+    __slots__ = ("session", "buffer_id", "agent_id", "endpoint", "worker")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_ID_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    buffer_id: str
+    agent_id: str
+    endpoint: str
+    worker: int
+    def __init__(self, session: _Optional[str] = ..., buffer_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., worker: _Optional[int] = ...) -> None: ...
+
+class ForwardRequest(_message.Message):
+    __slots__ = ("moves", "final", "left", "left_bytes", "note")
+    MOVES_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    LEFT_FIELD_NUMBER: _ClassVar[int]
+    LEFT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    moves: _containers.RepeatedCompositeFieldContainer[BufferHome]
+    final: bool
+    left: int
+    left_bytes: int
+    note: str
+    def __init__(self, moves: _Optional[_Iterable[_Union[BufferHome, _Mapping]]] = ..., final: _Optional[bool] = ..., left: _Optional[int] = ..., left_bytes: _Optional[int] = ..., note: _Optional[str] = ...) -> None: ...
+
+class ForwardReply(_message.Message):
+    __slots__ = ("forwarded", "bytes_forwarded", "missing")
+    FORWARDED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FORWARDED_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    forwarded: int
+    bytes_forwarded: int
+    missing: _containers.RepeatedCompositeFieldContainer[BufferHome]
+    def __init__(self, forwarded: _Optional[int] = ..., bytes_forwarded: _Optional[int] = ..., missing: _Optional[_Iterable[_Union[BufferHome, _Mapping]]] = ...) -> None: ...

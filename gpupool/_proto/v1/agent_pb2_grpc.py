@@ -69,6 +69,16 @@ class AgentStub:
                 request_serializer=gpupool_dot_v1_dot_agent__pb2.RunPythonRequest.SerializeToString,
                 response_deserializer=gpupool_dot_v1_dot_agent__pb2.RunPythonReply.FromString,
                 _registered_method=True)
+        self.Inventory = channel.unary_unary(
+                '/gpupool.v1.Agent/Inventory',
+                request_serializer=gpupool_dot_v1_dot_agent__pb2.InventoryRequest.SerializeToString,
+                response_deserializer=gpupool_dot_v1_dot_agent__pb2.InventoryReply.FromString,
+                _registered_method=True)
+        self.Forward = channel.unary_unary(
+                '/gpupool.v1.Agent/Forward',
+                request_serializer=gpupool_dot_v1_dot_agent__pb2.ForwardRequest.SerializeToString,
+                response_deserializer=gpupool_dot_v1_dot_agent__pb2.ForwardReply.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -125,6 +135,26 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Inventory(self, request, context):
+        """Drain and pause (docs/contracts.md, "Drain and take-back"): the coordinator's calls to an agent whose
+        buffers it moves to other agents. Behind a guard, only with the coordinator's own capability (session
+        "~coordinator", which no client session can be); any other is refused permission-denied.
+        Every resident buffer of every session, once the calls in flight when it came have ended (at most
+        settle_seconds).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Forward(self, request, context):
+        """The buffers named now live elsewhere (the coordinator had their new agents Pull them from here): this
+        agent frees them, and from now until their session ends refuses every call naming one with
+        "buffer-moved" (trailing metadata gpupool-moved-to: agent_id|endpoint|worker of the new home).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +192,16 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.RunPython,
                     request_deserializer=gpupool_dot_v1_dot_agent__pb2.RunPythonRequest.FromString,
                     response_serializer=gpupool_dot_v1_dot_agent__pb2.RunPythonReply.SerializeToString,
+            ),
+            'Inventory': grpc.unary_unary_rpc_method_handler(
+                    servicer.Inventory,
+                    request_deserializer=gpupool_dot_v1_dot_agent__pb2.InventoryRequest.FromString,
+                    response_serializer=gpupool_dot_v1_dot_agent__pb2.InventoryReply.SerializeToString,
+            ),
+            'Forward': grpc.unary_unary_rpc_method_handler(
+                    servicer.Forward,
+                    request_deserializer=gpupool_dot_v1_dot_agent__pb2.ForwardRequest.FromString,
+                    response_serializer=gpupool_dot_v1_dot_agent__pb2.ForwardReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -353,6 +393,60 @@ class Agent:
             '/gpupool.v1.Agent/RunPython',
             gpupool_dot_v1_dot_agent__pb2.RunPythonRequest.SerializeToString,
             gpupool_dot_v1_dot_agent__pb2.RunPythonReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Inventory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpupool.v1.Agent/Inventory',
+            gpupool_dot_v1_dot_agent__pb2.InventoryRequest.SerializeToString,
+            gpupool_dot_v1_dot_agent__pb2.InventoryReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Forward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpupool.v1.Agent/Forward',
+            gpupool_dot_v1_dot_agent__pb2.ForwardRequest.SerializeToString,
+            gpupool_dot_v1_dot_agent__pb2.ForwardReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -87,7 +87,7 @@ class Worker(_message.Message):
     def __init__(self, index: _Optional[int] = ..., backend: _Optional[str] = ..., gpu: _Optional[_Union[GpuInfo, _Mapping]] = ..., memory_limit: _Optional[int] = ..., memory_used: _Optional[int] = ..., buffers: _Optional[int] = ..., gemm_f32_gflops: _Optional[float] = ..., gemm_f16_gflops: _Optional[float] = ..., host_to_device_gbps: _Optional[float] = ..., temperature_limit_c: _Optional[float] = ...) -> None: ...
 
 class AgentStatus(_message.Message):
-    __slots__ = ("schema_version", "agent_id", "name", "version", "endpoint", "state", "backend", "workers", "hostname", "updated", "note", "started", "signature", "certificate_fingerprint", "bulk_port", "allow_python")
+    __slots__ = ("schema_version", "agent_id", "name", "version", "endpoint", "state", "backend", "workers", "hostname", "updated", "note", "started", "signature", "certificate_fingerprint", "bulk_port", "allow_python", "move_request")
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +104,7 @@ class AgentStatus(_message.Message):
     CERTIFICATE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     BULK_PORT_FIELD_NUMBER: _ClassVar[int]
     ALLOW_PYTHON_FIELD_NUMBER: _ClassVar[int]
+    MOVE_REQUEST_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
     agent_id: str
     name: str
@@ -120,7 +121,8 @@ class AgentStatus(_message.Message):
     certificate_fingerprint: str
     bulk_port: int
     allow_python: bool
-    def __init__(self, schema_version: _Optional[int] = ..., agent_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., endpoint: _Optional[str] = ..., state: _Optional[_Union[AgentState, str]] = ..., backend: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[Worker, _Mapping]]] = ..., hostname: _Optional[str] = ..., updated: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., note: _Optional[str] = ..., started: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., signature: _Optional[bytes] = ..., certificate_fingerprint: _Optional[str] = ..., bulk_port: _Optional[int] = ..., allow_python: _Optional[bool] = ...) -> None: ...
+    move_request: int
+    def __init__(self, schema_version: _Optional[int] = ..., agent_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., endpoint: _Optional[str] = ..., state: _Optional[_Union[AgentState, str]] = ..., backend: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[Worker, _Mapping]]] = ..., hostname: _Optional[str] = ..., updated: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., note: _Optional[str] = ..., started: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., signature: _Optional[bytes] = ..., certificate_fingerprint: _Optional[str] = ..., bulk_port: _Optional[int] = ..., allow_python: _Optional[bool] = ..., move_request: _Optional[int] = ...) -> None: ...
 
 class WorkerTelemetry(_message.Message):
     __slots__ = ("index", "memory_used", "memory_limit", "buffers", "gpu_memory_free", "utilization_percent", "temperature_c", "power_w")
@@ -167,7 +169,7 @@ class AgentTelemetry(_message.Message):
     def __init__(self, schema_version: _Optional[int] = ..., agent_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., workers: _Optional[_Iterable[_Union[WorkerTelemetry, _Mapping]]] = ..., ops_executed: _Optional[int] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., signature: _Optional[bytes] = ..., kernel_cache_hits: _Optional[int] = ..., kernel_compiles: _Optional[int] = ...) -> None: ...
 
 class AgentCommand(_message.Message):
-    __slots__ = ("schema_version", "command_id", "kind", "reason", "issued", "session", "agent_id", "signature")
+    __slots__ = ("schema_version", "command_id", "kind", "reason", "issued", "session", "agent_id", "signature", "keep_buffers")
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +178,7 @@ class AgentCommand(_message.Message):
     SESSION_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    KEEP_BUFFERS_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
     command_id: str
     kind: CommandKind
@@ -184,4 +187,5 @@ class AgentCommand(_message.Message):
     session: str
     agent_id: str
     signature: bytes
-    def __init__(self, schema_version: _Optional[int] = ..., command_id: _Optional[str] = ..., kind: _Optional[_Union[CommandKind, str]] = ..., reason: _Optional[str] = ..., issued: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., session: _Optional[str] = ..., agent_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    keep_buffers: bool
+    def __init__(self, schema_version: _Optional[int] = ..., command_id: _Optional[str] = ..., kind: _Optional[_Union[CommandKind, str]] = ..., reason: _Optional[str] = ..., issued: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., session: _Optional[str] = ..., agent_id: _Optional[str] = ..., signature: _Optional[bytes] = ..., keep_buffers: _Optional[bool] = ...) -> None: ...

@@ -268,20 +268,60 @@ class ListJobsReply(_message.Message):
     def __init__(self, jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ...) -> None: ...
 
 class AdminRequest(_message.Message):
-    __slots__ = ("agent_id", "reason")
+    __slots__ = ("agent_id", "reason", "no_move")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    NO_MOVE_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     reason: str
-    def __init__(self, agent_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    no_move: bool
+    def __init__(self, agent_id: _Optional[str] = ..., reason: _Optional[str] = ..., no_move: _Optional[bool] = ...) -> None: ...
 
 class AdminReply(_message.Message):
-    __slots__ = ("agent", "command_id")
+    __slots__ = ("agent", "command_id", "evacuation")
     AGENT_FIELD_NUMBER: _ClassVar[int]
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
+    EVACUATION_FIELD_NUMBER: _ClassVar[int]
     agent: _control_pb2.AgentStatus
     command_id: str
-    def __init__(self, agent: _Optional[_Union[_control_pb2.AgentStatus, _Mapping]] = ..., command_id: _Optional[str] = ...) -> None: ...
+    evacuation: Evacuation
+    def __init__(self, agent: _Optional[_Union[_control_pb2.AgentStatus, _Mapping]] = ..., command_id: _Optional[str] = ..., evacuation: _Optional[_Union[Evacuation, _Mapping]] = ...) -> None: ...
+
+class MovedBuffers(_message.Message):
+    __slots__ = ("session", "agent_id", "endpoint", "worker", "buffers", "bytes")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    agent_id: str
+    endpoint: str
+    worker: int
+    buffers: int
+    bytes: int
+    def __init__(self, session: _Optional[str] = ..., agent_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., worker: _Optional[int] = ..., buffers: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class Evacuation(_message.Message):
+    __slots__ = ("agent_id", "moved", "buffers_moved", "bytes_moved", "buffers_left", "bytes_left", "problems", "seconds")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    MOVED_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_MOVED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_MOVED_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_LEFT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_LEFT_FIELD_NUMBER: _ClassVar[int]
+    PROBLEMS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    moved: _containers.RepeatedCompositeFieldContainer[MovedBuffers]
+    buffers_moved: int
+    bytes_moved: int
+    buffers_left: int
+    bytes_left: int
+    problems: _containers.RepeatedScalarFieldContainer[str]
+    seconds: float
+    def __init__(self, agent_id: _Optional[str] = ..., moved: _Optional[_Iterable[_Union[MovedBuffers, _Mapping]]] = ..., buffers_moved: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., buffers_left: _Optional[int] = ..., bytes_left: _Optional[int] = ..., problems: _Optional[_Iterable[str]] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class MoveSource(_message.Message):
     __slots__ = ("agent_id", "worker", "start", "stop")

@@ -551,6 +551,8 @@ class AdminServicer:
 
     def Drain(self, request, context):
         """Each sends the command on the agent's commands topic and returns once the agent's status shows it.
+        Drain then moves every resident buffer of the agent to other ready agents, agent to agent (unless
+        no_move), and returns once they have moved: AdminReply.evacuation says what moved where.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
