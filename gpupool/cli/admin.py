@@ -46,6 +46,9 @@ __all__ = [
 
 AdminAction = Literal["drain", "cordon", "uncordon", "forget"]
 
+#: Seconds ``gpupool drain`` waits for the agent's buffers to move, unless ``--move-timeout`` says otherwise.
+MOVE_TIMEOUT = 600.0
+
 
 class CoordinatorClient:
     """The operator's typed calls to a coordinator (over the transport's ``CoordinatorClient``).
@@ -103,19 +106,29 @@ class CoordinatorClient:
         )
         return sorted(reply.jobs, key=lambda j: (j.started.seconds, j.started.nanos, j.job_id))
 
-    def command(self, action: AdminAction, agent: str, *, reason: str = "") -> coordinator_pb2.AdminReply:
+    def command(
+        self,
+        action: AdminAction,
+        agent: str,
+        *,
+        reason: str = "",
+        no_move: bool = False,
+        move_timeout: float = MOVE_TIMEOUT,
+    ) -> coordinator_pb2.AdminReply:
         """Drain, cordon, uncordon or forget ``agent`` (an id, a unique id prefix, or a name).
 
-        Returns once the agent's status shows the new state (forget: once it is gone).
+        Returns once the agent's status shows the new state (forget: once it is gone); a drain, once the
+        agent's buffers moved to other agents (unless ``no_move``), within ``move_timeout`` more seconds.
 
         Raises:
             PlacementError: no such agent, or an ambiguous prefix.
             ConnectError, DeadlineExceeded, AuthError, GpupoolError: the call failed.
         """
-        request = coordinator_pb2.AdminRequest(agent_id=agent, reason=reason)
-        reply: coordinator_pb2.AdminReply = self._client.call(
-            action.capitalize(), request, timeout=self.command_timeout
-        )
+        request = coordinator_pb2.AdminRequest(agent_id=agent, reason=reason, no_move=no_move)
+        timeout = self.command_timeout
+        if action == "drain" and not no_move:
+            timeout += move_timeout
+        reply: coordinator_pb2.AdminReply = self._client.call(action.capitalize(), request, timeout=timeout)
         return reply
 
     def end_job(self, job_id: str) -> coordinator_pb2.JobInfo:
@@ -387,11 +400,39 @@ def run_status(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     return 0
 
 
+def evacuation_lines(evacuation: coordinator_pb2.Evacuation) -> list[str]:
+    """What ``gpupool drain`` prints of the moves: a line per session and target, a total, what stayed."""
+    lines = [
+        f"  moved {group.buffers} buffer(s), {format_bytes(group.bytes)}, of session "
+        f"{group.session or '(none)'} to agent {group.agent_id} worker {group.worker}"
+        for group in evacuation.moved
+    ]
+    lines.append(
+        f"moved {evacuation.buffers_moved} buffer(s), {format_bytes(evacuation.bytes_moved)}, "
+        f"to {len({group.agent_id for group in evacuation.moved})} agent(s) in {evacuation.seconds:.1f} s"
+    )
+    if evacuation.buffers_left:
+        lines.append(
+            f"{evacuation.buffers_left} buffer(s), {format_bytes(evacuation.bytes_left)}, stay on the agent "
+            "(it serves them until they are freed)"
+        )
+    lines.extend(f"  {problem}" for problem in evacuation.problems)
+    return lines
+
+
 def run_admin(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    """``gpupool drain|cordon|uncordon ID [--reason TEXT]``: prints the agent's new state."""
+    """``gpupool drain|cordon|uncordon ID [--reason TEXT]``: prints the agent's new state (and for a drain,
+    what moved where; ``--no-move`` keeps the agent's buffers where they are)."""
     action: AdminAction = args.command
+    no_move = bool(getattr(args, "no_move", False))
     with _client(args) as client:
-        reply = client.command(action, args.agent, reason=args.reason)
+        reply = client.command(
+            action,
+            args.agent,
+            reason=args.reason,
+            no_move=no_move,
+            move_timeout=getattr(args, "move_timeout", MOVE_TIMEOUT),
+        )
     status = reply.agent
     if action == "forget":
         print(
@@ -403,6 +444,8 @@ def run_admin(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             f"{status.name or status.agent_id} ({status.agent_id}) is now {state_name(status.state)}",
             file=out,
         )
+    if action == "drain" and reply.HasField("evacuation"):
+        print("\n".join(evacuation_lines(reply.evacuation)), file=out)
     return 0
 
 

@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.set_defaults(handler=_operator(admin.run_agents))
 
     helps = {
-        "drain": "take no new work on an agent, serve what it holds",
+        "drain": "take no new work on an agent and move what it holds to other ready agents",
         "cordon": "take no new shards on an agent, keep serving",
         "uncordon": "make a cordoned, draining or quarantined agent ready again",
         "forget": "remove a dead agent, clear its retained topics and revoke its enrolment",
@@ -132,6 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(action, parents=[connection], help=text)
         sub.add_argument("agent", metavar="AGENT", help="an agent id, a unique prefix of one, or a name")
         sub.add_argument("--reason", default="", help="why, for the record")
+        if action == "drain":
+            sub.add_argument(
+                "--no-move",
+                action="store_true",
+                help="keep the agent's buffers where they are (it serves them until freed) instead of moving "
+                "them to other agents",
+            )
+            sub.add_argument(
+                "--move-timeout",
+                type=_positive_float,
+                metavar="SECONDS",
+                default=admin.MOVE_TIMEOUT,
+                help="how long to wait for the buffers to move (default %(default)g; they go on moving "
+                "after)",
+            )
         sub.set_defaults(handler=_operator(admin.run_admin))
 
     sub = commands.add_parser("jobs", parents=[connection], help="client sessions the coordinator knows")

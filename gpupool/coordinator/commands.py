@@ -63,7 +63,15 @@ class AgentCommander:
         self._sign = sign
         self._changed = asyncio.Event()
 
-    def _command(self, agent_id: str, kind: CommandKind, reason: str = "", session: str = "") -> AgentCommand:
+    def _command(
+        self,
+        agent_id: str,
+        kind: CommandKind,
+        reason: str = "",
+        session: str = "",
+        *,
+        keep_buffers: bool = False,
+    ) -> AgentCommand:
         issued = Timestamp()
         issued.GetCurrentTime()
         command = AgentCommand(
@@ -73,6 +81,7 @@ class AgentCommander:
             issued=issued,
             session=session,
             agent_id=agent_id,
+            keep_buffers=keep_buffers,
         )
         if self._sign is not None:
             self._sign(command)
@@ -92,8 +101,11 @@ class AgentCommander:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def send(self, agent_id: str, kind: CommandKind, reason: str) -> tuple[AgentStatus, str]:
-        """Send ``kind`` to the agent and return its confirming status and the command's id.
+    async def send(
+        self, agent_id: str, kind: CommandKind, reason: str, *, keep_buffers: bool = False
+    ) -> tuple[AgentStatus, str]:
+        """Send ``kind`` to the agent and return its confirming status and the command's id (a DRAIN with
+        ``keep_buffers`` asks the agent not to have its buffers moved away).
 
         Raises:
             AgentNotAccepting: the agent is offline, or went offline before confirming.
@@ -105,7 +117,7 @@ class AgentCommander:
         entry = self._registry.get(agent_id)
         if entry is None or entry.state == control_pb2.AGENT_STATE_OFFLINE:
             raise AgentNotAccepting(agent_id, "is offline; commands cannot reach it")
-        command = self._command(agent_id, kind, reason)
+        command = self._command(agent_id, kind, reason, keep_buffers=keep_buffers)
         await self._publish(self._topics.commands(agent_id), encode_json(command))
         try:
             async with asyncio.timeout(self._timeout):

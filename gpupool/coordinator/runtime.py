@@ -35,9 +35,11 @@ from gpupool._config import BrokerAddress, Timeouts, parse_endpoint
 from gpupool._errors import GpupoolError
 from gpupool._proto.v1 import control_pb2
 from gpupool._proto.v1.control_pb2 import AgentCommand
+from gpupool._proto.v1.coordinator_pb2 import Evacuation
 from gpupool.coordinator.admission import Admission, DropLog, Dropped
 from gpupool.coordinator.auth import Authenticator
 from gpupool.coordinator.commands import AgentCommander
+from gpupool.coordinator.evacuator import Evacuator
 from gpupool.coordinator.eventlog import EventLog
 from gpupool.coordinator.jobs import DEFAULT_LEASE, Jobs
 from gpupool.coordinator.mqttusers import MqttUsers
@@ -157,6 +159,9 @@ class Coordinator:
             timeout=timeouts.command,
             sign=self._sign_command,
         )
+        self._evacuator = Evacuator(
+            registry=self.registry, jobs=self.jobs, authority=self.authority, timeouts=timeouts
+        )
         self._service: CoordinatorService | None = None
         self._server: grpc.aio.Server | None = None
         self._group: asyncio.TaskGroup | None = None
@@ -253,6 +258,7 @@ class Coordinator:
     async def close(self) -> None:
         """Stop serving: end :meth:`run`, and stop the gRPC server within a short grace period."""
         self._stop.set()
+        await self._evacuator.close()
         await self._session.close()
         self._events.flush()
         server, self._server = self._server, None
@@ -319,6 +325,10 @@ class Coordinator:
         password = secrets.token_urlsafe(24)
         await self._users.ensure_agent(agent_id, password)
         return agent_id, password
+
+    async def evacuate(self, agent_id: str) -> Evacuation:
+        """Move a draining agent's buffers to other ready agents (:mod:`gpupool.coordinator.evacuator`)."""
+        return await self._evacuator.evacuate(agent_id)
 
     def _sign_command(self, command: AgentCommand) -> None:
         sign_message(command, self.authority.capability_private_key)
@@ -412,6 +422,7 @@ class Coordinator:
             self._events.record(event)
         if channel == "status":
             self._commander.status_applied()
+            self._evacuator.status_applied(agent_id)  # a drained or paused agent may ask for moves
 
     def _apply(self, agent_id: str, channel: str, payload: bytes) -> list[RegistryEvent]:
         now = time.monotonic()

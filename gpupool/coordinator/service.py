@@ -45,6 +45,7 @@ from gpupool._proto.v1.coordinator_pb2 import (
     EndJobRequest,
     EnrolReply,
     EnrolRequest,
+    Evacuation,
     GrantReply,
     GrantRequest,
     JobInfo,
@@ -114,6 +115,10 @@ class PoolControl(Protocol):
 
     async def create_mqtt_user(self, agent_id: str) -> tuple[str, str]:
         """MQTT username and password for a newly enrolled agent ("", "" when none are managed)."""
+        ...
+
+    async def evacuate(self, agent_id: str) -> Evacuation:
+        """Move a draining agent's buffers to other ready agents, agent to agent; what moved where."""
         ...
 
 
@@ -616,8 +621,12 @@ class AdminService(coordinator_pb2_grpc.AdminServicer):
 
     @requires("admin")
     async def Drain(self, request: AdminRequest, context: Context, caller: TokenRecord) -> AdminReply:
-        """Take no new shards or uploads; serve what the agent holds."""
-        return await self._command(request, control_pb2.COMMAND_KIND_DRAIN)
+        """Take no new shards or uploads; move what the agent holds to other ready agents (unless
+        ``no_move``: then serve it there), and say what moved where (:mod:`gpupool.coordinator.evacuator`)."""
+        reply = await self._command(request, control_pb2.COMMAND_KIND_DRAIN, keep_buffers=request.no_move)
+        if not request.no_move:
+            reply.evacuation.CopyFrom(await self._control.evacuate(reply.agent.agent_id))
+        return reply
 
     @requires("admin")
     async def Cordon(self, request: AdminRequest, context: Context, caller: TokenRecord) -> AdminReply:
@@ -671,7 +680,9 @@ class AdminService(coordinator_pb2_grpc.AdminServicer):
         record = await self._control.end_session(request.job_id, reason="ended by an admin")
         return EndJobReply(job=_job_info(record))
 
-    async def _command(self, request: AdminRequest, kind: CommandKind) -> AdminReply:
+    async def _command(
+        self, request: AdminRequest, kind: CommandKind, *, keep_buffers: bool = False
+    ) -> AdminReply:
         try:
             entry = self._registry.resolve(request.agent_id)
         except PlacementError as exc:
@@ -686,7 +697,9 @@ class AdminService(coordinator_pb2_grpc.AdminServicer):
             f": {request.reason}" if request.reason else "",
         )
         try:
-            status, command_id = await self._commander.send(entry.agent_id, kind, request.reason)
+            status, command_id = await self._commander.send(
+                entry.agent_id, kind, request.reason, keep_buffers=keep_buffers
+            )
         except AgentNotAccepting as exc:
             raise RpcRefusal("not-accepting", exc.remote_message, extra={"agent": exc.agent_id}) from exc
         except DeadlineExceeded as exc:
