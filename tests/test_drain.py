@@ -20,6 +20,7 @@ import pytest
 
 from gpupool._errors import BufferMoved, BufferNotFound
 from gpupool._proto.v1 import agent_pb2, control_pb2, coordinator_pb2
+from gpupool.cli.admin import evacuation_lines
 from gpupool.local import LocalPool
 from gpupool.protocol.errors import MOVED_KEY, translate_rpc_error
 from gpupool.security.capability import COORDINATOR_SESSION, issue_capability
@@ -327,3 +328,18 @@ def test_gpupool_drain_in_an_open_pool_moves_buffers_and_prints_where(system_bro
                 np.testing.assert_array_equal(await new.download_raw("open-big"), BIG)
 
         run(check())
+
+
+def test_what_gpupool_drain_prints_of_the_moves() -> None:
+    evacuation = coordinator_pb2.Evacuation(agent_id="a", seconds=1.25)
+    assert evacuation_lines(evacuation) == ["it held no buffers: nothing to move"]
+    evacuation.moved.add(session="job-1", agent_id="b", worker=0, buffers=2, bytes=3 << 20)
+    evacuation.buffers_moved, evacuation.bytes_moved = 2, 3 << 20
+    evacuation.buffers_left, evacuation.bytes_left = 1, 1 << 30
+    evacuation.problems.append("no ready agent has room for a buffer of 1073741824 bytes")
+    assert evacuation_lines(evacuation) == [
+        "  moved 2 buffer(s), 3 MiB, of session job-1 to agent b worker 0",
+        "moved 2 buffer(s), 3 MiB, to 1 agent(s) in 1.2 s",
+        "1 buffer(s), 1 GiB, stay on the agent (it serves them until they are freed)",
+        "  no ready agent has room for a buffer of 1073741824 bytes",
+    ]

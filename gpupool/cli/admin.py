@@ -407,10 +407,15 @@ def evacuation_lines(evacuation: coordinator_pb2.Evacuation) -> list[str]:
         f"{group.session or '(none)'} to agent {group.agent_id} worker {group.worker}"
         for group in evacuation.moved
     ]
-    lines.append(
-        f"moved {evacuation.buffers_moved} buffer(s), {format_bytes(evacuation.bytes_moved)}, "
-        f"to {len({group.agent_id for group in evacuation.moved})} agent(s) in {evacuation.seconds:.1f} s"
-    )
+    if evacuation.buffers_moved or evacuation.buffers_left:
+        lines.append(
+            f"moved {evacuation.buffers_moved} buffer(s), {format_bytes(evacuation.bytes_moved)}, "
+            f"to {len({group.agent_id for group in evacuation.moved})} agent(s) in {evacuation.seconds:.1f} s"
+        )
+    elif not evacuation.problems:
+        lines.append("it held no buffers: nothing to move")
+    else:
+        lines.append("nothing moved:")
     if evacuation.buffers_left:
         lines.append(
             f"{evacuation.buffers_left} buffer(s), {format_bytes(evacuation.bytes_left)}, stay on the agent "
