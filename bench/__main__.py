@@ -26,6 +26,7 @@ SECTIONS = (
     "numpy",
     "tasks",
     "placement",
+    "stragglers",
     "fleet",
     "gpu",
 )

@@ -31,9 +31,10 @@ from gpupool.client.graph import (
     plan_materialize,
 )
 from gpupool.client.layout import Piece, Place
+from gpupool.client.losses import MAX_RECOVERIES, loss_of
 from gpupool.client.methods import ArrayMethods
 from gpupool.client.operands import native_contiguous
-from gpupool.client.recovery import MAX_RECOVERIES, loss_of, recover
+from gpupool.client.recovery import recover
 from gpupool.client.reprs import array_html, array_repr
 from gpupool.client.session import Session
 from gpupool.client.types import Shard
@@ -84,7 +85,7 @@ class RemoteArray(ArrayMethods):
         self.shape = tuple(int(n) for n in shape)
         self.dtype = np.dtype(dtype)
         self.node = node
-        self._pieces = tuple(layout)
+        self._pieces = session.recovery.current_all(layout)
         self._freed = False
         self._replicas: dict[Place, Piece] = {}
         self._finalizer: weakref.finalize[Any, Any] | None = None
@@ -186,8 +187,9 @@ class RemoteArray(ArrayMethods):
         return self
 
     def commit(self, pieces: Sequence[Piece]) -> None:
-        """Make a pending array resident in ``pieces`` (what :func:`graph.materialize` computed)."""
-        self._pieces = tuple(pieces)
+        """Make a pending array resident in ``pieces`` (what :func:`graph.materialize` computed; a place
+        that moved while it ran is followed)."""
+        self._pieces = self.session.recovery.current_all(pieces)
         self.node = None
         self._finalizer = weakref.finalize(self, self.session.release, self._pieces)
 

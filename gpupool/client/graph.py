@@ -15,7 +15,6 @@ This module and :mod:`~gpupool.client.dispatch` never make arrays: operations ha
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,9 +24,11 @@ import numpy as np
 
 from gpupool._errors import AgentLost
 from gpupool._proto.v1 import agent_pb2
+from gpupool.client import stragglers
 from gpupool.client.layout import LayoutKey, Piece, Place, layout_key
+from gpupool.client.losses import MAX_RECOVERIES, loss_of
 from gpupool.client.operands import buffer_operand
-from gpupool.client.recovery import MAX_RECOVERIES, loss_of, recover
+from gpupool.client.recovery import recover
 from gpupool.client.session import Session
 from gpupool.protocol.codec import meta_of
 
@@ -280,6 +281,7 @@ def run_programs(session: Session, programs: Sequence[Program], *, what: str) ->
             program.place = session.run(
                 recover(session, program.place, error), timeout=_recovery_deadline(session), what="recover"
             )
+            session.recovery.follow((c.buffer_id for c in program.creates), program.place)
         busy = [p for p, _ in failed]
     return [results.get(id(p), {}) for p in programs]
 
@@ -335,16 +337,19 @@ def _run_once(
         finally:
             tracker.advance()
 
+    async def execute(p: Program, place: Piece) -> dict[str, np.ndarray]:
+        free = frees[busy.index(p)] if place is p.place else p.free
+        return await session.channel(place.agent_id, place.endpoint).execute(
+            place.worker, p.ops, session=session.id, fetch=p.fetch, free=free, timeout=deadline
+        )
+
     async def go() -> list[object]:
-        calls = [
-            counted(
-                session.channel(p.place.agent_id, p.place.endpoint).execute(
-                    p.place.worker, p.ops, session=session.id, fetch=p.fetch, free=free, timeout=deadline
-                )
-            )
-            for p, free in zip(busy, frees, strict=True)
-        ]
-        outcome: list[object] = list(await asyncio.gather(*calls, return_exceptions=True))
+        outcome = await stragglers.run(
+            session,
+            busy,
+            lambda p, place: counted(execute(p, place)) if place is p.place else execute(p, place),
+            enabled=session.twins,
+        )
         return [
             r.with_rows(p.place.start, p.place.stop) if isinstance(r, AgentLost) and r.rows is None else r
             for p, r in zip(busy, outcome, strict=True)

@@ -55,9 +55,15 @@ class Pool:
         client: str | None = None,
         progress: bool | None = None,
         keep_uploads: Keep = "host",
+        twins: bool = True,
     ) -> None:
         self._session = Session(
-            credentials, timeouts=timeouts, client=client, progress=progress, keep_uploads=keep_uploads
+            credentials,
+            timeouts=timeouts,
+            client=client,
+            progress=progress,
+            keep_uploads=keep_uploads,
+            twins=twins,
         )
         self._entered: list[Token[tuple[Pool, ...]]] = []
         self._tasks = Tasks(self._session)
@@ -265,6 +271,7 @@ def connect(
     client: str | None = None,
     progress: bool | None = None,
     keep_uploads: Keep = "host",
+    twins: bool = True,
 ) -> Pool:
     """Connect to a pool's coordinator.
 
@@ -282,6 +289,9 @@ def connect(
             rebuilt on another from lineage: ``"host"`` (default) a copy in this process, as many bytes
             as were uploaded, kept while an array made from them lives; ``"none"`` nothing, and a lost
             uploaded shard (or one computed from it) raises :class:`gpupool.ShardsLost`.
+        twins: when one shard's program runs far behind its siblings' (a slow or overloaded rig), run
+            it on another worker too and take the first result; the slow worker's buffers move to the
+            winner's for good (``False``: wait for every shard where it is).
 
     Raises:
         ConnectError: nothing listens at the address (at once), or no coordinator answered in time.
@@ -294,4 +304,5 @@ def connect(
         client=client,
         progress=progress,
         keep_uploads=keep_uploads,
+        twins=twins,
     )

@@ -17,81 +17,20 @@ import contextlib
 import logging
 import random
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, Literal
 
-from gpupool._errors import (
-    AgentLost,
-    AgentNotAccepting,
-    BufferMoved,
-    BufferNotFound,
-    ConnectError,
-    GpupoolError,
-    ShardsLost,
-    StreamClosed,
-)
+import numpy as np
+
+from gpupool._errors import AgentNotAccepting, BufferMoved, GpupoolError, ShardsLost
 from gpupool._proto.v1 import coordinator_pb2
-from gpupool.client.layout import Piece, Place
+from gpupool.client.layout import Piece
 from gpupool.client.lineage import Rebuild, Unrebuildable
+from gpupool.client.losses import LOSSES, REBUILD_TRIES, Loss, loss_of
+from gpupool.client.session import Session
 from gpupool.protocol.codec import meta_of, op_outputs
 
-if TYPE_CHECKING:
-    from gpupool.client.session import Session
-
-__all__ = ["MAX_RECOVERIES", "Recovery", "loss_of", "recover"]
-
-#: How many times one call is retried after recovering the shards it needed.
-MAX_RECOVERIES: Final = 3
-#: How many places one recovery tries (a worker still restarting, or a new place lost too).
-REBUILD_TRIES: Final = 5
-#: Failures that say an agent is gone.
-LOSSES: Final = (AgentLost, ConnectError, StreamClosed)
+__all__ = ["new_place", "rebuild_at", "recover", "repoint"]
 
 log = logging.getLogger(__name__)
-
-Loss = Literal["agent", "worker", "moved"]
-
-
-@dataclass(slots=True)
-class Recovery:
-    """A session's recoveries: where each lost place went, those running, and how many buffers were
-    rebuilt (for tests and logs)."""
-
-    moved: dict[Place, Piece] = field(default_factory=dict)
-    former: dict[Place, list[Place]] = field(default_factory=dict)
-    running: dict[Place, asyncio.Future[Piece]] = field(default_factory=dict)
-    rebuilt: int = 0
-    recoveries: int = 0
-
-    def current(self, piece: Piece) -> Piece:
-        """``piece`` at the place that stands for its own now (itself if that was never lost)."""
-        seen = 0
-        while piece.place in self.moved and seen < 64:
-            to = self.moved[piece.place]
-            piece = Piece(
-                agent_id=to.agent_id,
-                endpoint=to.endpoint,
-                worker=to.worker,
-                start=piece.start,
-                stop=piece.stop,
-                buffer_id=piece.buffer_id,
-            )
-            seen += 1
-        return piece
-
-
-def loss_of(exc: BaseException) -> Loss | None:
-    """What a failed call says was lost: the whole agent, its worker process (the agent still answers),
-    or nothing (the buffer was moved, or the failure is of another kind: None)."""
-    if isinstance(exc, ShardsLost):
-        return None
-    if isinstance(exc, BufferMoved):
-        return "moved" if exc.to_endpoint else None
-    if isinstance(exc, LOSSES):
-        return "agent"
-    if isinstance(exc, BufferNotFound) and " was lost" in exc.remote_message:
-        return "worker"
-    return None
 
 
 async def recover(session: Session, lost: Piece, cause: BaseException) -> Piece:
@@ -111,13 +50,13 @@ async def recover(session: Session, lost: Piece, cause: BaseException) -> Piece:
     state = session.recovery
     place = lost.place
     if place in state.moved:
-        return state.current(lost)
+        return state.current(lost.with_buffer("")).with_buffer(lost.buffer_id).with_buffer(lost.buffer_id)
     running = state.running.get(place)
     if running is None:
         running = state.running[place] = asyncio.ensure_future(_recover(session, lost, kind, cause))
         running.add_done_callback(lambda _: state.running.pop(place, None))
     await asyncio.shield(running)
-    return state.current(lost)
+    return state.current(lost.with_buffer("")).with_buffer(lost.buffer_id)
 
 
 async def _recover(session: Session, lost: Piece, kind: Loss, cause: BaseException) -> Piece:
@@ -142,7 +81,7 @@ async def _recover(session: Session, lost: Piece, kind: Loss, cause: BaseExcepti
             to.agent_id,
             to.worker,
         )
-        _repoint(session, lost.place, to, ids)
+        repoint(session, lost, to, ids)
         return to
     ids = book.on(lost.place)
     try:
@@ -152,9 +91,9 @@ async def _recover(session: Session, lost: Piece, kind: Loss, cause: BaseExcepti
     exclude = [lost.agent_id] if kind == "agent" else []
     delay = 0.2
     for attempt in range(REBUILD_TRIES):
-        target = await _new_place(session, max(plan.nbytes, 1), exclude)
+        target = await new_place(session, max(plan.nbytes, 1), exclude)
         try:
-            await _rebuild_at(session, target, plan)
+            await rebuild_at(session, target, plan)
             break
         except (AgentNotAccepting, *LOSSES) as exc:
             # A worker process still restarting, or the new place lost too: free what arrived, try again.
@@ -168,7 +107,7 @@ async def _recover(session: Session, lost: Piece, kind: Loss, cause: BaseExcepti
             log.info("rebuilding on agent %s failed (%s); trying again", target.agent_id, exc)
             await asyncio.sleep(delay * (1 + random.random()))
             delay *= 2
-    _repoint(session, lost.place, target, ids)
+    repoint(session, lost, target, ids)
     state.rebuilt += len(ids)
     state.recoveries += 1
     log.warning(
@@ -187,7 +126,7 @@ async def _recover(session: Session, lost: Piece, kind: Loss, cause: BaseExcepti
     return target
 
 
-async def _rebuild_at(session: Session, target: Piece, plan: Rebuild) -> None:
+async def rebuild_at(session: Session, target: Piece, plan: Rebuild) -> None:
     """Upload the plan's rows to ``target``'s worker, then run its program there."""
     channel = session.channel(target.agent_id, target.endpoint)
     await asyncio.gather(
@@ -200,14 +139,13 @@ async def _rebuild_at(session: Session, target: Piece, plan: Rebuild) -> None:
         await channel.free(plan.free)
 
 
-async def _new_place(session: Session, nbytes: int, exclude: list[str]) -> Piece:
+async def new_place(session: Session, nbytes: int, exclude: list[str]) -> Piece:
     """One worker with room for ``nbytes`` (placed as a single row, so the coordinator cannot split it),
     not on the ``exclude``\\ d agents; retried a bounded number of times with jittered backoff while the
     coordinator still lists the lost agent as ready."""
-    import numpy as np
-
+    avoid = sorted(session.recovery.avoid - set(exclude))
     request = coordinator_pb2.PlaceRequest(
-        session=session.id, meta=meta_of(np.dtype(np.uint8), (1, nbytes)), exclude_agents=exclude
+        session=session.id, meta=meta_of(np.dtype(np.uint8), (1, nbytes)), exclude_agents=[*exclude, *avoid]
     )
     delay = 0.1
     for attempt in range(4):
@@ -217,6 +155,7 @@ async def _new_place(session: Session, nbytes: int, exclude: list[str]) -> Piece
         except GpupoolError:
             if attempt == 3:
                 raise
+            del request.exclude_agents[len(exclude) :]  # rather an agent given up on than none
             await asyncio.sleep(delay * (1 + random.random()))
             delay *= 2
     session.keep_placed(reply.shards)
@@ -226,13 +165,17 @@ async def _new_place(session: Session, nbytes: int, exclude: list[str]) -> Piece
     )
 
 
-def _repoint(session: Session, old: Place, to: Piece, ids: list[str]) -> None:
-    """Everything at ``old`` is at ``to``'s place now: the book, the arrays, later lookups."""
+def repoint(session: Session, old: Piece, to: Piece, ids: list[str]) -> None:
+    """Everything the session kept at ``old``'s place (``ids``) is at ``to``'s now: the book, the arrays,
+    later lookups; and nothing new goes to ``old``'s agent if ``to`` is on another."""
     session.book.move(ids, to)
-    session.recovery.moved[old] = to
-    session.recovery.former.setdefault(to.place, []).append(old)
+    recovery = session.recovery
+    recovery.moved[old.place] = to
+    recovery.follow(ids, to)
+    if to.agent_id != old.agent_id:
+        recovery.avoid.add(old.agent_id)
     for holder in session.holders():
-        holder.relocate(old, to)
+        holder.relocate(old.place, to)
 
 
 def _named(session: Session, lost: Piece, exc: Unrebuildable) -> ShardsLost:

@@ -30,6 +30,7 @@ from gpupool._errors import (
     ConnectError,
     DeadlineExceeded,
     GpupoolError,
+    NoCapacity,
     PlacementError,
 )
 from gpupool._ids import new_buffer_id
@@ -40,8 +41,8 @@ from gpupool.client.channels import AgentChannel, Metadata, fetched_arrays
 from gpupool.client.layout import Piece, by_endpoint, pieces_from_placement, round_robin
 from gpupool.client.lease import WATCH_INTERVAL, LeaseKeeper
 from gpupool.client.lineage import Book, Keep
+from gpupool.client.losses import MAX_RECOVERIES, Recovery, loss_of
 from gpupool.client.progress import DELAY, Tracker, Unit, progress_default
-from gpupool.client.recovery import MAX_RECOVERIES, Recovery, loss_of
 from gpupool.moves import Segment
 from gpupool.protocol.codec import meta_of
 from gpupool.protocol.errors import translate_rpc_error
@@ -72,6 +73,7 @@ class Session:
         client: how the coordinator lists this session in ``gpupool jobs``.
         keep_uploads: what the client keeps of uploaded rows, so that shards lost with an agent can be
             rebuilt (:data:`gpupool.client.lineage.KEEP_MODES`): "host" a copy, "none" nothing.
+        twins: run a speculative twin of a straggling shard's program on another worker.
 
     Raises:
         ConnectError: nothing listens at the address (at once), or no coordinator answered in time.
@@ -86,8 +88,12 @@ class Session:
         client: str | None = None,
         progress: bool | None = None,
         keep_uploads: Keep = "host",
+        twins: bool = True,
     ) -> None:
         self.address = credentials.address
+        #: Whether a shard's program far behind its siblings' gets a twin elsewhere
+        #: (:mod:`gpupool.client.stragglers`).
+        self.twins = twins
         #: How each kept buffer was made, and where it is (:mod:`gpupool.client.lineage`).
         self.book = Book(keep_uploads)
         #: Lost places and where they went (:mod:`gpupool.client.recovery`).
@@ -481,10 +487,18 @@ class Session:
     async def _place(
         self, shape: tuple[int, ...], dtype: np.dtype[Any], backend: str = "", *, exclude: Sequence[str] = ()
     ) -> list[Piece]:
+        # Agents this session gave up on (lost, or slower than a twin) get nothing new while others can.
+        avoid = sorted(self.recovery.avoid - set(exclude))
         request = coordinator_pb2.PlaceRequest(
-            session=self.id, meta=meta_of(dtype, shape), backend=backend, exclude_agents=list(exclude)
+            session=self.id, meta=meta_of(dtype, shape), backend=backend, exclude_agents=[*exclude, *avoid]
         )
-        reply = await self._call_coordinator("Place", request)
+        try:
+            reply = await self._call_coordinator("Place", request)
+        except (PlacementError, NoCapacity):
+            if not avoid:
+                raise
+            del request.exclude_agents[len(exclude) :]
+            reply = await self._call_coordinator("Place", request)
         self._keeper.keep_placed(reply.shards)
         return pieces_from_placement(reply.shards, self.new_buffer_id)
 

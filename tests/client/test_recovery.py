@@ -77,7 +77,7 @@ def test_an_agent_killed_in_the_middle_of_a_program_loses_no_result(pool3: Local
     slow = pool3.add_agent(env={"GPUPOOL_SLOWDOWN": "3000"})  # sleeps 2999x each program's time after it
     slow_id = str(slow.ready["agent_id"])
     host = np.arange(400_000, dtype=np.float64).reshape(100_000, 4)
-    with pool3.connect() as pool:
+    with pool3.connect(twins=False) as pool:  # a twin would win before the kill: this is about the kill
         x = pool.asarray(host)
         assert slow_id in {s.agent_id for s in x.shards}
         killer = threading.Timer(0.5, lambda: os.kill(slow.pid, signal.SIGKILL))
@@ -155,3 +155,32 @@ def test_an_upload_to_an_agent_that_dies_is_placed_again(pool3: LocalPool) -> No
         np.testing.assert_array_equal(x.get(), host)
         dead = str(pool3.agents[0].ready["agent_id"])
         assert all(s.agent_id != dead for s in x.shards)
+
+
+def test_a_straggling_shard_gets_a_twin_and_the_first_result_wins(pool3: LocalPool) -> None:
+    slow = pool3.add_agent(env={"GPUPOOL_SLOWDOWN": "300"})
+    slow_id = str(slow.ready["agent_id"])
+    host = np.arange(400_000, dtype=np.float64).reshape(100_000, 4)
+    with pool3.connect() as pool:
+        x = pool.asarray(host)
+        assert slow_id in {s.agent_id for s in x.shards}
+        started = time.monotonic()
+        y = ((x * 2 + 1) ** 2).persist()
+        first = time.monotonic() - started
+        total = float((y - 1).sum())
+        print(f"first round {first:.2f} s; then the sum")
+        np.testing.assert_allclose(total, float(((host * 2 + 1) ** 2 - 1).sum()), rtol=1e-12)
+        np.testing.assert_allclose(y.get(), (host * 2 + 1) ** 2)
+        recovery = pool._session.recovery
+        assert recovery.twins_won == 1
+        assert all(s.agent_id != slow_id for s in y.shards + x.shards)
+
+
+def test_without_twins_the_straggler_is_waited_for(pool3: LocalPool) -> None:
+    slow = pool3.add_agent(env={"GPUPOOL_SLOWDOWN": "30"})
+    host = np.arange(40_000, dtype=np.float64).reshape(10_000, 4)
+    with pool3.connect(twins=False) as pool:
+        x = pool.asarray(host)
+        np.testing.assert_allclose(float((x * 3).sum()), float((host * 3).sum()))
+        assert pool._session.recovery.twins_won == 0
+        assert str(slow.ready["agent_id"]) in {s.agent_id for s in x.shards}
