@@ -55,3 +55,16 @@ def test_no_worker_takes_more_than_its_room_and_a_homeless_buffer_fits_nowhere(
     for size, home in zip(sizes, homes, strict=True):
         if home is None:
             assert all(room < size for room in left)
+
+
+def test_a_sessions_buffers_on_one_worker_move_together_or_not_at_all() -> None:
+    rooms = [Room(free=100), Room(free=90)]
+    # Group "a" (60 + 30) fits only the first worker whole; "b" (50) then goes to the second.
+    homes = plan_homes([60, 30, 50], ["", "", ""], rooms, groups=["a", "a", "b"])
+    assert homes == [0, 0, 1]
+    # A group no worker can hold whole stays, however its buffers would fit apart.
+    assert plan_homes([60, 60], ["", ""], rooms, groups=["a", "a"]) == [None, None]
+    # Where the group went before wins if it has room.
+    assert plan_homes([10], [""], rooms, groups=["a"], prefer={"a": 1}) == [1]
+    # A buffer refused by a worker keeps its whole group off it.
+    assert plan_homes([10, 10], ["", ""], rooms, groups=["a", "a"], avoid={1: {0}}) == [1, 1]

@@ -74,6 +74,8 @@ class _Report:
     problems: list[str] = field(default_factory=list)
     #: (session, buffer id) -> the (agent, worker) slots that refused to pull it
     refused: dict[tuple[str, str], set[tuple[str, int]]] = field(default_factory=dict)
+    #: (session, source worker) -> the (agent, worker) its buffers went to (later rounds send theirs there)
+    group_homes: dict[tuple[str, int], tuple[str, int]] = field(default_factory=dict)
 
     def moved(self, home: agent_pb2.BufferHome, nbytes: int) -> None:
         counts = self.groups.setdefault((home.session, home.agent_id, home.endpoint, home.worker), [0, 0])
@@ -367,12 +369,21 @@ class Evacuator:
             }
             for index, b in enumerate(todo)
         }
+        # A session's buffers on one worker move together (its programs read them together), and where
+        # they went in an earlier round.
+        groups = [(b.session, b.worker) for b in todo]
+        prefer = {key: slots_of[slot] for key, slot in report.group_homes.items() if slot in slots_of}
         homes = plan_homes(
             [buffer.nbytes for buffer in todo],
             [source_backends.get(b.worker, "") for b in todo],
             rooms,
             avoid=avoid,
+            groups=groups,
+            prefer=prefer,
         )
+        for key, position in zip(groups, homes, strict=True):
+            if position is not None:
+                report.group_homes[key] = (ready.agent_ids[position], ready.workers[position])
         self._registry.reserve_split(
             ready, ((home, 0, todo[i].nbytes) for i, home in enumerate(homes) if home is not None), 1
         )
