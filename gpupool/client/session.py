@@ -27,11 +27,13 @@ from gpupool._config import Streams, Timeouts
 from gpupool._errors import (
     AgentLost,
     ArrayFreed,
+    BufferMoved,
     ConnectError,
     DeadlineExceeded,
     GpupoolError,
     NoCapacity,
     PlacementError,
+    UsageError,
 )
 from gpupool._ids import new_buffer_id
 from gpupool._proto.v1 import agent_pb2, agent_pb2_grpc, control_pb2, coordinator_pb2
@@ -41,7 +43,7 @@ from gpupool.client.channels import AgentChannel, Metadata, fetched_arrays
 from gpupool.client.layout import Piece, by_endpoint, pieces_from_placement, round_robin
 from gpupool.client.lease import WATCH_INTERVAL, LeaseKeeper
 from gpupool.client.lineage import Book, Keep
-from gpupool.client.losses import MAX_RECOVERIES, Recovery, loss_of
+from gpupool.client.losses import MAX_RECOVERIES, Recovery, Verification, loss_of
 from gpupool.client.progress import DELAY, Tracker, Unit, progress_default
 from gpupool.moves import Segment
 from gpupool.protocol.codec import meta_of
@@ -51,6 +53,9 @@ from gpupool.transport.coordinator import CoordinatorClient, PoolCredentials
 from gpupool.transport.rpc import CAPABILITY_KEY, sync_channel
 
 __all__ = ["FREE_DELAY", "Session"]
+
+#: Moved buffers one Free follows at most (each costs a call to the agent that moved it).
+MAX_FOLLOWS = 64
 
 #: Seconds a garbage-collected array's buffers wait for a program to carry their free (else a Free call).
 FREE_DELAY = 0.05
@@ -74,6 +79,7 @@ class Session:
         keep_uploads: what the client keeps of uploaded rows, so that shards lost with an agent can be
             rebuilt (:data:`gpupool.client.lineage.KEEP_MODES`): "host" a copy, "none" nothing.
         twins: run a speculative twin of a straggling shard's program on another worker.
+        verify: the fraction of programs re-run on a second agent and compared.
 
     Raises:
         ConnectError: nothing listens at the address (at once), or no coordinator answered in time.
@@ -89,8 +95,13 @@ class Session:
         progress: bool | None = None,
         keep_uploads: Keep = "host",
         twins: bool = True,
+        verify: float = 0.0,
     ) -> None:
+        if not 0.0 <= verify <= 1.0:
+            raise UsageError(f"verify is the fraction of programs to check, from 0 to 1, not {verify!r}")
         self.address = credentials.address
+        #: Which programs are re-run on a second agent, and what that found (:mod:`gpupool.client.verify`).
+        self.verification = Verification(rate=verify)
         #: Whether a shard's program far behind its siblings' gets a twin elsewhere
         #: (:mod:`gpupool.client.stragglers`).
         self.twins = twins
@@ -544,7 +555,7 @@ class Session:
         self.book.forget(p.buffer_id for p in pieces)
         results = await asyncio.gather(
             *(
-                self.channel(ps[0].agent_id, endpoint).free([p.buffer_id for p in ps])
+                self.free_following(ps[0].agent_id, endpoint, [p.buffer_id for p in ps])
                 for endpoint, ps in by_endpoint(pieces).items()
             ),
             return_exceptions=True,
@@ -552,6 +563,24 @@ class Session:
         for result in results:
             if isinstance(result, BaseException):
                 log.warning("freeing buffers failed: %s", result)
+
+    async def free_following(self, agent_id: str, endpoint: str, buffer_ids: Sequence[str]) -> None:
+        """Free buffers on one agent, following those it moved away (a drained agent frees nothing of a
+        call that names one it moved: each moved one is freed where it went, and the rest again)."""
+        left = list(buffer_ids)
+        for _ in range(MAX_FOLLOWS):
+            if not left:
+                return
+            try:
+                await self.channel(agent_id, endpoint).free(left)
+                return
+            except BufferMoved as moved:
+                if moved.buffer_id not in left or not moved.to_endpoint:
+                    raise
+                left.remove(moved.buffer_id)
+                await self.grant([moved.to_agent])
+                await self.channel(moved.to_agent, moved.to_endpoint).free([moved.buffer_id])
+        log.warning("freeing buffers on agent %s: more than %d of them had moved", agent_id, MAX_FOLLOWS)
 
     def release(self, pieces: Iterable[Piece]) -> None:
         """Free buffers soon, from any thread, without waiting (used when an array is garbage-collected).
@@ -583,7 +612,7 @@ class Session:
             self._flush_scheduled = False
         for endpoint, ids in pending.items():
             if ids:
-                task = asyncio.ensure_future(self.channel(self._agent_of[endpoint], endpoint).free(ids))
+                task = asyncio.ensure_future(self.free_following(self._agent_of[endpoint], endpoint, ids))
                 task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     # -- close ------------------------------------------------------------------------------------

@@ -184,3 +184,50 @@ def test_without_twins_the_straggler_is_waited_for(pool3: LocalPool) -> None:
         np.testing.assert_allclose(float((x * 3).sum()), float((host * 3).sum()))
         assert pool._session.recovery.twins_won == 0
         assert str(slow.ready["agent_id"]) in {s.agent_id for s in x.shards}
+
+
+def test_arrays_follow_their_shards_when_an_agent_is_drained(pool3: LocalPool) -> None:
+    """gpupool drain moves the agent's buffers agent to agent; the client follows them (buffer-moved),
+    rebuilding nothing, and frees them where they went."""
+    from gpupool._proto.v1 import coordinator_pb2
+
+    host = np.arange(12_000, dtype=np.float32).reshape(3000, 4)
+    with pool3.connect() as pool:
+        x = pool.asarray(host)
+        y = (x * 2).persist()
+        z = y + x  # pending over the same rows
+        w = (x + 1).persist()  # freed after the drain without being used: the Free follows it
+        _, shard = victim_of(pool3, y)
+        reply = pool3.coordinator_client().call(
+            "Drain", coordinator_pb2.AdminRequest(agent_id=shard.agent_id, reason="test"), timeout=60
+        )
+        evacuation = reply.evacuation
+        print(f"drain moved {evacuation.buffers_moved} buffers, left {evacuation.buffers_left}")
+        assert evacuation.buffers_moved >= 2
+        assert evacuation.buffers_left == 0
+        # Freed before anything touched the drained agent: the Free is refused there and follows.
+        moved_w = next(p for p in w.layout if p.agent_id == shard.agent_id)
+        w.free()
+        np.testing.assert_allclose(float(z.sum()), float((host * 3).sum(dtype=np.float64)), rtol=1e-6)
+        np.testing.assert_array_equal(y.get(), host * 2)
+        np.testing.assert_array_equal(x.get(), host)
+        assert all(s.agent_id != shard.agent_id for s in x.shards + y.shards)
+        assert pool._session.recovery.rebuilt == 0  # followed, not rebuilt
+        target = next(s.agent_id for s in y.shards if s.start == shard.start)
+        session = pool._session
+        freed = session.run(
+            session.channel(target, next(p.endpoint for p in y.layout if p.agent_id == target)).free(
+                [p.buffer_id for p in y.layout if p.agent_id == target]
+            ),
+            timeout=10,
+            what="free",
+        )
+        assert freed >= 1  # the moved buffer lives where the client now points
+        with pytest.raises(gp.BufferNotFound):  # w was freed at its new home, not left there
+            session.run(
+                session.channel(
+                    target, next(p.endpoint for p in y.layout if p.agent_id == target)
+                ).download_into(moved_w.buffer_id, np.empty((moved_w.stop - moved_w.start, 4), np.float32)),
+                timeout=10,
+                what="download",
+            )
