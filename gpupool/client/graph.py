@@ -30,6 +30,7 @@ from gpupool.client.losses import MAX_RECOVERIES, loss_of
 from gpupool.client.operands import buffer_operand
 from gpupool.client.recovery import recover
 from gpupool.client.session import Session
+from gpupool.client.verify import Distrusted, verify
 from gpupool.protocol.codec import meta_of
 
 __all__ = [
@@ -274,7 +275,9 @@ def run_programs(session: Session, programs: Sequence[Program], *, what: str) ->
     busy = [p for p in programs if p.ops or p.fetch or p.free]
     results: dict[int, dict[str, np.ndarray]] = {}
     for attempt in range(MAX_RECOVERIES + 1):
-        failed = _run_once(session, busy, results, what=what, last=attempt == MAX_RECOVERIES)
+        last = attempt == MAX_RECOVERIES
+        failed = _run_once(session, busy, results, what=what, last=last)
+        failed += _verified(session, [p for p in busy if id(p) in results], results, last=last)
         if not failed:
             break
         for program, error in failed:
@@ -284,6 +287,37 @@ def run_programs(session: Session, programs: Sequence[Program], *, what: str) ->
             session.recovery.follow((c.buffer_id for c in program.creates), program.place)
         busy = [p for p, _ in failed]
     return [results.get(id(p), {}) for p in programs]
+
+
+def _verified(
+    session: Session, done: Sequence[Program], results: dict[int, dict[str, np.ndarray]], *, last: bool
+) -> list[tuple[Program, BaseException]]:
+    """Check a sample of the programs that ran (:mod:`gpupool.client.verify`); returns those found wrong,
+    their results dropped and their agent to be given up, to run again elsewhere.
+
+    Raises:
+        Distrusted: one was found wrong on the ``last`` attempt.
+    """
+    wrong: list[tuple[Program, BaseException]] = []
+    state = session.verification
+    for program in done:
+        if not state.wanted():
+            continue
+        bad = session.run(
+            verify(session, program, results[id(program)]),
+            timeout=_recovery_deadline(session) * 2,
+            what="verify",
+        )
+        if bad:
+            # What it kept is wrong too: forgotten here, made again by the run elsewhere.
+            session.book.forget(c.buffer_id for c in program.creates)
+            del results[id(program)]
+            state.redone += 1
+            error = Distrusted(bad, "verification")
+            if last:
+                raise error
+            wrong.append((program, error))
+    return wrong
 
 
 def _recovery_deadline(session: Session) -> float:

@@ -1,10 +1,11 @@
-"""What a failed call says was lost, and a session's record of its recoveries: the part of
+"""What a failed call says was lost, and a session's record of its recoveries and verifications: the part of
 :mod:`gpupool.client.recovery` that :class:`~gpupool.client.session.Session` itself needs (its uploads
 place rows again after a loss), below it in the layering."""
 
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final, Literal
@@ -19,7 +20,7 @@ from gpupool._errors import (
 )
 from gpupool.client.layout import Piece, Place
 
-__all__ = ["LOSSES", "MAX_RECOVERIES", "REBUILD_TRIES", "Loss", "Recovery", "loss_of"]
+__all__ = ["LOSSES", "MAX_RECOVERIES", "REBUILD_TRIES", "Loss", "Recovery", "Verification", "loss_of"]
 
 #: How many times one call is retried after recovering the shards it needed.
 MAX_RECOVERIES: Final = 3
@@ -82,6 +83,24 @@ def _at(piece: Piece, to: Piece) -> Piece:
         stop=piece.stop,
         buffer_id=piece.buffer_id,
     )
+
+
+@dataclass(slots=True)
+class Verification:
+    """A session's sampling and counts: ``rate`` of programs checked (0: none)."""
+
+    rate: float = 0.0
+    rng: random.Random = field(default_factory=random.Random)
+    checked: int = 0
+    agreed: int = 0
+    wrong: int = 0
+    skipped: int = 0
+    redone: int = 0
+    caught: list[str] = field(default_factory=list)
+
+    def wanted(self) -> bool:
+        """Whether to check the next program."""
+        return self.rate > 0 and self.rng.random() < self.rate
 
 
 def loss_of(exc: BaseException) -> Loss | None:

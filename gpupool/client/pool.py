@@ -56,6 +56,7 @@ class Pool:
         progress: bool | None = None,
         keep_uploads: Keep = "host",
         twins: bool = True,
+        verify: float = 0.0,
     ) -> None:
         self._session = Session(
             credentials,
@@ -64,6 +65,7 @@ class Pool:
             progress=progress,
             keep_uploads=keep_uploads,
             twins=twins,
+            verify=verify,
         )
         self._entered: list[Token[tuple[Pool, ...]]] = []
         self._tasks = Tasks(self._session)
@@ -272,6 +274,7 @@ def connect(
     progress: bool | None = None,
     keep_uploads: Keep = "host",
     twins: bool = True,
+    verify: float = 0.0,
 ) -> Pool:
     """Connect to a pool's coordinator.
 
@@ -292,6 +295,11 @@ def connect(
         twins: when one shard's program runs far behind its siblings' (a slow or overloaded rig), run
             it on another worker too and take the first result; the slow worker's buffers move to the
             winner's for good (``False``: wait for every shard where it is).
+        verify: the fraction of programs (0 to 1) re-run on a second agent from the same inputs (made
+            again there from lineage) and compared: exactly for integers, within a per-dtype tolerance
+            for floats; a third agent breaks a tie. A wrong result is redone elsewhere before it is
+            returned, and reported to the coordinator, which quarantines an agent that keeps being wrong.
+            Each check costs the program's run again plus fetching its results (skipped above 32 MiB).
 
     Raises:
         ConnectError: nothing listens at the address (at once), or no coordinator answered in time.
@@ -305,4 +313,5 @@ def connect(
         progress=progress,
         keep_uploads=keep_uploads,
         twins=twins,
+        verify=verify,
     )
