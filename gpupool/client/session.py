@@ -26,6 +26,7 @@ import numpy as np
 from gpupool._config import Streams, Timeouts
 from gpupool._errors import (
     AgentLost,
+    AgentNotAccepting,
     ArrayFreed,
     BufferMoved,
     ConnectError,
@@ -420,11 +421,13 @@ class Session:
                 await self.upload_pieces(host, pieces)
                 return pieces
             except GpupoolError as exc:
-                # An agent lost mid-upload: place the rows again without it (what arrived was freed).
+                # An agent lost mid-upload, or one whose worker is restarting: place the rows again
+                # without it (what arrived was freed).
                 lost = getattr(exc, "agent_id", "")
-                if attempt == MAX_RECOVERIES or rows is not None or loss_of(exc) != "agent" or not lost:
+                gone = loss_of(exc) == "agent" or isinstance(exc, AgentNotAccepting)
+                if attempt == MAX_RECOVERIES or rows is not None or not gone or not lost:
                     raise
-                log.warning("agent %s was lost during an upload: placing the rows again without it", lost)
+                log.warning("agent %s failed an upload (%s): placing the rows again without it", lost, exc)
                 exclude.append(lost)
         raise AssertionError("unreachable")
 
