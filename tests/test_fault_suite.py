@@ -10,7 +10,8 @@ one fault on the way:
 - ``worker``: an agent's worker process is SIGKILLed (the agent says its buffers were lost; rebuilt);
 - ``slow``: a slowed agent joins and takes rows (its program is twinned on another agent);
 - ``corrupt``: an agent that corrupts results joins (verification catches it; the work is redone);
-- ``drain``: an agent holding a shard is drained (its buffers move agent to agent; the client follows).
+- ``drain``: an agent holding a shard is drained (its buffers move agent to agent; the client follows);
+- ``coordinator``: the coordinator is stopped and started again mid-session (the client reconnects).
 
 The pool is brought back to four healthy agents after each round. ``GPUPOOL_FAULT_SEED`` and
 ``GPUPOOL_FAULT_ROUNDS`` change the schedule (default: seed 2026, every fault twice).
@@ -40,7 +41,7 @@ from gpupool.agent.measure import SLOWDOWN_ENV
 from gpupool.agent.workerproc import FAULT_INJECTION_ENV
 from gpupool.local import LocalPool
 
-FAULTS = ("sigkill", "sigkill-mid", "sigstop", "worker", "slow", "corrupt", "drain")
+FAULTS = ("sigkill", "sigkill-mid", "sigstop", "worker", "slow", "corrupt", "drain", "coordinator")
 SEED = int(os.environ.get("GPUPOOL_FAULT_SEED", "2026"))
 ROUNDS = int(os.environ.get("GPUPOOL_FAULT_ROUNDS", str(2 * len(FAULTS))))
 WORKER_COMMAND = "from gpupool.agent.workerproc import entry; entry()"
@@ -98,6 +99,7 @@ def test_the_fault_suite_every_result_matches_numpy(pool: tuple[LocalPool, Path]
     twins = 0
     started = time.monotonic()
     for number, fault in enumerate(schedule):
+        print(f"round {number}: {fault}", flush=True)
         data = np.random.default_rng(SEED + number).standard_normal((20_000, 8))
         extra: list[Child] = []
         if fault == "slow":
@@ -129,6 +131,8 @@ def test_the_fault_suite_every_result_matches_numpy(pool: tuple[LocalPool, Path]
                 ]
                 worker.kill()
                 worker.wait(10)
+            elif fault == "coordinator":
+                local.restart_coordinator(down_for=0.3)
             elif fault == "drain":
                 local.coordinator_client().call(
                     "Drain",

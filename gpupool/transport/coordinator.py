@@ -94,7 +94,7 @@ class CoordinatorClient:
     def _sync_method(self, method: str) -> Any:
         if self._sync_stubs is None:
             self._sync = sync_channel(
-                self.address, ca_pem=self.credentials.ca_pem, server_name=self._server_name()
+                self.address, ca_pem=self.credentials.ca_pem, server_name=self._server_name(), private=True
             )
             self._sync_stubs = (
                 coordinator_pb2_grpc.CoordinatorStub(self._sync),  # type: ignore[no-untyped-call]
@@ -105,7 +105,7 @@ class CoordinatorClient:
     def _aio_method(self, method: str) -> Any:
         if self._aio_stubs is None:
             self._aio = aio_channel(
-                self.address, ca_pem=self.credentials.ca_pem, server_name=self._server_name()
+                self.address, ca_pem=self.credentials.ca_pem, server_name=self._server_name(), private=True
             )
             self._aio_stubs = (
                 coordinator_pb2_grpc.CoordinatorStub(self._aio),  # type: ignore[no-untyped-call]

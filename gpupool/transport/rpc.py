@@ -134,20 +134,32 @@ async def start_server(
     return server, format_endpoint(host, bound)
 
 
+#: The channel option that gives a channel connections of its own (no pooling with other channels).
+PRIVATE: Final = (("grpc.use_local_subchannel_pool", 1),)
+
+
 def _secure_options(server_name: str) -> tuple[tuple[str, object], ...]:
     return (("grpc.ssl_target_name_override", server_name),) if server_name else ()
 
 
 def aio_channel(
-    target: str, *, ca_pem: bytes | None = None, server_name: str = "", connection: int = 0
+    target: str,
+    *,
+    ca_pem: bytes | None = None,
+    server_name: str = "",
+    connection: int = 0,
+    private: bool = False,
 ) -> grpc.aio.Channel:
     """An asyncio channel to ``target``: TLS verified against ``ca_pem`` (for ``server_name``) if given.
 
     Channels to one target share one connection (gRPC pools them by target and options) unless their
-    ``connection`` numbers differ: each number is a connection of its own.
+    ``connection`` numbers differ: each number is a connection of its own. A ``private`` channel shares
+    nothing: it does not inherit another channel's reconnect backoff either (a session made right after a
+    coordinator restart would otherwise be refused at once, as the one before it was while it was down).
     Create it on the loop that will use it.
     """
-    own = (("gpupool.connection", connection),) if connection else ()
+    own: tuple[tuple[str, int], ...] = (("gpupool.connection", connection),) if connection else ()
+    own += PRIVATE if private else ()
     if ca_pem is None:
         return grpc.aio.insecure_channel(target, options=(*CHANNEL_OPTIONS, *own))
     credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem)
@@ -156,12 +168,17 @@ def aio_channel(
     )
 
 
-def sync_channel(target: str, *, ca_pem: bytes | None = None, server_name: str = "") -> grpc.Channel:
-    """A blocking channel to ``target``, secured as :func:`aio_channel` does."""
+def sync_channel(
+    target: str, *, ca_pem: bytes | None = None, server_name: str = "", private: bool = False
+) -> grpc.Channel:
+    """A blocking channel to ``target``, secured (and ``private``) as :func:`aio_channel` does."""
+    own = PRIVATE if private else ()
     if ca_pem is None:
-        return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        return grpc.insecure_channel(target, options=(*CHANNEL_OPTIONS, *own))
     credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem)
-    return grpc.secure_channel(target, credentials, options=(*CHANNEL_OPTIONS, *_secure_options(server_name)))
+    return grpc.secure_channel(
+        target, credentials, options=(*CHANNEL_OPTIONS, *_secure_options(server_name), *own)
+    )
 
 
 def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
