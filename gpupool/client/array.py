@@ -205,8 +205,12 @@ class RemoteArray(ArrayMethods):
             for attempt in range(MAX_RECOVERIES + 1):
                 results = await asyncio.gather(
                     *(
-                        session.channel(p.agent_id, p.endpoint).download_into(
-                            p.buffer_id, out[p.start : p.stop]
+                        session.timed(
+                            p.agent_id,
+                            out[p.start : p.stop].nbytes,
+                            session.channel(p.agent_id, p.endpoint).download_into(
+                                p.buffer_id, out[p.start : p.stop]
+                            ),
                         )
                         for p in todo
                     ),

@@ -15,6 +15,7 @@ import itertools
 import logging
 import socket
 import threading
+import time
 import weakref
 from collections import defaultdict
 from collections.abc import Awaitable, Coroutine, Iterable, Sequence
@@ -42,7 +43,7 @@ from gpupool._version import __version__
 from gpupool.client._loop import LoopThread
 from gpupool.client.channels import AgentChannel, Metadata, fetched_arrays
 from gpupool.client.layout import Piece, by_endpoint, pieces_from_placement, round_robin
-from gpupool.client.lease import WATCH_INTERVAL, LeaseKeeper
+from gpupool.client.lease import WATCH_INTERVAL, LeaseKeeper, TransferMeter
 from gpupool.client.lineage import Book, Keep
 from gpupool.client.losses import MAX_RECOVERIES, Recovery, Verification, loss_of
 from gpupool.client.progress import DELAY, Tracker, Unit, progress_default
@@ -152,8 +153,14 @@ class Session:
         self.coordinator_version: str = reply.coordinator_version
         self.lease: float = reply.lease_seconds
         self._agent_ca: bytes | None = reply.ca_certificate.encode() or None
+        #: What the session's uploads and downloads measured per agent, reported at each heartbeat.
+        self.meter = TransferMeter()
         self._keeper = LeaseKeeper(
-            self._rpc, session=self.id, lease=self.lease, on_offline=self._note_offline
+            self._rpc,
+            session=self.id,
+            lease=self.lease,
+            on_offline=self._note_offline,
+            observed=self.meter.drain,
         )
         self._loop.call_soon(self._start_heartbeat)
 
@@ -520,8 +527,12 @@ class Session:
         """Upload each piece's rows of ``host``; on any failure free what arrived and re-raise."""
         results: list[object] = await asyncio.gather(
             *(
-                self.channel(p.agent_id, p.endpoint).upload(
-                    p.buffer_id, p.worker, host[p.start : p.stop], self.id
+                self.timed(
+                    p.agent_id,
+                    host[p.start : p.stop].nbytes,
+                    self.channel(p.agent_id, p.endpoint).upload(
+                        p.buffer_id, p.worker, host[p.start : p.stop], self.id
+                    ),
                 )
                 for p in pieces
             ),
@@ -534,6 +545,14 @@ class Session:
         await self.raise_after_cleanup(results, [[p] for p in pieces])
         for p in pieces:
             self.book.uploaded(p, host[p.start : p.stop])
+
+    async def timed(self, agent_id: str, nbytes: int, transfer: Awaitable[T]) -> T:
+        """Await ``transfer`` (``nbytes`` to or from ``agent_id``), counting its throughput in
+        :attr:`meter` if it succeeds."""
+        started = time.monotonic()
+        result = await transfer
+        self.meter.add(agent_id, nbytes, time.monotonic() - started)
+        return result
 
     async def raise_after_cleanup(
         self, results: Sequence[object], created: Sequence[Sequence[Piece]]
