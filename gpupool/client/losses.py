@@ -96,6 +96,8 @@ class Verification:
     wrong: int = 0
     skipped: int = 0
     redone: int = 0
+    #: Matmuls checked by Freivalds' products instead of a full re-run.
+    freivalds: int = 0
     caught: list[str] = field(default_factory=list)
 
     def wanted(self) -> bool:

@@ -4,8 +4,9 @@ A session made with ``gp.connect(..., verify=0.1)`` checks about one program in 
 program's inputs are made again on another agent from lineage (:mod:`gpupool.client.lineage`: uploaded
 rows and the ops that made each input, never the first agent's bytes), the program runs there, and every
 result it kept or fetched is compared: exactly for integers and booleans, within a tolerance per float
-dtype (:data:`RTOL`). When the two disagree, a third agent (if the pool has one) decides which was
-wrong. Each verdict goes to the coordinator (``ReportVerification``), which keeps the agents' trust
+dtype (:data:`RTOL`); a matmul's result by Freivalds' check (:func:`freivalds`: the re-run costs a
+matrix-vector product, not a matmul). When the two disagree, a third agent (if the pool has one) decides
+which was wrong. Each verdict goes to the coordinator (``ReportVerification``), which keeps the agents' trust
 scores and quarantines an agent whose results disagreed too often (``gpupool agents`` shows it).
 
 A program found wrong is redone: the session gives its agent up (as if lost), rebuilds what it kept
@@ -19,8 +20,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 from collections.abc import Sequence
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import numpy as np
 
@@ -29,10 +31,11 @@ from gpupool._proto.v1 import agent_pb2
 from gpupool.client.layout import Piece
 from gpupool.client.lineage import Unrebuildable, buffer_refs
 from gpupool.client.losses import Verification
+from gpupool.client.operands import buffer_operand, constant_operand
 from gpupool.client.recovery import new_place, rebuild_at
 from gpupool.client.session import Session
 from gpupool.client.verifyreport import report_verification
-from gpupool.protocol.codec import check_dtype, op_outputs, op_results, shape_of
+from gpupool.protocol.codec import check_dtype, meta_of, op_outputs, op_results, shape_of
 
 __all__ = ["MAX_BYTES", "RTOL", "Distrusted", "Verification", "verify"]
 
@@ -113,19 +116,20 @@ def differs(mine: np.ndarray, theirs: np.ndarray) -> str:
 
 
 async def _run_at(
-    session: Session, target: Piece, program: Checked, compared: Sequence[str]
+    session: Session, target: Piece, program: Checked, compared: Sequence[str], ops: Sequence[agent_pb2.Op]
 ) -> dict[str, np.ndarray]:
-    """``program`` re-run on ``target``'s worker over its inputs rebuilt there; returns the compared
-    results (nothing is left there)."""
+    """``ops`` (``program``'s, perhaps with Freivalds' products for its matmuls) re-run on ``target``'s
+    worker over the program's inputs rebuilt there; returns the compared results (nothing is left
+    there)."""
     inputs = _inputs(program)
     plan = session.book.plan(inputs, session.new_buffer_id)
-    made = [o for op in program.ops for o in op_outputs(op)]
+    made = [o for op in ops for o in op_outputs(op)]
     try:
         await rebuild_at(session, target, plan)
         channel = session.channel(target.agent_id, target.endpoint)
         return await channel.execute(
             target.worker,
-            program.ops,
+            list(ops),
             session=session.id,
             fetch=list(compared),
             free=[*inputs, *made],
@@ -152,6 +156,75 @@ async def _results_of(
             await channel.download_into(buffer_id, host)
             out[buffer_id] = host
     return out
+
+
+def freivalds(
+    session: Session, program: Checked, compared: dict[str, agent_pb2.ArrayMeta], rng: random.Random
+) -> tuple[list[agent_pb2.Op], dict[str, np.ndarray]]:
+    """``program``'s ops with each checkable matmul replaced by Freivalds' products, and the random
+    vector of each: for ``C = x @ w`` (2-D, ``w`` of ``m`` columns, ``C`` compared and read by no later
+    op), the re-run computes ``x @ (w @ r)`` for a random ``r`` of +-1s, to be compared with ``C @ r``:
+    ``n*k`` multiply-adds instead of ``n*k*m``, and a wrong element of ``C`` shows (with probability at
+    least 1/2 per check, in exact arithmetic; a changed element changes ``C @ r`` by its error)."""
+    ops: list[agent_pb2.Op] = []
+    vectors: dict[str, np.ndarray] = {}
+    later_reads = [set(buffer_refs(op)) for op in program.ops]
+    for index, op in enumerate(program.ops):
+        out = op.output
+        meta = compared.get(out)
+        read_later = any(out in reads for reads in later_reads[index + 1 :])
+        if (
+            op.op != "matmul"
+            or meta is None
+            or read_later
+            or len(op.inputs) != 2
+            or len(meta.shape) != 2
+            or check_dtype(meta.dtype).kind != "f"
+        ):
+            ops.append(op)
+            continue
+        n, m = (int(d) for d in meta.shape)
+        k = _rows_of(session, program, op.inputs[1])
+        if k is None:
+            ops.append(op)
+            continue
+        dtype = check_dtype(meta.dtype)
+        r = np.array([rng.choice((-1.0, 1.0)) for _ in range(m)], dtype=dtype)
+        vector = session.new_buffer_id()
+        ops.append(make_matmul(op.inputs[1], constant_operand(r), vector, dtype, (k,)))
+        ops.append(make_matmul(op.inputs[0], buffer_operand(vector), out, dtype, (n,)))
+        vectors[out] = r
+    return ops, vectors
+
+
+def make_matmul(
+    left: agent_pb2.Operand, right: agent_pb2.Operand, out: str, dtype: np.dtype[Any], shape: tuple[int, ...]
+) -> agent_pb2.Op:
+    """A matmul op."""
+    return agent_pb2.Op(op="matmul", inputs=[left, right], output=out, expect=meta_of(dtype, shape))
+
+
+def _rows_of(session: Session, program: Checked, operand: agent_pb2.Operand) -> int | None:
+    """The leading dimension of a 2-D operand (an inline constant, a buffer the program makes, or one
+    the session's book knows), None if unknown or not 2-D."""
+    kind = operand.WhichOneof("kind")
+    if kind == "constant":
+        shape = shape_of(operand.constant.meta)
+        return shape[0] if len(shape) == 2 else None
+    if kind != "buffer":
+        return None
+    metas = {out: meta for op in program.ops for out, meta in op_results(op)}
+    if operand.buffer in metas:
+        shape = shape_of(metas[operand.buffer])
+        return shape[0] if len(shape) == 2 else None
+    recipe = session.book.recipe(operand.buffer)
+    if recipe is not None and recipe.host is not None and recipe.host.ndim == 2:
+        return int(recipe.host.shape[0])
+    if recipe is not None and recipe.op is not None:
+        found = dict(op_results(recipe.op)).get(recipe.output)
+        if found is not None and len(found.shape) == 2:
+            return int(found.shape[0])
+    return None
 
 
 def _disagreement(mine: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -> str:
@@ -181,8 +254,11 @@ async def verify(session: Session, program: Checked, fetched: dict[str, np.ndarr
     try:
         mine = await _results_of(session, program, compared, fetched)
         size = sum(v.nbytes for v in mine.values())
+        ops, vectors = freivalds(session, program, compared, state.rng)
+        state.freivalds += len(vectors)
+        mine = {b: v @ vectors[b] if b in vectors else v for b, v in mine.items()}
         reference = await new_place(session, size * 3 + 1, [checked.agent_id])
-        theirs = await _run_at(session, reference, program, list(compared))
+        theirs = await _run_at(session, reference, program, list(compared), ops)
     except (Unrebuildable, GpupoolError) as exc:
         log.info("verification of a program on agent %s skipped: %s", checked.agent_id, exc)
         state.skipped += 1
@@ -197,7 +273,7 @@ async def verify(session: Session, program: Checked, fetched: dict[str, np.ndarr
     wrong, right = checked.agent_id, reference.agent_id
     try:
         judge = await new_place(session, size * 3 + 1, [checked.agent_id, reference.agent_id])
-        third = await _run_at(session, judge, program, list(compared))
+        third = await _run_at(session, judge, program, list(compared), ops)
         if not _disagreement(mine, third):
             wrong, right = reference.agent_id, checked.agent_id
     except (Unrebuildable, GpupoolError) as exc:

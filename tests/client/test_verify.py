@@ -122,3 +122,34 @@ def test_the_comparison_is_exact_for_integers_and_within_tolerance_for_floats() 
 def test_verify_must_be_a_fraction() -> None:
     with pytest.raises(gp.UsageError, match="fraction of programs"):
         gp.connect("127.0.0.1:1", verify=2.0)
+
+
+def test_a_matmul_is_checked_by_freivalds_products(pool_with_liar: tuple[LocalPool, str, Path]) -> None:
+    """``x @ w`` is re-run as ``x @ (w @ r)`` and compared with ``C @ r``: a matrix-vector product on the
+    second agent; every result the user sees is right, liar or not."""
+    local, _, _ = pool_with_liar
+    rng = np.random.default_rng(4)
+    host = rng.standard_normal((3000, 16)).astype(np.float32)
+    w = rng.standard_normal((16, 12)).astype(np.float32)
+    with local.connect(verify=1.0) as pool:
+        x = pool.asarray(host)
+        c = (x @ w).persist()
+        np.testing.assert_allclose(c.get(), host @ w, rtol=1e-4, atol=1e-4)
+        state = pool._session.verification
+        print(f"freivalds checks {state.freivalds}, checked {state.checked}, wrong {state.wrong}")
+        assert state.freivalds >= 1
+        assert state.checked >= 1
+
+
+def test_freivalds_products_show_a_single_wrong_element_always() -> None:
+    """With r of +-1s, one changed element of C changes one entry of C @ r by the whole error."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((50, 8)).astype(np.float32)
+    w = rng.standard_normal((8, 6)).astype(np.float32)
+    c = x @ w
+    for trial in range(20):
+        r = rng.choice(np.array([-1.0, 1.0], np.float32), size=6)
+        wrong = c.copy()
+        wrong[trial % 50, trial % 6] += 1.0  # what the corrupting agent does: at least 1 away
+        assert differs(c @ r, x @ (w @ r)) == ""
+        assert differs(wrong @ r, x @ (w @ r)) != ""
