@@ -153,10 +153,18 @@ class Book:
         return None if entry is None else entry.piece
 
     # -- recording --------------------------------------------------------------------------------
-    def uploaded(self, piece: Piece, rows: np.ndarray) -> None:
-        """``piece``'s buffer now holds ``rows`` (copied here when keeping host rows)."""
-        if self.keep == "host":
-            recipe = Recipe(rows.nbytes, host=np.array(rows, copy=True, order="C"))
+    def kept(self, rows: np.ndarray) -> np.ndarray | None:
+        """What the book keeps of uploaded ``rows``: a copy (keep "host"), or None. Safe to call from
+        any thread (an upload makes it while its bytes travel)."""
+        return np.array(rows, copy=True, order="C") if self.keep == "host" else None
+
+    def uploaded(self, piece: Piece, rows: np.ndarray, kept: np.ndarray | None = None) -> None:
+        """``piece``'s buffer now holds ``rows``: ``kept`` is what :meth:`kept` made of them (made here if
+        not given)."""
+        if kept is None:
+            kept = self.kept(rows)
+        if kept is not None:
+            recipe = Recipe(rows.nbytes, host=kept)
         else:
             recipe = unknown(
                 "it was uploaded with keep_uploads='none' (the client kept no copy)", rows.nbytes

@@ -524,7 +524,11 @@ class Session:
         return pieces_from_placement(reply.shards, self.new_buffer_id)
 
     async def upload_pieces(self, host: np.ndarray, pieces: Sequence[Piece]) -> None:
-        """Upload each piece's rows of ``host``; on any failure free what arrived and re-raise."""
+        """Upload each piece's rows of ``host``; on any failure free what arrived and re-raise. The rows
+        the lineage book keeps (a copy) are made in a thread while the bytes travel."""
+        keeping = asyncio.ensure_future(
+            asyncio.to_thread(lambda: [self.book.kept(host[p.start : p.stop]) for p in pieces])
+        )
         results: list[object] = await asyncio.gather(
             *(
                 self.timed(
@@ -542,9 +546,10 @@ class Session:
             r.with_rows(p.start, p.stop) if isinstance(r, AgentLost) else r
             for r, p in zip(results, pieces, strict=True)
         ]
+        kept = await keeping
         await self.raise_after_cleanup(results, [[p] for p in pieces])
-        for p in pieces:
-            self.book.uploaded(p, host[p.start : p.stop])
+        for p, rows in zip(pieces, kept, strict=True):
+            self.book.uploaded(p, host[p.start : p.stop], rows)
 
     async def timed(self, agent_id: str, nbytes: int, transfer: Awaitable[T]) -> T:
         """Await ``transfer`` (``nbytes`` to or from ``agent_id``), counting its throughput in
