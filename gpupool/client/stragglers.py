@@ -10,7 +10,8 @@ call is cancelled and what it left on the slow agent is freed. If the original f
 is cancelled and what it made is freed. A twin that fails is dropped (the original goes on).
 
 When: once at least half of a round's programs are done, a program still running after
-:data:`FACTOR` times the slowest of those (and at least :data:`FLOOR` seconds) gets a twin. A round of a
+:data:`FACTOR` times the slowest of those (and at least :data:`FLOOR` seconds, and as long as moving what the
+session keeps on that worker would take at :data:`REBUILD_BYTES_PER_SECOND`) gets a twin. A round of a
 single program has no siblings to compare with: it runs alone.
 """
 
@@ -31,12 +32,15 @@ from gpupool.client.recovery import new_place, rebuild_at, repoint
 from gpupool.client.session import Session
 from gpupool.protocol.codec import op_outputs
 
-__all__ = ["FACTOR", "FLOOR", "run"]
+__all__ = ["FACTOR", "FLOOR", "REBUILD_BYTES_PER_SECOND", "run"]
 
 #: A program this many times slower than the slowest sibling that finished is a straggler.
 FACTOR: Final = 3.0
 #: ... and only after this many seconds (a twin costs a rebuild: not worth it for fast rounds).
-FLOOR: Final = 0.25
+FLOOR: Final = 0.1
+#: ... and only after as long as its rebuild would take at this rate (a twin of a worker holding much data
+#: costs moving it all).
+REBUILD_BYTES_PER_SECOND: Final = 500e6
 #: How often the race looks at its programs.
 TICK: Final = 0.02
 
@@ -94,7 +98,7 @@ async def run(
         if enabled and open_ and 2 * len(finished) >= len(programs) and finished:
             threshold = max(FACTOR * max(finished), FLOOR)
             for i in open_:
-                if i not in twins and now > threshold:
+                if i not in twins and now > max(threshold, _rebuild_seconds(session, programs[i].place)):
                     log.warning(
                         "agent %s's program runs %.1f s, its siblings' took at most %.2f s: starting a twin",
                         programs[i].place.agent_id,
@@ -103,6 +107,15 @@ async def run(
                     )
                     twins[i] = asyncio.ensure_future(_twin(session, programs[i], execute))
     return outcome
+
+
+def _rebuild_seconds(session: Session, place: Piece) -> float:
+    """Roughly how long rebuilding what the session keeps at ``place`` elsewhere would take."""
+    book = session.book
+    held = sum(
+        recipe.nbytes for recipe in (book.recipe(b) for b in book.on(place.place)) if recipe is not None
+    )
+    return held / REBUILD_BYTES_PER_SECOND
 
 
 async def _twin(
