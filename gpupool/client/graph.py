@@ -22,16 +22,17 @@ from typing import Any, Final, TypeAlias, TypeVar
 
 import numpy as np
 
-from gpupool._errors import AgentLost
+from gpupool._errors import AgentLost, BufferNotFound
 from gpupool._proto.v1 import agent_pb2
 from gpupool.client import stragglers
 from gpupool.client.layout import LayoutKey, Piece, Place, layout_key
+from gpupool.client.lineage import buffer_refs
 from gpupool.client.losses import MAX_RECOVERIES, loss_of
 from gpupool.client.operands import buffer_operand
 from gpupool.client.recovery import recover
 from gpupool.client.session import Session
 from gpupool.client.verify import Distrusted, verify
-from gpupool.protocol.codec import meta_of
+from gpupool.protocol.codec import meta_of, op_outputs
 
 __all__ = [
     "MAX_DEPTH",
@@ -285,6 +286,7 @@ def run_programs(session: Session, programs: Sequence[Program], *, what: str) ->
                 recover(session, program.place, error), timeout=_recovery_deadline(session), what="recover"
             )
             session.recovery.follow((c.buffer_id for c in program.creates), program.place)
+            session.recovery.check_alive(_reads(program))
         busy = [p for p, _ in failed]
     return [results.get(id(p), {}) for p in programs]
 
@@ -318,6 +320,24 @@ def _verified(
                 raise error
             wrong.append((program, error))
     return wrong
+
+
+def _reads(program: Program) -> list[str]:
+    """The buffers ``program`` reads that it does not make (and those it fetches)."""
+    made: set[str] = set()
+    reads: list[str] = []
+    for op in program.ops:
+        reads += [r for r in buffer_refs(op) if r not in made]
+        made.update(op_outputs(op))
+    return reads + [b for b in program.fetch if b not in made]
+
+
+def _dead_or(session: Session, error: BaseException) -> BaseException:
+    """``error``, or the ShardsLost of the buffer it says is missing, if that one was lost for good."""
+    dead = session.recovery.dead
+    if isinstance(error, BufferNotFound) and error.buffer_id in dead:
+        return dead[error.buffer_id]
+    return error
 
 
 def _recovery_deadline(session: Session) -> float:
@@ -357,6 +377,9 @@ def _run_once(
             if not last and loss_of(exc) is not None:
                 return [(program, exc)]
             _free_created(session, [p for p in busy if id(p) in results])
+            dead = _dead_or(session, exc)
+            if dead is not exc:
+                raise dead from exc
             raise
         _record(session, program, frees[0])
         results[id(program)] = fetched
@@ -399,7 +422,7 @@ def _run_once(
             if not last and loss_of(result) is not None:
                 failed.append((p, result))
             elif fatal is None:
-                fatal = result
+                fatal = _dead_or(session, result)
         else:
             assert isinstance(result, dict)
             _record(session, p, free)

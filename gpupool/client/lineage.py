@@ -118,6 +118,8 @@ class Rebuild:
     ops: list[agent_pb2.Op]
     free: list[str]
     nbytes: int
+    #: Lost buffers left out (a partial plan): buffer id -> why it cannot be rebuilt.
+    dead: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -219,26 +221,42 @@ class Book:
                     buffer_id=buffer_id,
                 )
 
-    def plan(self, lost: Sequence[str], new_id: Callable[[], str], *, present: Iterable[str] = ()) -> Rebuild:
+    def plan(
+        self,
+        lost: Sequence[str],
+        new_id: Callable[[], str],
+        *,
+        present: Iterable[str] = (),
+        partial: bool = False,
+    ) -> Rebuild:
         """How to make the ``lost`` buffers again, under their own ids, on one worker that already holds
-        ``present`` (kept buffers there, which the rebuild may read).
+        ``present`` (kept buffers there, which the rebuild may read). A ``partial`` plan leaves out the
+        ones that cannot be rebuilt (its ``dead``) instead of failing.
 
         Raises:
-            Unrebuildable: a lost buffer, or a value it needs, has no recipe to follow.
+            Unrebuildable: a lost buffer, or a value it needs, has no recipe to follow (not ``partial``).
         """
+        plan = Rebuild(uploads=[], ops=[], free=[], nbytes=0)
+        known = []
+        for buffer_id in lost:
+            if self.recipe(buffer_id) is not None:
+                known.append(buffer_id)
+            elif partial:
+                plan.dead[buffer_id] = "the client has no record of it"
+            else:
+                raise Unrebuildable(buffer_id, "the client has no record of it")
+        lost = known
         wanted = set(lost)
         wanted_as: dict[int, str] = {}  # id(recipe) -> the lost buffer it is the value of
         for buffer_id in lost:
             recipe = self.recipe(buffer_id)
-            if recipe is None:
-                raise Unrebuildable(buffer_id, "the client has no record of it")
+            assert recipe is not None
             wanted_as[id(recipe)] = buffer_id
         have: dict[int, str] = {}  # id(recipe) -> the buffer holding its value on the new worker
         for buffer_id in present:
             recipe = self.recipe(buffer_id)
             if recipe is not None and buffer_id not in wanted:
                 have[id(recipe)] = buffer_id
-        plan = Rebuild(uploads=[], ops=[], free=[], nbytes=0)
         emitted_ops: dict[int, dict[str, str]] = {}  # id(op) -> its outputs' names on the new worker
 
         def made(name: str) -> str:
@@ -273,5 +291,10 @@ class Book:
         for buffer_id in lost:
             recipe = self.recipe(buffer_id)
             assert recipe is not None
-            emit(recipe, buffer_id)
+            try:
+                emit(recipe, buffer_id)
+            except Unrebuildable as exc:
+                if not partial:
+                    raise
+                plan.dead[buffer_id] = exc.why
         return plan

@@ -42,6 +42,8 @@ class Recovery:
     #: made there): pieces computed before the move are followed by id (a new buffer at the old place is
     #: not moved).
     moved_ids: dict[str, Piece] = field(default_factory=dict)
+    #: Buffers lost for good (no lineage), and the error a later use of each raises.
+    dead: dict[str, ShardsLost] = field(default_factory=dict)
     #: Agents this session places nothing new on: lost, or slower than the twin that replaced them.
     avoid: set[str] = field(default_factory=set)
     running: dict[Place, asyncio.Future[Piece]] = field(default_factory=dict)
@@ -49,6 +51,14 @@ class Recovery:
     recoveries: int = 0
     twins_won: int = 0
     twins_lost: int = 0
+
+    def check_alive(self, buffer_ids: Iterable[str]) -> None:
+        """Raise the :class:`ShardsLost` of the first of ``buffer_ids`` lost for good."""
+        if self.dead:
+            for buffer_id in buffer_ids:
+                error = self.dead.get(buffer_id)
+                if error is not None:
+                    raise error
 
     def follow(self, buffer_ids: Iterable[str], to: Piece) -> None:
         """The buffers live at ``to``'s place now."""

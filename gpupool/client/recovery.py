@@ -84,10 +84,12 @@ async def _recover(session: Session, lost: Piece, kind: Loss, cause: BaseExcepti
         repoint(session, lost, to, ids)
         return to
     ids = book.on(lost.place)
-    try:
-        plan = book.plan(ids, session.new_buffer_id)
-    except Unrebuildable as exc:
-        raise _named(session, lost, exc) from cause
+    # What cannot be rebuilt is lost for good: a later use of it raises ShardsLost naming it (dead).
+    plan = book.plan(ids, session.new_buffer_id, partial=True)
+    for buffer_id, why in plan.dead.items():
+        state.dead[buffer_id] = _named(session, lost, Unrebuildable(buffer_id, why))
+    book.forget(plan.dead)
+    ids = [i for i in ids if i not in plan.dead]
     exclude = [lost.agent_id] if kind == "agent" else []
     delay = 0.2
     for attempt in range(REBUILD_TRIES):
@@ -112,7 +114,7 @@ async def _recover(session: Session, lost: Piece, kind: Loss, cause: BaseExcepti
     state.recoveries += 1
     log.warning(
         "agent %s %s: rebuilt %d of this session's buffers (%d bytes, %d ops, %d uploads) on agent %s "
-        "worker %d in %.2f s",
+        "worker %d in %.2f s%s",
         lost.agent_id,
         "is lost" if kind == "agent" else "lost its worker process",
         len(ids),
@@ -122,6 +124,7 @@ async def _recover(session: Session, lost: Piece, kind: Loss, cause: BaseExcepti
         target.agent_id,
         target.worker,
         time.monotonic() - started,
+        f"; {len(plan.dead)} cannot be rebuilt" if plan.dead else "",
     )
     return target
 

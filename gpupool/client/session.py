@@ -523,12 +523,20 @@ class Session:
         self._keeper.keep_placed(reply.shards)
         return pieces_from_placement(reply.shards, self.new_buffer_id)
 
-    async def upload_pieces(self, host: np.ndarray, pieces: Sequence[Piece]) -> None:
+    async def upload_pieces(self, host: np.ndarray, pieces: Sequence[Piece], *, lineage: bool = True) -> None:
         """Upload each piece's rows of ``host``; on any failure free what arrived and re-raise. The rows
-        the lineage book keeps (a copy) are made in a thread while the bytes travel."""
-        keeping = asyncio.ensure_future(
-            asyncio.to_thread(lambda: [self.book.kept(host[p.start : p.stop]) for p in pieces])
-        )
+        the lineage book keeps (a copy, one per distinct row range: whole copies on several workers share
+        it) are made in a thread while the bytes travel; without ``lineage`` nothing is kept (the caller
+        keeps ``host`` and makes its copies again itself, as tasks do)."""
+
+        def keep() -> list[np.ndarray | None]:
+            made: dict[tuple[int, int], np.ndarray | None] = {}
+            for p in pieces:
+                if (p.start, p.stop) not in made:
+                    made[p.start, p.stop] = self.book.kept(host[p.start : p.stop]) if lineage else None
+            return [made[p.start, p.stop] for p in pieces]
+
+        keeping = asyncio.ensure_future(asyncio.to_thread(keep))
         results: list[object] = await asyncio.gather(
             *(
                 self.timed(
@@ -549,7 +557,10 @@ class Session:
         kept = await keeping
         await self.raise_after_cleanup(results, [[p] for p in pieces])
         for p, rows in zip(pieces, kept, strict=True):
-            self.book.uploaded(p, host[p.start : p.stop], rows)
+            if lineage:
+                self.book.uploaded(p, host[p.start : p.stop], rows)
+            else:
+                self.book.made_elsewhere(p, "its uploader keeps the rows and uploads them again itself")
 
     async def timed(self, agent_id: str, nbytes: int, transfer: Awaitable[T]) -> T:
         """Await ``transfer`` (``nbytes`` to or from ``agent_id``), counting its throughput in

@@ -92,7 +92,7 @@ class Replicated:
             copy = self._copies.get(slot.place)
         if copy is None:
             copy = replace(slot, start=0, stop=self.shape[0], buffer_id=self._session.new_buffer_id())
-            await self._session.upload_pieces(self.host, [copy])
+            await self._session.upload_pieces(self.host, [copy], lineage=False)  # kept here: self.host
             with self._lock:
                 self._copies[slot.place] = copy
         return copy.buffer_id

@@ -137,3 +137,16 @@ def test_moving_points_the_book_at_the_new_place() -> None:
 def test_a_keep_mode_that_does_not_exist_is_refused() -> None:
     with pytest.raises(ValueError, match="keep must be one of"):
         Book("disk")  # type: ignore[arg-type]
+
+
+def test_a_partial_plan_leaves_out_what_cannot_be_rebuilt_and_makes_the_rest() -> None:
+    book = Book("host")
+    book.uploaded(A.with_buffer("x"), np.ones((4, 2), np.float32))
+    book.made_elsewhere(A.with_buffer("m"), "it was made by moving rows between agents")
+    book.ran(A, [op("negative", [buffer_operand("m")], "n")], kept=["n"], freed=[])
+    book.ran(A, [op("negative", [buffer_operand("x")], "y")], kept=["y"], freed=[])
+    plan = book.plan(["x", "m", "n", "y", "nowhere"], fresh(), partial=True)
+    assert set(plan.dead) == {"m", "n", "nowhere"}
+    assert "moving rows" in plan.dead["n"]
+    store = evaluate(plan.ops, {name: rows for name, rows in plan.uploads})
+    np.testing.assert_array_equal(store["y"], -np.ones((4, 2), np.float32))

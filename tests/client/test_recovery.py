@@ -231,3 +231,21 @@ def test_arrays_follow_their_shards_when_an_agent_is_drained(pool3: LocalPool) -
                 timeout=10,
                 what="download",
             )
+
+
+def test_what_has_no_lineage_is_lost_alone_and_named(pool3: LocalPool) -> None:
+    """Rows taken by an integer array are moved agent to agent (no lineage yet): when their agent dies,
+    the arrays with lineage on it are rebuilt and that one raises ShardsLost, naming why."""
+    host = np.arange(12_000, dtype=np.float64).reshape(3000, 4)
+    order = np.random.default_rng(3).permutation(3000)
+    with pool3.connect() as pool:
+        x = pool.asarray(host)
+        taken = x[order].persist()
+        ids = [str(a.ready["agent_id"]) for a in pool3.agents]
+        victim = next(s.agent_id for s in taken.shards if s.agent_id in {t.agent_id for t in x.shards})
+        pool3.kill_agent(ids.index(victim))
+        np.testing.assert_array_equal((x * 2).get(), host * 2)
+        with pytest.raises(gp.ShardsLost, match="moving rows between agents") as info:
+            taken.get()
+        assert info.value.agent_id == victim
+        assert "shape=(3000, 4)" in str(info.value)
