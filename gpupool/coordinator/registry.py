@@ -110,6 +110,8 @@ class WorkerMemory:
     placed: int = 0
     #: Measured float32 GEMM GFLOP/s from the status (0.0: not measured).
     speed: float = 0.0
+    #: Measured float16 GEMM GFLOP/s (0.0: not measured).
+    speed_f16: float = 0.0
     #: The agent's temperature limit for it (0.0: none), and whether its latest telemetry was above it.
     temperature_limit: float = 0.0
     hot: bool = False
@@ -171,6 +173,7 @@ class ReadyWorkers:
         free: each worker's free bytes, as :attr:`WorkerMemory.free` reckoned them.
         speed: each worker's measured speed (float32 GEMM GFLOP/s; 0.0 where not measured).
         memory: the registry's own records of the workers, for :meth:`Registry.reserve_split` only.
+        speed_f16: each worker's float16 GEMM GFLOP/s (0.0 where not measured).
     """
 
     agent_ids: Sequence[str]
@@ -179,6 +182,14 @@ class ReadyWorkers:
     free: Sequence[int]
     memory: Sequence[WorkerMemory] = field(repr=False)
     speed: Sequence[float] = ()
+    speed_f16: Sequence[float] = ()
+
+    def speed_for(self, dtype: str) -> Sequence[float]:
+        """The speeds that size shards of ``dtype``: the float16 figures for float16 arrays where every
+        worker measured one, else the float32 ones."""
+        if dtype == "float16" and self.speed_f16 and all(s > 0 for s in self.speed_f16):
+            return self.speed_f16
+        return self.speed
 
     def __len__(self) -> int:
         return len(self.free)
@@ -393,6 +404,7 @@ class Registry:
             [m.free for m in ready.memory],
             ready.memory,
             [m.speed for m in ready.memory],
+            [m.speed_f16 for m in ready.memory],
         )
 
     def ready_workers(self, exclude: Iterable[str] = ()) -> list[WorkerCapacity]:
@@ -446,6 +458,7 @@ class Registry:
                 worker.index, WorkerMemory(worker.memory_limit, worker.memory_used)
             )
             memory.speed = float(worker.gemm_f32_gflops)
+            memory.speed_f16 = float(worker.gemm_f16_gflops)
             memory.temperature_limit = float(worker.temperature_limit_c)
         figures = ((w.index, w.memory_limit, w.memory_used) for w in status.workers)
         self._apply_memory(entry, figures, _seconds(status.updated), force=force)

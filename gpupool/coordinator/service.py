@@ -498,7 +498,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 row_bytes,
                 ready.free,
                 min_shard_bytes=self._min_shard_bytes,
-                speed=ready.speed if self._by_speed else None,
+                speed=ready.speed_for(dtype.name) if self._by_speed else None,
             )
         except NoCapacity as exc:
             extra = {

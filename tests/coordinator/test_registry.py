@@ -304,6 +304,27 @@ def test_ready_workers_carry_their_measured_speed() -> None:
     assert dict(zip(ready.agent_ids, ready.speed, strict=True)) == {"fast01": 400.0, "slow0001": 100.0}
 
 
+def test_float16_arrays_are_sized_by_the_float16_figures_where_every_worker_has_one() -> None:
+    registry = Registry()
+    tensor = status("tensor01")  # a card whose float16 is 4x its float32 (tensor cores)
+    tensor.workers[0].gemm_f32_gflops = 100.0
+    tensor.workers[0].gemm_f16_gflops = 400.0
+    plain = status("plain001")  # one whose float16 is no faster
+    plain.workers[0].gemm_f32_gflops = 100.0
+    plain.workers[0].gemm_f16_gflops = 100.0
+    registry.apply_status(tensor, now=1.0)
+    registry.apply_status(plain, now=1.0)
+    ready = registry.ready()
+    by_agent = dict(zip(ready.agent_ids, ready.speed_for("float16"), strict=True))
+    assert by_agent == {"tensor01": 400.0, "plain001": 100.0}
+    assert list(ready.speed_for("float32")) == list(ready.speed)
+    older = Registry()  # a worker without a float16 figure (an older agent): float32 figures for all
+    plain.workers[0].gemm_f16_gflops = 0.0
+    older.apply_status(tensor, now=1.0)
+    older.apply_status(plain, now=1.0)
+    assert list(older.ready().speed_for("float16")) == list(older.ready().speed)
+
+
 def test_a_worker_hotter_than_its_limit_takes_no_rows_until_it_cools() -> None:
     registry = Registry()
     hot = status("hot001", used=(0, 0))
