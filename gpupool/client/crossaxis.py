@@ -24,7 +24,8 @@ from gpupool.client.dispatch import Unsupported
 from gpupool.client.graph import ArraySpec, GraphArray, Node, Program, ProgramBuilder, make_op, run_programs
 from gpupool.client.layout import Piece, Place
 from gpupool.client.operands import buffer_operand
-from gpupool.client.rowmoves import Pull, pulls_for, rebalance, resident, run_pulls, spans_of
+from gpupool.client.pulls import Pull, run_pulls
+from gpupool.client.rowmoves import pulls_for, rebalance, resident, spans_of
 from gpupool.client.rowsort import sample_sort
 from gpupool.client.session import Session
 from gpupool.moves import plan_moves

@@ -24,7 +24,8 @@ from gpupool.client import dispatch
 from gpupool.client.graph import ArraySpec, GraphArray, Node, Program, ProgramBuilder, make_op, run_programs
 from gpupool.client.layout import Piece
 from gpupool.client.operands import buffer_operand, scalar_operand
-from gpupool.client.rowmoves import Pull, reshard, run_pulls
+from gpupool.client.pulls import Pull, run_pulls
+from gpupool.client.rowmoves import reshard
 from gpupool.client.session import Session
 
 __all__ = ["OVERSAMPLE", "sample_sort"]

@@ -24,7 +24,8 @@ from gpupool.client.dispatch import Unsupported
 from gpupool.client.graph import ArraySpec, GraphArray, Node, Program, make_op, run_programs
 from gpupool.client.layout import Piece
 from gpupool.client.operands import INLINE_LIMIT, buffer_operand, constant_operand
-from gpupool.client.rowmoves import Pull, resident, run_pulls
+from gpupool.client.pulls import Pull, run_pulls
+from gpupool.client.rowmoves import resident
 
 __all__ = ["take_rows"]
 
