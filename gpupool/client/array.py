@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from gpupool._errors import ArrayFreed, BufferNotFound
-from gpupool.client import dispatch
+from gpupool.client import dispatch, replicas
 from gpupool.client.dispatch import DeferredOperand
 from gpupool.client.graph import (
     MAX_DEPTH,
@@ -371,6 +371,7 @@ def upload(session: Session, host: np.ndarray) -> RemoteArray:
     check_dtype(host.dtype)
     host = native_contiguous(host)
     pieces = session.upload(host)
+    replicas.protect(session, host, pieces)
     return from_spec(ArraySpec(session=session, shape=host.shape, dtype=host.dtype, layout=tuple(pieces)))
 
 

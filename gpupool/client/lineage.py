@@ -15,7 +15,8 @@ its place is moved.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+import weakref
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -28,16 +29,18 @@ from gpupool.protocol.codec import check_dtype, op_results, shape_of
 __all__ = ["KEEP_MODES", "LINEAGE_LIMIT", "Book", "Keep", "Rebuild", "Recipe", "Unrebuildable", "buffer_refs"]
 
 #: What the client keeps of uploaded rows so that a lost shard can be rebuilt: "host" a copy on the client
-#: (client memory: the bytes uploaded, while an array made from them lives), "none" nothing (a lost
+#: (client memory: the bytes uploaded, while an array made from them lives), "replica" a copy of each
+#: uploaded array's shard on a second agent (pool memory instead: the bytes uploaded again, moved agent to
+#: agent; other uploads, an op's operands, keep a host copy), "none" nothing (a lost
 #: uploaded shard cannot be rebuilt).
-Keep = Literal["host", "none"]
-KEEP_MODES: Final = ("host", "none")
+Keep = Literal["host", "replica", "none"]
+KEEP_MODES: Final = ("host", "replica", "none")
 
 #: Ops a recipe chain may hold; a longer chain is not rebuilt (its rebuild would cost as much as the work).
 LINEAGE_LIMIT: Final = 4096
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False, slots=True, weakref_slot=True)
 class Recipe:
     """How one buffer's value was made: ``host`` rows uploaded, or output ``output`` of ``op`` (as it was
     sent: its buffer operands named by the ids they had) over ``inputs`` (those ids' recipes).
@@ -50,6 +53,9 @@ class Recipe:
     host: np.ndarray | None = None
     why_not: str = ""
     depth: int = 0
+    #: A whole copy of the buffer on another agent (its rows ``[0, n)``), and its dtype and shape.
+    replica: Piece | None = None
+    replica_meta: agent_pb2.ArrayMeta | None = None
 
 
 def unknown(why: str, nbytes: int = 0) -> Recipe:
@@ -120,6 +126,8 @@ class Rebuild:
     nbytes: int
     #: Lost buffers left out (a partial plan): buffer id -> why it cannot be rebuilt.
     dead: dict[str, str] = field(default_factory=dict)
+    #: (buffer id, replica, its meta): buffers pulled whole from their replicas, before ``ops`` run.
+    pulls: list[tuple[str, Piece, agent_pb2.ArrayMeta]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -155,15 +163,29 @@ class Book:
         return None if entry is None else entry.piece
 
     # -- recording --------------------------------------------------------------------------------
-    def kept(self, rows: np.ndarray) -> np.ndarray | None:
-        """What the book keeps of uploaded ``rows``: a copy (keep "host"), or None. Safe to call from
-        any thread (an upload makes it while its bytes travel)."""
-        return np.array(rows, copy=True, order="C") if self.keep == "host" else None
+    def kept(self, rows: np.ndarray, *, replicated: bool = False) -> np.ndarray | None:
+        """What the book keeps of uploaded ``rows``: a copy (keep "host"; "replica" for rows that get no
+        replica), or None. Safe to call from any thread (an upload makes it while its bytes travel)."""
+        copy = self.keep == "host" or (self.keep == "replica" and not replicated)
+        return np.array(rows, copy=True, order="C") if copy else None
 
-    def uploaded(self, piece: Piece, rows: np.ndarray, kept: np.ndarray | None = None) -> None:
-        """``piece``'s buffer now holds ``rows``: ``kept`` is what :meth:`kept` made of them (made here if
-        not given)."""
-        if kept is None:
+    def replicated(
+        self, piece: Piece, replica: Piece, meta: agent_pb2.ArrayMeta, release: Callable[[Piece], None]
+    ) -> None:
+        """``piece``'s buffer has a whole copy at ``replica`` (of ``meta``), freed by ``release`` once no
+        recipe needs it any more."""
+        recipe = Recipe(
+            math.prod(shape_of(meta)) * check_dtype(meta.dtype).itemsize, replica=replica, replica_meta=meta
+        )
+        weakref.finalize(recipe, release, replica)
+        self._entries[piece.buffer_id] = _Entry(piece, recipe)
+
+    def uploaded(
+        self, piece: Piece, rows: np.ndarray, kept: np.ndarray | Literal["make"] | None = "make"
+    ) -> None:
+        """``piece``'s buffer now holds ``rows``: ``kept`` is what :meth:`kept` made of them (None: nothing;
+        made here by default)."""
+        if isinstance(kept, str):
             kept = self.kept(rows)
         if kept is not None:
             recipe = Recipe(rows.nbytes, host=kept)
@@ -228,10 +250,12 @@ class Book:
         *,
         present: Iterable[str] = (),
         partial: bool = False,
+        gone: Collection[str] = (),
     ) -> Rebuild:
         """How to make the ``lost`` buffers again, under their own ids, on one worker that already holds
         ``present`` (kept buffers there, which the rebuild may read). A ``partial`` plan leaves out the
-        ones that cannot be rebuilt (its ``dead``) instead of failing.
+        ones that cannot be rebuilt (its ``dead``) instead of failing. Replicas on the ``gone`` agents are
+        not used.
 
         Raises:
             Unrebuildable: a lost buffer, or a value it needs, has no recipe to follow (not ``partial``).
@@ -271,7 +295,13 @@ class Book:
                 return found
             if recipe.why_not:
                 raise Unrebuildable(blame, recipe.why_not)
-            if recipe.host is not None:
+            if recipe.replica is not None:
+                if recipe.replica.agent_id in gone:
+                    raise Unrebuildable(blame, f"its replica on agent {recipe.replica.agent_id} was lost too")
+                assert recipe.replica_meta is not None
+                name = made(wanted_as.get(id(recipe)) or new_id())
+                plan.pulls.append((name, recipe.replica, recipe.replica_meta))
+            elif recipe.host is not None:
                 name = made(wanted_as.get(id(recipe)) or new_id())
                 plan.uploads.append((name, recipe.host))
             else:

@@ -14,6 +14,7 @@ import numpy as np
 
 from gpupool._config import Timeouts
 from gpupool._errors import UsageError
+from gpupool.client import replicas
 from gpupool.client.array import RemoteArray, from_spec
 from gpupool.client.graph import ArraySpec
 from gpupool.client.layout import check_rows
@@ -152,6 +153,7 @@ class Pool:
         counts = None if rows is None else check_rows(rows, host.shape[0])
         host = native_contiguous(host)
         pieces = self._session.upload(host, rows=counts, backend=backend)
+        replicas.protect(self._session, host, pieces)
         return from_spec(
             ArraySpec(session=self._session, shape=host.shape, dtype=host.dtype, layout=tuple(pieces))
         )
@@ -290,8 +292,10 @@ def connect(
             than about a second; default: when stderr is a terminal (and ``$CI`` is unset).
         keep_uploads: what the client keeps of the rows it uploads, so that shards lost with an agent are
             rebuilt on another from lineage: ``"host"`` (default) a copy in this process, as many bytes
-            as were uploaded, kept while an array made from them lives; ``"none"`` nothing, and a lost
-            uploaded shard (or one computed from it) raises :class:`gpupool.ShardsLost`.
+            as were uploaded, kept while an array made from them lives; ``"replica"`` a copy of each
+            uploaded array's shard on another agent (pool memory instead of the client's; made agent to
+            agent); ``"none"`` nothing, and a lost uploaded shard (or one computed from it) raises
+            :class:`gpupool.ShardsLost`.
         twins: when one shard's program runs far behind its siblings' (a slow or overloaded rig), run
             it on another worker too and take the first result; the slow worker's buffers move to the
             winner's for good (``False``: wait for every shard where it is).

@@ -17,16 +17,18 @@ import contextlib
 import logging
 import random
 import time
+from dataclasses import replace
 
 import numpy as np
 
 from gpupool._errors import AgentNotAccepting, BufferMoved, GpupoolError, ShardsLost
-from gpupool._proto.v1 import coordinator_pb2
+from gpupool._proto.v1 import agent_pb2, coordinator_pb2
 from gpupool.client.layout import Piece
 from gpupool.client.lineage import Rebuild, Unrebuildable
 from gpupool.client.losses import LOSSES, REBUILD_TRIES, Loss, loss_of
+from gpupool.client.pulls import Pull, pull_request
 from gpupool.client.session import Session
-from gpupool.protocol.codec import meta_of, op_outputs
+from gpupool.protocol.codec import check_dtype, meta_of, op_outputs, shape_of
 
 __all__ = ["new_place", "rebuild_at", "recover", "repoint"]
 
@@ -85,7 +87,8 @@ async def _recover(session: Session, lost: Piece, kind: Loss, cause: BaseExcepti
         return to
     ids = book.on(lost.place)
     # What cannot be rebuilt is lost for good: a later use of it raises ShardsLost naming it (dead).
-    plan = book.plan(ids, session.new_buffer_id, partial=True)
+    gone = {lost.agent_id, *state.avoid, *session.offline_agents} if kind == "agent" else set(state.avoid)
+    plan = book.plan(ids, session.new_buffer_id, partial=True, gone=gone)
     for buffer_id, why in plan.dead.items():
         state.dead[buffer_id] = _named(session, lost, Unrebuildable(buffer_id, why))
     book.forget(plan.dead)
@@ -133,13 +136,30 @@ async def rebuild_at(session: Session, target: Piece, plan: Rebuild) -> None:
     """Upload the plan's rows to ``target``'s worker, then run its program there."""
     channel = session.channel(target.agent_id, target.endpoint)
     await asyncio.gather(
-        *(channel.upload(name, target.worker, rows, session.id) for name, rows in plan.uploads)
+        *(channel.upload(name, target.worker, rows, session.id) for name, rows in plan.uploads),
+        *(_pull_replica(session, target, name, replica, meta) for name, replica, meta in plan.pulls),
     )
     if plan.ops:
         timeout = session.timeouts.for_work(plan.nbytes * 3, 0)
         await channel.execute(target.worker, plan.ops, session=session.id, free=plan.free, timeout=timeout)
     elif plan.free:
         await channel.free(plan.free)
+
+
+async def _pull_replica(
+    session: Session, target: Piece, name: str, replica: Piece, meta: agent_pb2.ArrayMeta
+) -> None:
+    """Have ``target``'s worker pull ``replica`` whole as buffer ``name`` (agent to agent)."""
+    shape = shape_of(meta)
+    rows = shape[0] if shape else 1
+    pull = Pull(
+        target=replace(target, start=replica.start, stop=replica.stop, buffer_id=name),
+        sources=((replica, 0, rows),),
+        shape=shape,
+        dtype=check_dtype(meta.dtype),
+    )
+    timeout = session.timeouts.connect + session.timeouts.for_stream(pull.nbytes)
+    await session.channel(target.agent_id, target.endpoint).pull(pull_request(session, pull), timeout=timeout)
 
 
 async def new_place(session: Session, nbytes: int, exclude: list[str]) -> Piece:

@@ -425,7 +425,8 @@ class Session:
             else:
                 pieces = await self._place_rows(host.shape, host.dtype, rows, backend)
             try:
-                await self.upload_pieces(host, pieces)
+                # An array's shards get replicas (keep_uploads="replica": gpupool.client.replicas), no copy.
+                await self.upload_pieces(host, pieces, replicated=self.book.keep == "replica")
                 return pieces
             except GpupoolError as exc:
                 # An agent lost mid-upload, or one whose worker is restarting: place the rows again
@@ -505,6 +506,12 @@ class Session:
         self.check_open()
         return self.run(self._place(shape, dtype), timeout=self.timeouts.rpc * 2, what="place")
 
+    async def place_async(
+        self, shape: tuple[int, ...], dtype: np.dtype[Any], *, exclude: Sequence[str] = ()
+    ) -> list[Piece]:
+        r""":meth:`place` on the loop, ``exclude``\ ing some agents (and those the session gave up)."""
+        return await self._place(shape, dtype, exclude=exclude)
+
     async def _place(
         self, shape: tuple[int, ...], dtype: np.dtype[Any], backend: str = "", *, exclude: Sequence[str] = ()
     ) -> list[Piece]:
@@ -523,17 +530,21 @@ class Session:
         self._keeper.keep_placed(reply.shards)
         return pieces_from_placement(reply.shards, self.new_buffer_id)
 
-    async def upload_pieces(self, host: np.ndarray, pieces: Sequence[Piece], *, lineage: bool = True) -> None:
+    async def upload_pieces(
+        self, host: np.ndarray, pieces: Sequence[Piece], *, lineage: bool = True, replicated: bool = False
+    ) -> None:
         """Upload each piece's rows of ``host``; on any failure free what arrived and re-raise. The rows
         the lineage book keeps (a copy, one per distinct row range: whole copies on several workers share
         it) are made in a thread while the bytes travel; without ``lineage`` nothing is kept (the caller
-        keeps ``host`` and makes its copies again itself, as tasks do)."""
+        keeps ``host`` and makes its copies again itself, as tasks do); ``replicated`` rows get no copy
+        (the caller makes replicas of them on other agents)."""
 
         def keep() -> list[np.ndarray | None]:
             made: dict[tuple[int, int], np.ndarray | None] = {}
             for p in pieces:
                 if (p.start, p.stop) not in made:
-                    made[p.start, p.stop] = self.book.kept(host[p.start : p.stop]) if lineage else None
+                    rows = host[p.start : p.stop]
+                    made[p.start, p.stop] = self.book.kept(rows, replicated=replicated) if lineage else None
             return [made[p.start, p.stop] for p in pieces]
 
         keeping = asyncio.ensure_future(asyncio.to_thread(keep))

@@ -249,3 +249,45 @@ def test_what_has_no_lineage_is_lost_alone_and_named(pool3: LocalPool) -> None:
             taken.get()
         assert info.value.agent_id == victim
         assert "shape=(3000, 4)" in str(info.value)
+
+
+def test_with_replicas_a_lost_shard_comes_back_from_another_agent(pool3: LocalPool) -> None:
+    """keep_uploads="replica": each uploaded shard is copied whole to another agent (agent to agent); the
+    client keeps no rows; a killed agent's shards are pulled back from their replicas."""
+    import gc
+
+    host = np.arange(24_000, dtype=np.float32).reshape(6000, 4)
+    with pool3.connect(keep_uploads="replica") as pool:
+        x = pool.asarray(host)
+        y = (x * 2 + 1).persist()
+        book = pool._session.book
+        for shard in x.layout:
+            recipe = book.recipe(shard.buffer_id)
+            assert recipe is not None
+            assert recipe.host is None  # nothing kept on the client
+            assert recipe.replica is not None
+            assert recipe.replica.agent_id != shard.agent_id
+        index, shard = victim_of(pool3, x)
+        pool3.kill_agent(index)
+        np.testing.assert_array_equal(y.get(), host * 2 + 1)
+        np.testing.assert_array_equal(x.get(), host)
+        assert pool._session.recovery.recoveries == 1
+        assert not pool._session.recovery.dead
+        # The replicas go with the last recipe that needs them.
+        session = pool._session
+        replicas = [book.recipe(p.buffer_id).replica for p in x.layout]  # type: ignore[union-attr]
+        del x, y, recipe
+        gc.collect()
+        time.sleep(0.3)  # the frees ride out within FREE_DELAY
+        for replica in replicas:
+            assert replica is not None
+            if replica.agent_id == shard.agent_id:
+                continue  # on the dead agent
+            with pytest.raises(gp.BufferNotFound):
+                session.run(
+                    session.channel(replica.agent_id, replica.endpoint).download_into(
+                        replica.buffer_id, np.empty((replica.stop - replica.start, 4), np.float32)
+                    ),
+                    timeout=10,
+                    what="download",
+                )
