@@ -332,7 +332,8 @@ class PoolSummary:
 
     Attributes:
         coordinator: the coordinator's address.
-        agents: how many agents are in each state (ready, cordoned, draining, offline).
+        agents: how many agents are in each state (ready, cordoned, draining, offline; quarantined
+            where any is).
         workers: how many workers of serving agents use each backend.
         memory_used: bytes held by serving agents' workers.
         memory_limit: bytes those workers may hold.
@@ -356,12 +357,16 @@ class PoolSummary:
         jobs: Sequence[coordinator_pb2.JobInfo],
     ) -> PoolSummary:
         """Summarise the registry and the jobs."""
-        states = Counter(state_name(r.status.state) for r in records)
+        states = Counter(agent_state(r) for r in records)
         serving = [r for r in records if r.status.state != control_pb2.AGENT_STATE_OFFLINE]
         memory = [agent_memory(r) for r in serving]
         return cls(
             coordinator=address,
-            agents={name: states.get(name, 0) for name in ("ready", "cordoned", "draining", "offline")},
+            agents={
+                name: states.get(name, 0)
+                for name in ("ready", "cordoned", "draining", "quarantined", "offline")
+                if name != "quarantined" or states.get(name)
+            },
             workers=dict(
                 sorted(Counter(w.backend or "?" for r in serving for w in r.status.workers).items())
             ),

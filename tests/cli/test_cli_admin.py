@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from gpupool._proto.v1 import control_pb2, coordinator_pb2
-from gpupool.cli.admin import agents_table
+from gpupool.cli.admin import PoolSummary, agents_table
 from gpupool.local import LocalPool
 
 RunCli = Callable[..., subprocess.CompletedProcess[str]]
@@ -94,6 +94,15 @@ def test_agents_shows_trust_quarantine_and_observed_network_throughput() -> None
     assert lines[4:] == [
         "rig-bad (b2) is quarantined: 2 of 3 verified results disagreed; `gpupool uncordon b2` takes it back"
     ]
+    # gpupool status counts it apart from the ready ones.
+    summary = PoolSummary.of("127.0.0.1:1", [good, bad, new], [])
+    assert summary.agents == {"ready": 2, "cordoned": 0, "draining": 0, "quarantined": 1, "offline": 0}
+    assert PoolSummary.of("127.0.0.1:1", [good], []).agents == {
+        "ready": 1,
+        "cordoned": 0,
+        "draining": 0,
+        "offline": 0,
+    }
 
 
 def test_agents_json_is_the_records_as_protobuf_json(gpupool_cli: RunCli, cli_pool: LocalPool) -> None:
