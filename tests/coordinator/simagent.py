@@ -162,7 +162,8 @@ class SimulatedAgent:
             payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
             command = decode_json(payload, AgentCommand, what="command")
             self.commands.append(command)
-            if self.answer_commands:
+            # END_SESSION changes no state (a real agent frees the session's buffers): nothing to publish.
+            if self.answer_commands and command.kind in _AFTER_COMMAND:
                 await self.publish_status(state=_AFTER_COMMAND[command.kind])
 
 
