@@ -9,9 +9,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import gpupool as gp
+    from gpupool.client.types import AgentInfo
+    from gpupool.local import LocalPool
 
 T = TypeVar("T")
 
@@ -21,6 +26,17 @@ def _timed(label: str, timings: list[tuple[str, float, str]], fn: Callable[[], T
     result = fn()
     timings.append((label, time.perf_counter() - start, note))
     return result
+
+
+def _kill_a_holder(local: LocalPool, array: gp.RemoteArray, agents: dict[str, AgentInfo]) -> str:
+    """SIGKILL an agent holding one of ``array``'s shards (what a rig's plug being pulled looks like);
+    returns what was killed, for the report."""
+    ids = [str(child.ready["agent_id"]) for child in local.agents]
+    victim = array.shards[0].agent_id
+    local.kill_agent(ids.index(victim))
+    name = agents[victim].name if victim in agents else victim
+    print(f"  SIGKILLed {name} ({victim}), which held rows of x and y\n", flush=True)
+    return f"SIGKILL of {name}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
             y = _timed(
                 "(tanh(x @ w) * 2 + 1).persist()", timings, lambda: (np.tanh(x @ w_host) * 2 + 1).persist()
             )
+            killed = _kill_a_holder(local, y, agents) if args.kill else ""
             # Reductions are pending until forced: float() and np.asarray() force them inside the timing.
             total = _timed("float(y.sum())", timings, lambda: float(y.sum()))
             col_mean = _timed("np.asarray(y.mean(axis=0))", timings, lambda: np.asarray(y.mean(axis=0)))
@@ -68,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
             y_host = _timed("y.get()", timings, lambda: y.get(), f"{y.nbytes / 2**20:.0f} MiB")
             row_max_host = row_max.get()
             shards = x.shards
+            recovery = pool._session.recovery
 
         expect_y = np.tanh(x_host @ w_host) * 2 + 1
         local_start = time.perf_counter()
@@ -88,6 +106,12 @@ def run(args: argparse.Namespace) -> int:
             f"  rows {shard.start:>7} to {shard.stop:>7}  ({shard.rows:>6} rows)"
             f"  on {agent.name if agent else '?'} ({shard.agent_id}) worker {shard.worker}"
         )
+    if args.kill:
+        print(
+            f"\nafter the {killed}: the next call found it gone, and {recovery.rebuilt} of its buffers were "
+            f"rebuilt elsewhere from lineage ({recovery.recoveries} recovery); the results below are checked "
+            "all the same"
+        )
     print("\ntimings:")
     for label, seconds, note in timings:
         print(f"  {label:<32} {seconds * 1000:9.1f} ms  {note}")
@@ -106,4 +130,5 @@ if __name__ == "__main__":
     parser.add_argument("--rows", type=int, default=50_001)
     parser.add_argument("--cols", type=int, default=512)
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--kill", action="store_true")
     sys.exit(run(parser.parse_args()))

@@ -5,6 +5,7 @@
     gpupool up [--agents N] [--broker URL] [--port 50051]    a whole pool here, in the foreground
     gpupool demo                                             a sharded workload checked against NumPy
     gpupool demo --sweep [--quick]                           32 trainings via pool.map, checked likewise
+    gpupool demo --agents 3 --kill                           the same with an agent SIGKILLed midway
     gpupool status | agents [--json] [--all] | jobs          what the coordinator knows
     gpupool drain | cordon | uncordon | forget AGENT         change an agent's state, or remove it
     gpupool jobs end JOB                                     end a client session
@@ -103,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="run examples/sweep.py (32 trainings via pool.map) instead, each checked against NumPy",
     )
     sub.add_argument("--quick", action="store_true", help="with --sweep: a small sweep (8 trainings)")
+    sub.add_argument(
+        "--kill",
+        action="store_true",
+        help="SIGKILL an agent holding rows midway: the results still check out (rebuilt from lineage)",
+    )
     sub.set_defaults(handler=_run_demo)
 
     sub = commands.add_parser("status", parents=[connection], help="a summary of the pool")
