@@ -173,7 +173,14 @@ def _twin_won(
 
 def _twin_lost(session: Session, twin: asyncio.Task[tuple[Piece, list[str], dict[str, np.ndarray]]]) -> None:
     twin.cancel()  # its own cleanup frees what it made
+    twin.add_done_callback(_quietly)
     session.recovery.twins_lost += 1
+
+
+def _quietly(task: asyncio.Task[tuple[Piece, list[str], dict[str, np.ndarray]]]) -> None:
+    """Retrieve a losing twin's failure (a twin that could not run is not an error of the round)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.info("a twin failed: %s", task.exception())
 
 
 def _free_soon(session: Session, place: Piece, ids: list[str]) -> None:
