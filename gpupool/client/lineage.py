@@ -225,8 +225,9 @@ class Book:
 
     # -- losing and moving ------------------------------------------------------------------------
     def on(self, place: Place) -> list[str]:
-        """The kept buffers at ``place``, oldest first."""
-        return [b for b, e in self._entries.items() if e.piece.place == place]
+        """The kept buffers at ``place``, oldest first. (A snapshot: a garbage-collected array's buffers
+        may be forgotten from another thread meanwhile.)"""
+        return [b for b, e in list(self._entries.items()) if e.piece.place == place]
 
     def move(self, buffer_ids: Iterable[str], to: Piece) -> None:
         """The buffers now live at ``to``'s place (same ids)."""
