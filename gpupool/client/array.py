@@ -103,10 +103,10 @@ class RemoteArray(ArrayMethods):
         elsewhere, or moved by a drain): point this array's pieces, replicas and finalizer there."""
         if not any(p.place == old for p in self._pieces) and old not in self._replicas:
             return
-        self._pieces = tuple(_moved(p, to) if p.place == old else p for p in self._pieces)
+        self._pieces = tuple(p.moved_to(to) if p.place == old else p for p in self._pieces)
         replica = self._replicas.pop(old, None)
         if replica is not None:
-            self._replicas[to.place] = _moved(replica, to)
+            self._replicas[to.place] = replica.moved_to(to)
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = weakref.finalize(
@@ -475,11 +475,6 @@ def _register(array: RemoteArray) -> None:
         for arg in (*array.node.args, *array.node.holds):
             if isinstance(arg, RemoteArray):
                 arg._dependents[id(array)] = weakref.ref(array, _forget(arg._dependents, id(array)))
-
-
-def _moved(piece: Piece, to: Piece) -> Piece:
-    """``piece`` (rows, buffer) at ``to``'s place."""
-    return replace(piece, agent_id=to.agent_id, endpoint=to.endpoint, worker=to.worker)
 
 
 def _forget(table: dict[int, weakref.ref[Any]], key: int) -> Callable[[object], None]:

@@ -93,12 +93,7 @@ class _Held:
 
     def relocate(self, old: Place, to: Piece) -> None:
         if any(p.place == old for p in self._pieces):
-            self._pieces = tuple(
-                replace(p, agent_id=to.agent_id, endpoint=to.endpoint, worker=to.worker)
-                if p.place == old
-                else p
-                for p in self._pieces
-            )
+            self._pieces = tuple(p.moved_to(to) if p.place == old else p for p in self._pieces)
             self._finalizer.detach()
             self._finalizer = weakref.finalize(self, self._session.release, self._pieces)
 

@@ -51,6 +51,10 @@ class Piece:
         """``(endpoint, worker)``: pieces with the same place can meet in one program."""
         return self.endpoint, self.worker
 
+    def moved_to(self, to: Piece) -> Piece:
+        """The same rows and buffer at ``to``'s place (agent, endpoint and worker)."""
+        return replace(self, agent_id=to.agent_id, endpoint=to.endpoint, worker=to.worker)
+
     def with_buffer(self, buffer_id: str) -> Piece:
         """The same rows and place, another buffer."""
         return Piece(

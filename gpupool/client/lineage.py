@@ -234,15 +234,7 @@ class Book:
         for buffer_id in buffer_ids:
             entry = self._entries.get(buffer_id)
             if entry is not None:
-                p = entry.piece
-                entry.piece = Piece(
-                    agent_id=to.agent_id,
-                    endpoint=to.endpoint,
-                    worker=to.worker,
-                    start=p.start,
-                    stop=p.stop,
-                    buffer_id=buffer_id,
-                )
+                entry.piece = entry.piece.moved_to(to)
 
     def plan(
         self,

@@ -80,19 +80,8 @@ class Recovery:
             to = self.moved[piece.place]
             if to.place == piece.place:
                 break
-            piece, to, seen = _at(piece, to), None, seen + 1
-        return piece if to is None else _at(piece, to)
-
-
-def _at(piece: Piece, to: Piece) -> Piece:
-    return Piece(
-        agent_id=to.agent_id,
-        endpoint=to.endpoint,
-        worker=to.worker,
-        start=piece.start,
-        stop=piece.stop,
-        buffer_id=piece.buffer_id,
-    )
+            piece, to, seen = piece.moved_to(to), None, seen + 1
+        return piece if to is None else piece.moved_to(to)
 
 
 @dataclass(slots=True)

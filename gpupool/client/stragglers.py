@@ -131,14 +131,7 @@ async def _twin(
     target = await new_place(session, max(plan.nbytes, 1), [slow.agent_id])
     made = [name for name, _ in plan.uploads] + [o for op in plan.ops for o in op_outputs(op)]
     made += [c.buffer_id for c in program.creates]
-    here = Piece(
-        agent_id=target.agent_id,
-        endpoint=target.endpoint,
-        worker=target.worker,
-        start=slow.start,
-        stop=slow.stop,
-        buffer_id=slow.buffer_id,
-    )
+    here = slow.moved_to(target)
     try:
         await rebuild_at(session, target, plan)
         fetched = await execute(program, here)
