@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from gpupool._errors import ArrayFreed, BufferNotFound
+from gpupool._errors import ArrayFreed
 from gpupool.client import dispatch, replicas
 from gpupool.client.dispatch import DeferredOperand
 from gpupool.client.graph import (
@@ -220,8 +220,9 @@ class RemoteArray(ArrayMethods):
                 if not failed:
                     return
                 for _, error in failed:
-                    if isinstance(error, BufferNotFound) and error.buffer_id in session.recovery.dead:
-                        raise session.recovery.dead[error.buffer_id] from error
+                    dead = session.recovery.dead_or(error)
+                    if dead is not error:
+                        raise dead from error
                     if attempt == MAX_RECOVERIES or loss_of(error) is None:
                         raise error
                 todo = [await recover(session, p, error) for p, error in failed]

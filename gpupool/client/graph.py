@@ -22,11 +22,11 @@ from typing import Any, Final, TypeAlias, TypeVar
 
 import numpy as np
 
-from gpupool._errors import AgentLost, BufferNotFound
+from gpupool._errors import AgentLost
 from gpupool._proto.v1 import agent_pb2
 from gpupool.client import stragglers
 from gpupool.client.layout import LayoutKey, Piece, Place, layout_key
-from gpupool.client.lineage import buffer_refs
+from gpupool.client.lineage import reads_of
 from gpupool.client.losses import MAX_RECOVERIES, loss_of
 from gpupool.client.operands import buffer_operand
 from gpupool.client.recovery import recover
@@ -324,20 +324,8 @@ def _verified(
 
 def _reads(program: Program) -> list[str]:
     """The buffers ``program`` reads that it does not make (and those it fetches)."""
-    made: set[str] = set()
-    reads: list[str] = []
-    for op in program.ops:
-        reads += [r for r in buffer_refs(op) if r not in made]
-        made.update(op_outputs(op))
-    return reads + [b for b in program.fetch if b not in made]
-
-
-def _dead_or(session: Session, error: BaseException) -> BaseException:
-    """``error``, or the ShardsLost of the buffer it says is missing, if that one was lost for good."""
-    dead = session.recovery.dead
-    if isinstance(error, BufferNotFound) and error.buffer_id in dead:
-        return dead[error.buffer_id]
-    return error
+    made = {name for op in program.ops for name in op_outputs(op)}
+    return reads_of(program.ops) + [b for b in program.fetch if b not in made]
 
 
 def _recovery_deadline(session: Session) -> float:
@@ -377,7 +365,7 @@ def _run_once(
             if not last and loss_of(exc) is not None:
                 return [(program, exc)]
             _free_created(session, [p for p in busy if id(p) in results])
-            dead = _dead_or(session, exc)
+            dead = session.recovery.dead_or(exc)
             if dead is not exc:
                 raise dead from exc
             raise
@@ -422,7 +410,7 @@ def _run_once(
             if not last and loss_of(result) is not None:
                 failed.append((p, result))
             elif fatal is None:
-                fatal = _dead_or(session, result)
+                fatal = session.recovery.dead_or(result)
         else:
             assert isinstance(result, dict)
             _record(session, p, free)

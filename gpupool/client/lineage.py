@@ -26,7 +26,17 @@ from gpupool._proto.v1 import agent_pb2
 from gpupool.client.layout import Piece, Place
 from gpupool.protocol.codec import check_dtype, op_results, shape_of
 
-__all__ = ["KEEP_MODES", "LINEAGE_LIMIT", "Book", "Keep", "Rebuild", "Recipe", "Unrebuildable", "buffer_refs"]
+__all__ = [
+    "KEEP_MODES",
+    "LINEAGE_LIMIT",
+    "Book",
+    "Keep",
+    "Rebuild",
+    "Recipe",
+    "Unrebuildable",
+    "buffer_refs",
+    "reads_of",
+]
 
 #: What the client keeps of uploaded rows so that a lost shard can be rebuilt: "host" a copy on the client
 #: (client memory: the bytes uploaded, while an array made from them lives), "replica" a copy of each
@@ -91,6 +101,16 @@ def buffer_refs(op: agent_pb2.Op) -> list[str]:
     return refs
 
 
+def reads_of(ops: Sequence[agent_pb2.Op]) -> list[str]:
+    """The buffers ``ops`` (a program's, in order) read that they do not make themselves, each once."""
+    made: set[str] = set()
+    reads: list[str] = []
+    for op in ops:
+        reads += [r for r in buffer_refs(op) if r not in made and r not in reads]
+        made.update(name for name, _ in op_results(op))
+    return reads
+
+
 def renamed(op: agent_pb2.Op, names: dict[str, str]) -> agent_pb2.Op:
     """A copy of ``op`` with the buffer ids in ``names`` (operands, body operands, outputs) renamed."""
     copy = agent_pb2.Op()
@@ -128,6 +148,12 @@ class Rebuild:
     dead: dict[str, str] = field(default_factory=dict)
     #: (buffer id, replica, its meta): buffers pulled whole from their replicas, before ``ops`` run.
     pulls: list[tuple[str, Piece, agent_pb2.ArrayMeta]] = field(default_factory=list)
+
+    @property
+    def made(self) -> list[str]:
+        """Every buffer the rebuild makes on its worker (what to free if it cannot finish)."""
+        ops = [name for op in self.ops for name, _ in op_results(op)]
+        return [*(name for name, _ in self.uploads), *(name for name, _, _ in self.pulls), *ops]
 
 
 @dataclass(slots=True)

@@ -52,6 +52,13 @@ class Recovery:
     twins_won: int = 0
     twins_lost: int = 0
 
+    def dead_or(self, error: BaseException) -> BaseException:
+        """``error``, or the :class:`ShardsLost` of the buffer it says is missing, if that one was lost
+        for good."""
+        if isinstance(error, BufferNotFound) and error.buffer_id in self.dead:
+            return self.dead[error.buffer_id]
+        return error
+
     def check_alive(self, buffer_ids: Iterable[str]) -> None:
         """Raise the :class:`ShardsLost` of the first of ``buffer_ids`` lost for good."""
         if self.dead:

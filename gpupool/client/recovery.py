@@ -28,7 +28,7 @@ from gpupool.client.lineage import Rebuild, Unrebuildable
 from gpupool.client.losses import LOSSES, REBUILD_TRIES, Loss, loss_of
 from gpupool.client.pulls import Pull, pull_request
 from gpupool.client.session import Session
-from gpupool.protocol.codec import check_dtype, meta_of, op_outputs, shape_of
+from gpupool.protocol.codec import check_dtype, meta_of, shape_of
 
 __all__ = ["new_place", "rebuild_at", "recover", "repoint"]
 
@@ -102,9 +102,8 @@ async def _recover(session: Session, lost: Piece, kind: Loss, cause: BaseExcepti
             break
         except (AgentNotAccepting, *LOSSES) as exc:
             # A worker process still restarting, or the new place lost too: free what arrived, try again.
-            made = [name for name, _ in plan.uploads] + [out for op in plan.ops for out in op_outputs(op)]
             with contextlib.suppress(GpupoolError):
-                await session.channel(target.agent_id, target.endpoint).free(made)
+                await session.channel(target.agent_id, target.endpoint).free(plan.made)
             if attempt == REBUILD_TRIES - 1:
                 raise
             if not isinstance(exc, AgentNotAccepting):

@@ -30,7 +30,6 @@ from gpupool._errors import GpupoolError
 from gpupool.client.layout import Piece
 from gpupool.client.recovery import new_place, rebuild_at, repoint
 from gpupool.client.session import Session
-from gpupool.protocol.codec import op_outputs
 
 __all__ = ["FACTOR", "FLOOR", "REBUILD_BYTES_PER_SECOND", "run"]
 
@@ -129,8 +128,7 @@ async def _twin(
     ids = session.book.on(slow.place)
     plan = session.book.plan(ids, session.new_buffer_id)
     target = await new_place(session, max(plan.nbytes, 1), [slow.agent_id])
-    made = [name for name, _ in plan.uploads] + [o for op in plan.ops for o in op_outputs(op)]
-    made += [c.buffer_id for c in program.creates]
+    made = [*plan.made, *(c.buffer_id for c in program.creates)]
     here = slow.moved_to(target)
     try:
         await rebuild_at(session, target, plan)

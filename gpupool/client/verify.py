@@ -29,7 +29,7 @@ import numpy as np
 from gpupool._errors import AgentLost, GpupoolError
 from gpupool._proto.v1 import agent_pb2
 from gpupool.client.layout import Piece
-from gpupool.client.lineage import Unrebuildable, buffer_refs
+from gpupool.client.lineage import Unrebuildable, buffer_refs, reads_of
 from gpupool.client.losses import Verification
 from gpupool.client.operands import buffer_operand, constant_operand
 from gpupool.client.recovery import new_place, rebuild_at
@@ -84,16 +84,6 @@ def _nbytes(meta: agent_pb2.ArrayMeta) -> int:
     return math.prod(shape_of(meta)) * check_dtype(meta.dtype).itemsize
 
 
-def _inputs(program: Checked) -> list[str]:
-    """The buffers ``program`` reads that it does not make."""
-    made: set[str] = set()
-    refs: list[str] = []
-    for op in program.ops:
-        refs += [r for r in buffer_refs(op) if r not in made and r not in refs]
-        made.update(op_outputs(op))
-    return refs
-
-
 def differs(mine: np.ndarray, theirs: np.ndarray) -> str:
     """ "" when two results agree (exactly for integers and booleans, within :data:`RTOL` for floats),
     else what differs."""
@@ -121,7 +111,7 @@ async def _run_at(
     """``ops`` (``program``'s, perhaps with Freivalds' products for its matmuls) re-run on ``target``'s
     worker over the program's inputs rebuilt there; returns the compared results (nothing is left
     there)."""
-    inputs = _inputs(program)
+    inputs = reads_of(program.ops)
     plan = session.book.plan(inputs, session.new_buffer_id)
     made = [o for op in ops for o in op_outputs(op)]
     try:
@@ -137,7 +127,7 @@ async def _run_at(
         )
     except BaseException:
         channel = session.channel(target.agent_id, target.endpoint)
-        await asyncio.gather(channel.free([*inputs, *made, *plan.free]), return_exceptions=True)
+        await asyncio.gather(channel.free([*plan.made, *made]), return_exceptions=True)
         raise
 
 
