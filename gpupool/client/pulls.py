@@ -18,7 +18,7 @@ from gpupool.client.layout import Piece
 from gpupool.client.session import Session
 from gpupool.protocol.codec import meta_of
 
-__all__ = ["PULLED", "Pull", "pull_request", "run_pulls"]
+__all__ = ["PULLED", "Pull", "pull_request", "pull_whole", "run_pulls"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -93,3 +93,17 @@ def pull_request(session: Session, pull: Pull) -> agent_pb2.PullRequest:
             else:
                 source.endpoint = piece.endpoint
     return request
+
+
+async def pull_whole(
+    session: Session, target: Piece, source: Piece, shape: tuple[int, ...], dtype: np.dtype[Any]
+) -> None:
+    """Have ``target``'s worker make buffer ``target.buffer_id`` a whole copy of ``source``'s buffer (of
+    ``shape`` and ``dtype``), agent to agent (loop thread).
+
+    Raises:
+        RemoteError: the agent refused, or could not read the source; as for any call.
+    """
+    pull = Pull(target=target, sources=((source, 0, shape[0] if shape else 1),), shape=shape, dtype=dtype)
+    timeout = session.timeouts.connect + session.timeouts.for_stream(pull.nbytes)
+    await session.channel(target.agent_id, target.endpoint).pull(pull_request(session, pull), timeout=timeout)

@@ -22,13 +22,12 @@ from dataclasses import replace
 import numpy as np
 
 from gpupool._errors import AgentNotAccepting, BufferMoved, GpupoolError, ShardsLost
-from gpupool._proto.v1 import agent_pb2, coordinator_pb2
 from gpupool.client.layout import Piece
 from gpupool.client.lineage import Rebuild, Unrebuildable
 from gpupool.client.losses import LOSSES, REBUILD_TRIES, Loss, loss_of
-from gpupool.client.pulls import Pull, pull_request
+from gpupool.client.pulls import pull_whole
 from gpupool.client.session import Session
-from gpupool.protocol.codec import check_dtype, meta_of, shape_of
+from gpupool.protocol.codec import check_dtype, shape_of
 
 __all__ = ["new_place", "rebuild_at", "recover", "repoint"]
 
@@ -136,7 +135,16 @@ async def rebuild_at(session: Session, target: Piece, plan: Rebuild) -> None:
     channel = session.channel(target.agent_id, target.endpoint)
     await asyncio.gather(
         *(channel.upload(name, target.worker, rows, session.id) for name, rows in plan.uploads),
-        *(_pull_replica(session, target, name, replica, meta) for name, replica, meta in plan.pulls),
+        *(
+            pull_whole(
+                session,
+                replace(target, start=replica.start, stop=replica.stop, buffer_id=name),
+                replica,
+                shape_of(meta),
+                check_dtype(meta.dtype),
+            )
+            for name, replica, meta in plan.pulls
+        ),
     )
     if plan.ops:
         timeout = session.timeouts.for_work(plan.nbytes * 3, 0)
@@ -145,46 +153,21 @@ async def rebuild_at(session: Session, target: Piece, plan: Rebuild) -> None:
         await channel.free(plan.free)
 
 
-async def _pull_replica(
-    session: Session, target: Piece, name: str, replica: Piece, meta: agent_pb2.ArrayMeta
-) -> None:
-    """Have ``target``'s worker pull ``replica`` whole as buffer ``name`` (agent to agent)."""
-    shape = shape_of(meta)
-    rows = shape[0] if shape else 1
-    pull = Pull(
-        target=replace(target, start=replica.start, stop=replica.stop, buffer_id=name),
-        sources=((replica, 0, rows),),
-        shape=shape,
-        dtype=check_dtype(meta.dtype),
-    )
-    timeout = session.timeouts.connect + session.timeouts.for_stream(pull.nbytes)
-    await session.channel(target.agent_id, target.endpoint).pull(pull_request(session, pull), timeout=timeout)
-
-
 async def new_place(session: Session, nbytes: int, exclude: list[str]) -> Piece:
     """One worker with room for ``nbytes`` (placed as a single row, so the coordinator cannot split it),
     not on the ``exclude``\\ d agents; retried a bounded number of times with jittered backoff while the
     coordinator still lists the lost agent as ready."""
-    avoid = sorted(session.recovery.avoid - set(exclude))
-    request = coordinator_pb2.PlaceRequest(
-        session=session.id, meta=meta_of(np.dtype(np.uint8), (1, nbytes)), exclude_agents=[*exclude, *avoid]
-    )
     delay = 0.1
     for attempt in range(4):
         try:
-            reply = await session.call_coordinator("Place", request)
-            break
+            (placed,) = await session.place_async((1, nbytes), np.dtype(np.uint8), exclude=exclude)
+            return placed.with_buffer("")
         except GpupoolError:
             if attempt == 3:
                 raise
-            del request.exclude_agents[len(exclude) :]  # rather an agent given up on than none
             await asyncio.sleep(delay * (1 + random.random()))
             delay *= 2
-    session.keep_placed(reply.shards)
-    shard = reply.shards[0]
-    return Piece(
-        agent_id=shard.agent_id, endpoint=shard.endpoint, worker=shard.worker, start=0, stop=0, buffer_id=""
-    )
+    raise AssertionError("unreachable")
 
 
 def repoint(session: Session, old: Piece, to: Piece, ids: list[str]) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from gpupool._errors import GpupoolError
 from gpupool.client.layout import Piece
-from gpupool.client.pulls import Pull, pull_request
+from gpupool.client.pulls import pull_whole
 from gpupool.client.session import Session
 from gpupool.protocol.codec import meta_of
 
@@ -46,19 +46,8 @@ def protect(session: Session, host: np.ndarray, pieces: list[Piece]) -> None:
                 "no replica for rows %d:%d on agent %s: %s", piece.start, piece.stop, piece.agent_id, exc
             )
             return
-        replica = Piece(
-            agent_id=place.agent_id,
-            endpoint=place.endpoint,
-            worker=place.worker,
-            start=piece.start,
-            stop=piece.stop,
-            buffer_id=session.new_buffer_id(),
-        )
-        pull = Pull(target=replica, sources=((piece, 0, rows),), shape=shape, dtype=host.dtype)
-        await session.channel(replica.agent_id, replica.endpoint).pull(
-            pull_request(session, pull),
-            timeout=session.timeouts.connect + session.timeouts.for_stream(pull.nbytes),
-        )
+        replica = piece.moved_to(place).with_buffer(session.new_buffer_id())
+        await pull_whole(session, replica, piece, shape, host.dtype)
         session.book.replicated(piece, replica, meta_of(host.dtype, shape), _releaser(session))
 
     async def all_of_them() -> None:
