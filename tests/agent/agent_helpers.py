@@ -7,7 +7,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import aiomqtt
 import grpc
@@ -56,8 +56,16 @@ def new_prefix() -> str:
     return f"gpupool-test-{uuid.uuid4().hex[:10]}"
 
 
-def start_agent(broker_url: str, prefix: str, *extra: str, name: str = "test-agent") -> Child:
-    """An agent process serving on a free loopback port."""
+def start_agent(
+    broker_url: str,
+    prefix: str,
+    *extra: str,
+    name: str = "test-agent",
+    env: dict[str, str] | None = None,
+    stderr: IO[bytes] | None = None,
+) -> Child:
+    """An agent process serving on a free loopback port (``env``: extra environment variables; ``stderr``:
+    where its log goes)."""
     argv = [
         sys.executable,
         "-m",
@@ -77,7 +85,7 @@ def start_agent(broker_url: str, prefix: str, *extra: str, name: str = "test-age
         "--insecure",
         *extra,
     ]
-    return spawn("agent", argv, timeout=60)
+    return spawn("agent", argv, timeout=60, env=env, stderr=stderr)
 
 
 @asynccontextmanager

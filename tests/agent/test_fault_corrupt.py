@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 import re
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 
 from gpupool._config import SUPPORTED_DTYPES
-from gpupool._process import Child, spawn
+from gpupool._process import Child
 from gpupool._proto.v1 import agent_pb2
 from gpupool.agent.corruption import (
     CORRUPT_ENV,
@@ -43,6 +42,7 @@ from .agent_helpers import (
     op,
     run,
     scalar,
+    start_agent,
     upload,
 )
 
@@ -54,24 +54,10 @@ PROGRAMS = 30
 def start(broker_url: str, log: Path, env: dict[str, str]) -> tuple[Child, str]:
     """A NumPy agent (its worker in a process of its own) logging to ``log``; returns it and its prefix."""
     prefix = new_prefix()
-    argv = [
-        sys.executable,
-        "-m",
-        "gpupool.agent",
-        "--broker",
-        broker_url,
-        "--listen",
-        "127.0.0.1:0",
-        "--topic-prefix",
-        prefix,
-        "--name",
-        "liar",
-        "--insecure",
-        "--backend",
-        "numpy",
-    ]
     with log.open("wb") as stream:
-        return spawn("agent", argv, timeout=60, env=env, stderr=stream), prefix
+        return start_agent(
+            broker_url, prefix, "--backend", "numpy", name="liar", env=env, stderr=stream
+        ), prefix
 
 
 @pytest.fixture
